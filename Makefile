@@ -1,0 +1,25 @@
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test clean
+
+# (Re)create the virtual environment when the project's dependency list changes.
+$(STAMP): pyproject.toml
+	@command -v $(PY) >/dev/null || (echo "error: $(PY) not found (set PY=python3.x)"; exit 1)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m iclm_jax.demo --workdir=runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+clean:
+	rm -rf $(VENV) runs .jax_cache

@@ -1,0 +1,278 @@
+"""Unsupervised vector-quantisation router (ICLM, Gendron et al. 2024).
+
+Each row's prompt is pooled into one embedding ``e``, optionally projected to ``c`` dims, and
+routed to the nearest of ``K`` codes (squared L2). The codebook is a k-means quantiser of the prompt
+embeddings: it is seeded by k-means++ on the first training batch and then follows either the VQ-VAE
+EMA update (``update="ema"``, the codebook is router state, never seen by the optimiser) or the
+VQ-VAE loss (``update="gradient"``, the codebook is an ``nnx.Param``). Codes that stop receiving
+rows are re-seeded on batch embeddings, so no module starves. Everything runs inside ``jax.jit``
+with value-dependent choices made by ``lax.cond`` / ``jnp.where``: one compilation serves the run.
+
+EMA recurrence (train step, ``n_i`` = valid rows nearest to code ``i``, ``s_i`` = their summed
+projected embeddings, ``γ`` = ema_decay, ``share = n_valid / K``)::
+
+    first call only:  codebook ← kmeans++(batch);  N_i ← share;  m_i ← share · codebook_i
+    N_i ← γ N_i + (1 − γ) n_i          m_i ← γ m_i + (1 − γ) s_i
+    Ñ_i = (N_i + ε) / (Σ N + K ε) · Σ N      (Laplace smoothing; N itself is stored unsmoothed)
+    codebook_i ← m_i / Ñ_i
+    dead codes (N_i < dead_threshold · share): codebook_i ← a random batch row z_j drawn ∝ its
+                          D² to the nearest live code;  N_i ← share;  m_i ← share · z_j
+
+``update="gradient"`` keeps the same N recurrence (for dead-code detection) and writes the codebook
+Param only for the k-means++ init and re-seeding; the VQ loss moves it otherwise.
+
+Routing uses the statistics *before* this step's update (the usual VQ convention).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+UPDATES = ("ema", "gradient")
+MODES = ("hard", "soft", "gumbel", "oracle")
+
+
+class RouterStat(nnx.Variable):
+    """Non-trainable router state (EMA statistics, flags): checkpointed, never optimised."""
+
+
+class RouteOut(NamedTuple):
+    index: jax.Array       # int32 [B] chosen module per row
+    weights: jax.Array     # float32 [B, K] (see Router.__call__)
+    vq_loss: jax.Array     # float32 scalar
+    distances: jax.Array   # float32 [B, K] squared L2 to each code (pre-update codebook)
+    perplexity: jax.Array  # float32 scalar exp(H(mean assignment)) in [1, K]
+
+
+def pool_prompt(h: jax.Array, prompt_mask: jax.Array) -> jax.Array:
+    """Masked mean of ``h`` [B, L, d] over prompt tokens ([B, L]) in float32; rows without any -> 0.
+
+    The router must see the prompt only: padding and answer tokens would leak the target or the
+    sequence length into the routing decision.
+    """
+    if h.ndim != 3 or prompt_mask.shape != h.shape[:2]:
+        raise ValueError(f"pool_prompt: h {h.shape} must be [B, L, d] and prompt_mask "
+                         f"{prompt_mask.shape} must be [B, L]")
+    m = prompt_mask.astype(jnp.float32)
+    s = jnp.einsum("bld,bl->bd", h.astype(jnp.float32), m)
+    n = m.sum(axis=1, keepdims=True)
+    return jnp.where(n > 0, s / jnp.maximum(n, 1.0), 0.0)
+
+
+def _sqdist(x: jax.Array, c: jax.Array) -> jax.Array:
+    """[N, c], [K, c] -> [N, K] squared L2, by explicit difference (exact for near points)."""
+    return jnp.sum(jnp.square(x[:, None, :] - c[None, :, :]), axis=-1)
+
+
+def kmeans_plus_plus(key: jax.Array, x: jax.Array, k: int,
+                     mask: jax.Array | None = None) -> jax.Array:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007): [N, c] -> [k, c] rows of ``x``.
+
+    First pick uniform over the (``mask``-ed) rows, each next pick with probability ∝ D², the
+    squared distance to the nearest pick so far. If every remaining weight is 0 (fewer distinct
+    rows than k) it falls back to uniform, so duplicates are possible only then. Jit-able with
+    ``k`` static.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    m = jnp.ones(x.shape[:1], jnp.float32) if mask is None else mask.astype(jnp.float32)
+    m = jnp.where(m.sum() > 0, m, 1.0)           # nothing valid: use every row
+    keys = jax.random.split(key, k)
+    first = jax.random.categorical(keys[0], jnp.log(m))
+    centers = jnp.zeros((k, x.shape[1]), jnp.float32).at[0].set(x[first])
+    d2 = jnp.sum(jnp.square(x - x[first]), axis=-1)
+
+    def body(i, carry):
+        centers, d2 = carry
+        w = d2 * m
+        w = jnp.where(w.sum() > 0, w, m)
+        j = jax.random.categorical(keys[i], jnp.log(w))
+        centers = centers.at[i].set(x[j])
+        return centers, jnp.minimum(d2, jnp.sum(jnp.square(x - x[j]), axis=-1))
+
+    centers, _ = jax.lax.fori_loop(1, k, body, (centers, d2))
+    return centers
+
+
+def _sample_rows(key: jax.Array, weight: jax.Array, k: int) -> jax.Array:
+    """k row indices drawn ∝ ``weight`` [B] without replacement when k <= B (Gumbel top-k)."""
+    logits = jnp.log(weight)
+    if k <= weight.shape[0]:
+        return jax.lax.top_k(logits + jax.random.gumbel(key, weight.shape), k)[1]
+    return jax.random.categorical(key, logits, shape=(k,))
+
+
+def purity(assign, labels, num_codes: int, num_labels: int) -> float:
+    """Fraction of labelled rows whose code's majority label equals their own label (NumPy).
+
+    Rows with a negative label (unknown) are ignored; NaN when no row is labelled.
+    """
+    assign = np.asarray(assign).reshape(-1)
+    labels = np.asarray(labels).reshape(-1)
+    if assign.shape != labels.shape:
+        raise ValueError(f"purity: assign {assign.shape} and labels {labels.shape} differ")
+    keep = labels >= 0
+    if not keep.any():
+        return float("nan")
+    table = np.zeros((num_codes, num_labels), np.int64)
+    np.add.at(table, (assign[keep], labels[keep]), 1)
+    return float(table.max(axis=1).sum() / keep.sum())
+
+
+def _rng_stream(rngs: nnx.Rngs) -> nnx.RngStream:
+    """The ``router`` stream if given (else ``default``, else ``params``), forked for the router."""
+    if "router" in rngs or "default" in rngs:
+        return rngs["router"].fork()
+    return rngs.params.fork()
+
+
+class Router(nnx.Module):
+    """Nearest-code router over pooled prompt embeddings; the module docstring gives the update."""
+
+    def __init__(self, d_in: int, num_codes: int, *, proj_dim: int = 0, update: str = "ema",
+                 mode: str = "hard", ema_decay: float = 0.99, eps: float = 1e-5,
+                 commitment: float = 0.25, dead_threshold: float = 1e-3, temperature: float = 1.0,
+                 rngs: nnx.Rngs):
+        if update not in UPDATES:
+            raise ValueError(f"Router update={update!r}: expected one of {UPDATES}")
+        if mode not in MODES:
+            raise ValueError(f"Router mode={mode!r}: expected one of {MODES}")
+        if num_codes < 1 or d_in < 1 or proj_dim < 0:
+            raise ValueError(f"Router: need num_codes >= 1, d_in >= 1, proj_dim >= 0; got "
+                             f"{num_codes}, {d_in}, {proj_dim}")
+        if not 0.0 <= ema_decay < 1.0 or temperature <= 0:
+            raise ValueError(f"Router: ema_decay={ema_decay} must be in [0, 1), "
+                             f"temperature={temperature} > 0")
+        self.d_in, self.num_codes, self.update, self.mode = d_in, num_codes, update, mode
+        self.ema_decay, self.eps, self.commitment = ema_decay, eps, commitment
+        self.dead_threshold, self.temperature = dead_threshold, temperature
+        c = proj_dim or d_in
+        self.code_dim = c
+        self.proj = (nnx.Param(jax.nn.initializers.lecun_normal()(rngs.params(), (d_in, c)),
+                               out_sharding=("embed", None)) if proj_dim else None)
+        codes = jax.random.normal(rngs.params(), (num_codes, c), jnp.float32)
+        code_t = nnx.Param if update == "gradient" else RouterStat
+        self.codebook = code_t(codes, out_sharding=("codes", None))
+        if update == "ema":
+            self.ema_sums = RouterStat(jnp.array(codes, copy=True), out_sharding=("codes", None))
+        self.counts = RouterStat(jnp.ones((num_codes,), jnp.float32), out_sharding=("codes",))
+        self.usage = RouterStat(jnp.full((num_codes,), 1.0 / num_codes, jnp.float32),
+                                out_sharding=("codes",))
+        self.initialized = RouterStat(jnp.array(False))
+        self.rng = _rng_stream(rngs)
+
+    def project(self, e: jax.Array) -> jax.Array:
+        e = e.astype(jnp.float32)
+        return e if self.proj is None else e @ self.proj[...]
+
+    def __call__(self, e: jax.Array, *, domain: jax.Array | None = None, train: bool = False,
+                 valid: jax.Array | None = None) -> RouteOut:
+        """Route ``e`` [B, d_in] (float32 pooled prompts) to one of K modules.
+
+        ``weights``: one-hot for hard/oracle; soft: softmin(distances / temperature); gumbel:
+        train samples index = argmax(softmax((−distances + g) / T)) and returns its straight-through
+        one-hot (forward exactly one-hot, gradient of the relaxed softmax); eval: argmin, one-hot.
+        oracle: index = ``domain`` mod K (so an unknown domain −1 goes to module K−1 — callers
+        should mask such rows out); ``domain`` is required (ValueError otherwise).
+        ``vq_loss`` and the codebook statistics always use the nearest code, whatever the mode:
+        the codebook stays an unsupervised quantiser (so its purity can be reported under oracle).
+        ``valid`` (optional [B], default all ones) drops rows (e.g. batch padding) from statistics,
+        loss and perplexity. ``vq_loss`` is a mean over valid rows of squared L2 norms (summed over
+        the c dims). Train mode updates state (module docstring); eval changes none, and before the
+        first train call it routes with the random initial codebook.
+        """
+        k = self.num_codes
+        if e.ndim != 2 or e.shape[1] != self.d_in:
+            raise ValueError(f"Router: e has shape {e.shape}, expected [B, {self.d_in}]")
+        b = e.shape[0]
+        if self.mode == "oracle":
+            if domain is None:
+                raise ValueError("Router mode='oracle' needs domain (int32 [B], batch['domain'])")
+            if domain.shape != (b,):
+                raise ValueError(f"Router: domain has shape {domain.shape}, expected ({b},)")
+        v = (jnp.ones((b,), jnp.float32) if valid is None
+             else jnp.asarray(valid, jnp.float32).reshape(b))
+        n_valid = v.sum()
+        z = self.project(e)
+        zs = jax.lax.stop_gradient(z)
+        init = self.initialized[...]
+        key = self.rng() if train else None
+
+        codebook = self.codebook[...]
+        if train:
+            k_init, k_seed, k_gumbel = jax.random.split(key, 3)
+            codebook = jax.lax.cond(init, lambda: codebook,
+                                    lambda: kmeans_plus_plus(k_init, zs, k, mask=v))
+        dist = _sqdist(z, codebook)
+        nearest = jnp.argmin(dist, axis=1).astype(jnp.int32)
+        hard = jax.nn.one_hot(nearest, k, dtype=jnp.float32)
+
+        # VQ loss on the nearest code: mean over valid rows of squared L2 norms.
+        c_sel = codebook[nearest]
+        row = lambda a: jnp.sum(a * v) / jnp.maximum(n_valid, 1.0)  # noqa: E731
+        commit = self.commitment * row(jnp.sum(jnp.square(z - jax.lax.stop_gradient(c_sel)), -1))
+        vq_loss = commit
+        if self.update == "gradient":
+            vq_loss = vq_loss + row(jnp.sum(jnp.square(zs - c_sel), -1))
+
+        index, weights = nearest, hard
+        if self.mode == "soft":
+            weights = jax.nn.softmax(-dist / self.temperature, axis=1)
+        elif self.mode == "gumbel" and train:
+            logits = (-dist + jax.random.gumbel(k_gumbel, dist.shape)) / self.temperature
+            y = jax.nn.softmax(logits, axis=1)
+            index = jnp.argmax(logits, axis=1).astype(jnp.int32)
+            weights = jax.nn.one_hot(index, k, dtype=jnp.float32) + (y - jax.lax.stop_gradient(y))
+        elif self.mode == "oracle":
+            index = jnp.mod(domain.astype(jnp.int32), k)
+            weights = jax.nn.one_hot(index, k, dtype=jnp.float32)
+
+        p = jnp.sum(weights * v[:, None], axis=0) / jnp.maximum(n_valid, 1.0)
+        entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
+        perplexity = jnp.exp(entropy)
+
+        if train:
+            self._update_state(zs, v, n_valid, hard, jax.lax.stop_gradient(codebook),
+                               jax.lax.stop_gradient(p), k_seed)
+        return RouteOut(index, weights, vq_loss, dist, perplexity)
+
+    def _update_state(self, zs, v, n_valid, hard, codebook, p, key) -> None:
+        """EMA statistics, dead-code re-seeding, init flag; no valid row in the batch: no change."""
+        k, g = self.num_codes, self.ema_decay
+        init = self.initialized[...]
+        ok = n_valid > 0
+        share = n_valid / k
+        onehot = hard * v[:, None]
+        n = onehot.sum(axis=0)
+        counts = g * jnp.where(init, self.counts[...], share) + (1.0 - g) * n
+        if self.update == "ema":
+            s = onehot.T @ zs
+            sums = g * jnp.where(init, self.ema_sums[...], share * codebook) + (1.0 - g) * s
+            total = counts.sum()
+            smoothed = (counts + self.eps) / (total + k * self.eps) * total
+            new_codes = sums / smoothed[:, None]
+        else:
+            new_codes = codebook
+        dead = counts < self.dead_threshold * share
+        # Re-seed on rows ∝ D² to the nearest live code: rows a live code already serves well are
+        # rarely taken, so a dead code lands where the quantiser is worst (k-means++ logic).
+        d2 = jnp.min(jnp.where(dead[None, :], jnp.inf, _sqdist(zs, new_codes)), axis=1)
+        w = jnp.where(jnp.isfinite(d2), d2, 1.0) * v
+        seeds = zs[_sample_rows(key, jnp.where(w.sum() > 0, w, v), k)]
+        new_codes = jnp.where(dead[:, None], seeds, new_codes)
+        counts = jnp.where(dead, share, counts)
+        keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+        if self.update == "ema":
+            sums = jnp.where(dead[:, None], share * seeds, sums)
+            self.ema_sums[...] = keep(sums, self.ema_sums[...])
+            self.codebook[...] = keep(new_codes, self.codebook[...])
+        else:
+            # Gradient mode: only the k-means++ init and re-seeding overwrite the Param.
+            changed = jnp.logical_or(~init, dead.any())
+            self.codebook[...] = jnp.where(ok & changed, new_codes, self.codebook[...])
+        self.counts[...] = keep(counts, self.counts[...])
+        self.usage[...] = keep(g * self.usage[...] + (1.0 - g) * p, self.usage[...])
+        self.initialized[...] = jnp.logical_or(init, ok)

@@ -1,0 +1,196 @@
+"""Llama-family decoder (semantics of transformers' LlamaForCausalLM) with stacked per-row LoRA.
+
+One base model serves every ICLM module: each call takes an adapter index per row, and every
+projection listed in ``LoraConfig.targets`` applies that row's adapter (see ``lora.py``).
+
+Layout choices: q/k/v/o kernels are 2-D on a flattened heads*head_dim axis, named "heads"
+(q, o) or "kv" (k, v), so each projection is one ``LoRALinear`` and sharding "heads"/"kv"
+shards whole heads. Query head h uses kv head h // (n_heads / n_kv_heads), as transformers'
+``repeat_kv``. The residual stream stays float32; matmuls run in ``cfg.dtype``; norms, RoPE
+tables and softmax are float32.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from iclm_jax.model.lora import BASE_INIT_STD, LoraConfig, LoRALinear
+
+_MASK_VALUE = float(jnp.finfo(jnp.float32).min)  # finite: fully masked (padding) rows stay NaN-free
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    dtype: Any = jnp.float32  # compute dtype; params are always float32
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"TransformerConfig.{name} must be a positive int, got {value!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"TransformerConfig.n_heads ({self.n_heads}) must be divisible by "
+                f"TransformerConfig.n_kv_heads ({self.n_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"TransformerConfig.head_dim must be even for RoPE, got {self.head_dim}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"TransformerConfig.rope_theta must be > 0, got {self.rope_theta!r}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"TransformerConfig.norm_eps must be > 0, got {self.norm_eps!r}")
+
+
+class RMSNorm(nnx.Module):
+    """``weight * x / rms(x)``, computed in float32, returned in ``dtype`` (Llama's RMSNorm)."""
+
+    def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs, axis_name: str = "embed",
+                 dtype: Any = jnp.float32):
+        del rngs  # ones init; kept for a uniform constructor signature
+        self.eps = eps
+        self.dtype = dtype
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=(axis_name,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        return (self.weight[...] * x).astype(self.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotate-half RoPE (as transformers' Llama). x [B, L, H, D], positions int [B, L]."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def attention_mask(segments: jax.Array) -> jax.Array:
+    """bool [B, L, L]: q may see k iff k <= q, both real, and same segment or k in prefix (1)."""
+    q, k = segments[:, :, None], segments[:, None, :]
+    n = segments.shape[1]
+    causal = jnp.arange(n)[None, :, None] >= jnp.arange(n)[None, None, :]
+    return causal & (q != 0) & (k != 0) & ((k == q) | (k == 1))
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention; softmax in float32.
+
+    q [B, Lq, H, D], k/v [B, Lk, Hkv, D], mask bool [B, Lq, Lk] -> [B, Lq, H, D]. Lq and Lk are
+    separate so a KV cache can later pass cached keys with a matching mask.
+    """
+    b, lq, h, d = q.shape
+    hkv = k.shape[2]
+    qg = q.reshape(b, lq, hkv, h // hkv, d)
+    scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (d ** -0.5)
+    scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
+    return out.reshape(b, lq, h, d)
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder layer: x + attn(norm(x)); x + mlp(norm(x))."""
+
+    def __init__(self, cfg: TransformerConfig, lora: LoraConfig | None, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+
+        def dense(name: str, n_in: int, n_out: int, in_axis: str, out_axis: str) -> LoRALinear:
+            use = lora if lora is not None and name in lora.targets else None
+            return LoRALinear(n_in, n_out, in_axis=in_axis, out_axis=out_axis, lora=use,
+                              dtype=cfg.dtype, rngs=rngs)
+
+        d, hd = cfg.d_model, cfg.head_dim
+        self.attn_norm = RMSNorm(d, cfg.norm_eps, rngs=rngs, dtype=cfg.dtype)
+        self.q = dense("q", d, cfg.n_heads * hd, "embed", "heads")
+        self.k = dense("k", d, cfg.n_kv_heads * hd, "embed", "kv")
+        self.v = dense("v", d, cfg.n_kv_heads * hd, "embed", "kv")
+        self.o = dense("o", cfg.n_heads * hd, d, "heads", "embed")
+        self.mlp_norm = RMSNorm(d, cfg.norm_eps, rngs=rngs, dtype=cfg.dtype)
+        self.gate = dense("gate", d, cfg.mlp_dim, "embed", "mlp")
+        self.up = dense("up", d, cfg.mlp_dim, "embed", "mlp")
+        self.down = dense("down", cfg.mlp_dim, d, "mlp", "embed")
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+                 adapter: jax.Array | None, deterministic: bool) -> jax.Array:
+        cfg = self.cfg
+        b, n, _ = x.shape
+        kw = dict(deterministic=deterministic)
+        h = self.attn_norm(x)
+        q = self.q(h, adapter, **kw).reshape(b, n, cfg.n_heads, cfg.head_dim)
+        k = self.k(h, adapter, **kw).reshape(b, n, cfg.n_kv_heads, cfg.head_dim)
+        v = self.v(h, adapter, **kw).reshape(b, n, cfg.n_kv_heads, cfg.head_dim)
+        q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+        a = attend(q, k, v, mask).reshape(b, n, cfg.n_heads * cfg.head_dim)
+        x = x + self.o(a, adapter, **kw).astype(jnp.float32)
+        h = self.mlp_norm(x)
+        g = jax.nn.silu(self.gate(h, adapter, **kw)) * self.up(h, adapter, **kw)
+        return x + self.down(g, adapter, **kw).astype(jnp.float32)
+
+
+class Transformer(nnx.Module):
+    """Base Llama decoder; ``__call__`` gives pre-final-norm hidden states, ``logits`` the LM head."""
+
+    def __init__(self, cfg: TransformerConfig, lora: LoraConfig | None, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.lora = lora
+        self.embedding = nnx.Param(
+            BASE_INIT_STD * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model), jnp.float32),
+            out_sharding=("vocab", "embed"),
+        )
+        self.layers = nnx.List([Block(cfg, lora, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs=rngs, dtype=cfg.dtype)
+        if cfg.tie_embeddings:
+            self.lm_head = nnx.data(None)
+        else:
+            self.lm_head = nnx.Param(
+                BASE_INIT_STD * jax.random.normal(rngs.params(), (cfg.d_model, cfg.vocab_size), jnp.float32),
+                out_sharding=("embed", "vocab"),
+            )
+
+    def __call__(self, inputs: jax.Array, positions: jax.Array, segments: jax.Array,
+                 adapter: jax.Array | None = None, *, deterministic: bool = True) -> jax.Array:
+        """inputs/positions/segments int [B, L]; adapter int [B] or None -> float32 [B, L, d]."""
+        if not inputs.shape == positions.shape == segments.shape:
+            raise ValueError(
+                f"Transformer: inputs {inputs.shape}, positions {positions.shape} and segments "
+                f"{segments.shape} must share shape [B, L]"
+            )
+        x = jnp.take(self.embedding[...], inputs, axis=0)  # float32 residual stream
+        mask = attention_mask(segments)
+        for layer in self.layers:
+            x = layer(x, positions, mask, adapter, deterministic)
+        return x
+
+    def final_norm(self, x: jax.Array) -> jax.Array:
+        return self.norm(x)
+
+    def head(self, h: jax.Array) -> jax.Array:
+        """LM head on normed h -> float32 logits [B, L, vocab] (tied: embedding transposed)."""
+        h = h.astype(self.cfg.dtype)
+        if self.lm_head is None:
+            w = self.embedding[...].astype(self.cfg.dtype)
+            return jnp.einsum("bld,vd->blv", h, w, preferred_element_type=jnp.float32)
+        w = self.lm_head[...].astype(self.cfg.dtype)
+        return jnp.einsum("bld,dv->blv", h, w, preferred_element_type=jnp.float32)
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        return self.head(self.final_norm(x))

@@ -1,0 +1,48 @@
+"""Small builders shared by the model/train tests (tiny sizes, float32)."""
+from __future__ import annotations
+
+import numpy as np
+from flax import nnx
+
+import iclm_jax  # noqa: F401  (disables eager sharding)
+from iclm_jax.model.iclm import ICLM, ICLMConfig
+from iclm_jax.model.transformer import TransformerConfig
+
+VOCAB = 37
+
+
+def tiny_base(**kw) -> TransformerConfig:
+    args = dict(vocab_size=VOCAB, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=4, mlp_dim=32)
+    args.update(kw)
+    return TransformerConfig(**args)
+
+
+def tiny_iclm(seed: int = 0, base_kw=None, **kw) -> ICLM:
+    cfg = ICLMConfig(base=tiny_base(**(base_kw or {})), **kw)
+    return ICLM(cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1, router=seed + 2))
+
+
+def random_batch(b: int = 4, length: int = 12, seed: int = 0, num_slots: int = 1, domains=None) -> dict:
+    """Unpacked rows: a random prompt, 2 answer targets at the end, right padding on odd rows."""
+    rng = np.random.default_rng(seed)
+    inputs = rng.integers(1, VOCAB, size=(b, length)).astype(np.int32)
+    segments = np.ones((b, length), np.int32)
+    for i in range(1, b, 2):
+        segments[i, -3:] = 0
+    inputs = inputs * (segments > 0)
+    targets = np.zeros_like(inputs)
+    targets[:, :-1] = inputs[:, 1:]
+    targets = targets * (np.roll(segments, -1, axis=1) > 0) * (segments > 0)
+    loss_mask = np.zeros((b, length), np.float32)
+    answer_slot = np.full((b, length), -1, np.int32)
+    prompt_mask = (segments > 0).astype(np.float32)
+    for i in range(b):
+        n = int(segments[i].sum())
+        loss_mask[i, n - 3:n - 1] = 1
+        answer_slot[i, n - 3:n - 1] = 0
+        prompt_mask[i, n - 2:n] = 0
+    positions = np.tile(np.arange(length, dtype=np.int32), (b, 1))
+    domain = np.asarray(domains if domains is not None else np.arange(b) % 2, np.int32)
+    return dict(inputs=inputs, targets=targets, positions=positions, segments=segments, loss_mask=loss_mask,
+                answer_slot=answer_slot, prompt_mask=prompt_mask, domain=domain,
+                query_type=np.zeros((b, num_slots), np.int32), query_label=np.zeros((b, num_slots), np.int32))
