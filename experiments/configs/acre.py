@@ -1,0 +1,116 @@
+"""ICLM on ACRE (text + symbolic renderings as the two domains).
+
+    get_config()            # "demo": the tiny from-scratch CPU ICLM that `make demo` trains (K = 2)
+    get_config("baseline")  # one LoRA module, no router, no invariant module, no MI (same code, K = 1)
+    get_config("no_invariant")   # K modules + router, invariant_weight 0 ablation
+    get_config("plugin")    # the paper's plug-in MI estimator instead of MINE
+    get_config("oracle")    # perfect router: route by the known rendering domain
+    get_config("paper")     # paper-like objective: gradient VQ, router adapter, MI on all modules, aux heads
+
+Variants combine with commas: get_config("baseline,text") trains on the text rendering only.
+Every field is overridable from the command line, e.g. --config.train.steps=20.
+"""
+import ml_collections
+
+
+def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # Base transformer (from scratch here; the smollm2 config loads a pretrained one).
+    c.model = dict(
+        vocab_size=0,              # 0 = take it from the tokenizer
+        d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, mlp_dim=192,
+        rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=True,
+        dtype="float32",           # compute dtype: bfloat16 on accelerators
+        train_base=True,           # False: frozen pretrained base, only adapters/router/aggregator train
+        num_modules=2,             # K domain-specific modules
+        invariant=True,            # the domain-invariant module
+        aggregator="concat",       # concat | logits | probs
+        invariant_weight=0.5,      # for logits/probs aggregators; 0 = no-invariant ablation
+    )
+    c.lora = dict(rank=8, alpha=16.0, dropout=0.0, targets="q,k,v,o,gate,up,down")
+
+    c.router = dict(
+        source="invariant",        # invariant (free, stop-gradient) | base | adapter (paper)
+        update="ema",              # ema (VQ-VAE EMA, default) | gradient (codebook + commitment loss, paper)
+        mode="hard",               # hard | soft | gumbel | oracle (route by the known domain)
+        proj_dim=0,                # 0: codebook in the model width
+        ema_decay=0.99, commitment=0.25, dead_threshold=1e-3, temperature=1.0,
+        weight=1.0,                # routing_weight on the VQ loss
+    )
+    c.mi = dict(
+        estimator="mine",          # mine | plugin | none
+        weight=0.1,                # λ
+        apply_to="routed",         # routed | all (paper: every specific module)
+        reverse=False,             # plugin: the official code's KL direction
+        critic_hidden=64, critic_depth=2, critic_lr=1e-3, ema_decay=0.99, clip=20.0,
+    )
+    c.loss = dict(aux_weight=0.0)  # CE of each module's own head (paper: invariant + routed specific)
+
+    c.data = dict(
+        task="acre",
+        train_split="IID",         # ACRE split whose train part is generated for training
+        styles="symbolic,text",    # renderings = domains (ids 0, 1)
+        packed=True,               # one row per problem: 6 contexts shared by its 4 queries
+        train_problems=6000,       # generated problems per rendering
+        eval_splits="IID,Comp,Sys",
+        eval_problems=300,         # generated test problems per split and rendering
+        train_file="",             # optional ACRE release JSON or evals JSONL instead of generating
+        eval_files="",             # optional comma-separated files to evaluate besides generated splits
+        tokenizer="acre_word",     # acre_word | smollm2 | a directory holding tokenizer.json
+        max_len=0,                 # 0 = longest example rounded up to 32
+        num_domains=2,
+        workers=0,                 # grain worker processes
+    )
+    c.train = dict(
+        steps=600, batch_size=16, lr=2e-3, warmup_steps=50, final_lr_fraction=0.1,
+        weight_decay=0.01, grad_clip=1.0, b1=0.9, b2=0.95, grad_accum=1,
+        log_every=20, time_limit_s=0.0,   # 0 = no limit; else stop training after this many seconds
+    )
+    c.eval = dict(every=0, batch_size=32)   # every=0: evaluate at the end only
+    c.checkpoint = dict(every=0, keep=3)    # every=0: save at the end only
+    c.mesh = dict(data=-1)                  # -1 = all devices on the data axis
+
+    for v in filter(None, (s.strip() for s in arg.split(","))):
+        _VARIANTS[v](c)
+    return c
+
+
+def _baseline(c):
+    c.model.num_modules = 1
+    c.model.invariant = False
+    c.mi.estimator = "none"
+
+
+def _no_invariant(c):
+    c.model.aggregator = "logits"
+    c.model.invariant_weight = 0.0
+
+
+def _plugin(c):
+    c.mi.estimator = "plugin"
+
+
+def _oracle(c):
+    c.router.mode = "oracle"
+
+
+def _paper(c):
+    c.router.source = "adapter"
+    c.router.update = "gradient"
+    c.mi.apply_to = "all"
+    c.loss.aux_weight = 1.0
+
+
+def _text(c):
+    c.data.styles = "text"
+
+
+def _symbolic(c):
+    c.data.styles = "symbolic"
+
+
+_VARIANTS = {"demo": lambda c: None, "baseline": _baseline, "no_invariant": _no_invariant,
+             "plugin": _plugin, "oracle": _oracle, "paper": _paper, "text": _text,
+             "symbolic": _symbolic}

@@ -1,0 +1,32 @@
+"""optax chains: AdamW with warmup + cosine decay, global-norm clipping, gradient accumulation."""
+from __future__ import annotations
+
+import jax
+import optax
+
+
+def make_schedule(lr: float, steps: int, warmup_steps: int, final_lr_fraction: float = 0.1):
+    """Linear warmup to ``lr`` then cosine decay to ``final_lr_fraction · lr`` at ``steps``."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=lr, warmup_steps=max(warmup_steps, 0),
+        decay_steps=max(steps, warmup_steps + 1), end_value=lr * final_lr_fraction)
+
+
+def _decay_mask(params):
+    """Weight decay on matrices only: decaying norm scales or biases towards zero only hurts."""
+    return jax.tree.map(lambda p: getattr(p, "ndim", 0) >= 2, params)
+
+
+def make_optimizer(*, lr: float, steps: int, warmup_steps: int, weight_decay: float = 0.0,
+                   grad_clip: float = 1.0, b1: float = 0.9, b2: float = 0.95,
+                   grad_accum: int = 1, final_lr_fraction: float = 0.1) -> optax.GradientTransformation:
+    schedule = make_schedule(lr, steps, warmup_steps, final_lr_fraction)
+    parts = []
+    if grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(grad_clip))
+    parts.append(optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=_decay_mask))
+    tx = optax.chain(*parts)
+    if grad_accum > 1:
+        # Accumulates `grad_accum` micro-batch gradients, applying one update per `grad_accum` calls.
+        tx = optax.MultiSteps(tx, every_k_schedule=grad_accum)
+    return tx

@@ -1,0 +1,54 @@
+"""Config files load, every variant validates, and bad values are refused naming the field."""
+import pytest
+
+from iclm_jax.config_check import ConfigError, validate
+from tests.test_step import acre_cfg
+
+
+@pytest.mark.parametrize("arg", ["demo", "baseline", "no_invariant", "plugin", "oracle", "paper",
+                                 "baseline,text", "symbolic"])
+def test_variants_validate(arg):
+    validate(acre_cfg.get_config(arg), num_devices=1)
+
+
+BAD = [
+    ("model.num_modules", 0), ("lora.rank", 0), ("lora.rank", 10_000), ("router.source", "oracle"),
+    ("router.mode", "top2"), ("router.update", "sgd"), ("model.aggregator", "sum"),
+    ("mi.estimator", "infonce"), ("mi.weight", -1.0), ("router.weight", -0.5), ("loss.aux_weight", -1.0),
+    ("model.n_kv_heads", 3), ("train.warmup_steps", 10_000), ("train.batch_size", 0), ("train.lr", 0.0),
+    ("data.styles", "image"), ("data.eval_splits", "OOD"), ("data.tokenizer", "/nonexistent/tok"),
+    ("model.dtype", "int8"), ("lora.targets", "q,ffn"), ("lora.dropout", 1.0), ("train.grad_accum", 0),
+    ("model.invariant_weight", 2.0), ("router.ema_decay", 1.0),
+]
+
+
+@pytest.mark.parametrize("field,value", BAD)
+def test_bad_value_names_the_field(field, value):
+    c = acre_cfg.get_config()
+    group, name = field.split(".")
+    c[group][name] = value
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        validate(c, num_devices=1)
+
+
+def test_mesh_and_batch_divisibility():
+    c = acre_cfg.get_config()
+    c.mesh = {"data": 3}
+    with pytest.raises(ConfigError, match="mesh"):
+        validate(c, num_devices=8)
+    c.mesh = {"data": -1}
+    c.train.batch_size = 12
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        validate(c, num_devices=8)
+    c.mesh = {"dat": 8}
+    with pytest.raises(ConfigError, match="mesh"):
+        validate(c, num_devices=8)
+
+
+def test_all_errors_reported_together():
+    c = acre_cfg.get_config()
+    c.model.num_modules = 0
+    c.train.lr = -1.0
+    with pytest.raises(ConfigError) as e:
+        validate(c, num_devices=1)
+    assert "model.num_modules" in str(e.value) and "train.lr" in str(e.value)
