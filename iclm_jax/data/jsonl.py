@@ -1,0 +1,183 @@
+"""Evals-style JSONL files: other reasoning datasets in, and ACRE renderings out for inspection.
+
+One JSON object per line (blank lines are skipped)::
+
+    {"input": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."}],
+     "ideal": "answer" | ["answer", "alternative", ...],
+     "domain": 1 | "text",            # optional: rendering/domain id or name
+     "type": "direct" | 0,            # optional: ACRE query type name or id
+     "label": 2}                      # optional: ACRE label id
+
+Prompt: the messages' contents joined by ``"\\n"`` in order (roles are checked but not rendered: the
+models here are trained from plain text, with no chat template), then trailing whitespace removed.
+Answer: ``ideal`` (its first entry if a list), with one space prepended unless it already starts
+with whitespace -- the rule of :mod:`iclm_jax.data.render`, so BPE tokenizes answers consistently.
+``"input"`` may also be a plain string (one user message).
+
+A packed record (``render --packed``) replaces ``"ideal"`` with
+``"queries": [{"input": "query text", "ideal": " answer", "type": ..., "label": ...}, ...]`` and its
+``"input"`` is the shared prefix (kept verbatim). ``write_jsonl`` writes both kinds; they load back
+equal (apart from ``source``, set to ``path:line`` on load) when prompts follow the whitespace rule.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable
+
+from iclm_jax.data.render import DOMAINS, Example, PackedExample
+
+
+class JsonlError(ValueError):
+    """A bad record; the message starts with ``path:line``."""
+
+
+def _query_types() -> tuple[str, ...]:
+    from iclm_jax.data.acre import QUERY_TYPES
+    return QUERY_TYPES
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _prompt(value, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list) or not value:
+        raise JsonlError(f"{where}: 'input' must be a non-empty list of messages or a string, "
+                         f"got {type(value).__name__}")
+    parts = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) \
+                or not isinstance(m.get("role"), str):
+            raise JsonlError(f"{where}: 'input'[{i}] must be {{\"role\": str, \"content\": str}}, "
+                             f"got {m!r}")
+        parts.append(m["content"])
+    return "\n".join(parts)
+
+
+def _answer(value, where: str, field: str = "ideal") -> str:
+    if isinstance(value, list):
+        if not value or not all(isinstance(v, str) for v in value):
+            raise JsonlError(f"{where}: '{field}' list must hold at least one string, "
+                             f"got {value!r}")
+        value = value[0]
+    if not isinstance(value, str):
+        raise JsonlError(f"{where}: '{field}' must be a string or a list of strings, "
+                         f"got {type(value).__name__}")
+    return value if value[:1].isspace() else " " + value
+
+
+def _domain(rec: dict, where: str, domains: dict) -> int:
+    d = rec.get("domain", -1)
+    if isinstance(d, str):
+        if d not in domains:
+            raise JsonlError(f"{where}: unknown domain {d!r}; known: {sorted(domains)}")
+        return int(domains[d])
+    if not _is_int(d):
+        raise JsonlError(f"{where}: 'domain' must be an int or a string, got {type(d).__name__}")
+    return d
+
+
+def _query_type(rec: dict, where: str) -> int:
+    t = rec.get("type", -1)
+    if isinstance(t, str):
+        types = _query_types()
+        if t not in types:
+            raise JsonlError(f"{where}: unknown type {t!r}; expected one of {types} or an int")
+        return types.index(t)
+    if not _is_int(t):
+        raise JsonlError(f"{where}: 'type' must be an int or a string, got {type(t).__name__}")
+    return t
+
+
+def _label(rec: dict, where: str) -> int:
+    lab = rec.get("label", -1)
+    if not _is_int(lab):
+        raise JsonlError(f"{where}: 'label' must be an int, got {type(lab).__name__}")
+    return lab
+
+
+def _record(rec, where: str, domains: dict) -> Example | PackedExample:
+    if not isinstance(rec, dict):
+        raise JsonlError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    if "input" not in rec:
+        raise JsonlError(f"{where}: missing field 'input'")
+    domain = _domain(rec, where, domains)
+    if "queries" in rec:
+        qs = rec["queries"]
+        if not isinstance(qs, list) or not qs:
+            raise JsonlError(f"{where}: 'queries' must be a non-empty list")
+        items, types, labels = [], [], []
+        for j, q in enumerate(qs):
+            w = f"{where}: queries[{j}]"
+            if not isinstance(q, dict) or not isinstance(q.get("input"), str) or "ideal" not in q:
+                raise JsonlError(f"{w} must be {{\"input\": str, \"ideal\": ...}}, got {q!r}")
+            items.append((q["input"], _answer(q["ideal"], w)))
+            types.append(_query_type(q, w))
+            labels.append(_label(q, w))
+        return PackedExample(_prompt(rec["input"], where), tuple(items), domain, tuple(types),
+                             tuple(labels), source=where)
+    if "ideal" not in rec:
+        raise JsonlError(f"{where}: missing field 'ideal'")
+    return Example(_prompt(rec["input"], where).rstrip(), _answer(rec["ideal"], where), domain,
+                   _query_type(rec, where), _label(rec, where), source=where)
+
+
+def load_jsonl(path: str, *, domains: dict | None = None) -> list[Example | PackedExample]:
+    """Every record of ``path``; ``domains`` maps domain names to ids (default: ``DOMAINS``)."""
+    domains = {name: i for i, name in enumerate(DOMAINS)} if domains is None else domains
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such JSONL file")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise JsonlError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            out.append(_record(rec, where, domains))
+    if not out:
+        raise JsonlError(f"{path}:1: empty file (no records)")
+    return out
+
+
+def _meta(rec: dict, qtype: int, label: int) -> dict:
+    types = _query_types()
+    if 0 <= qtype < len(types):
+        rec["type"] = types[qtype]
+    elif qtype != -1:
+        rec["type"] = qtype
+    if label != -1:
+        rec["label"] = label
+    return rec
+
+
+def to_record(ex: Example | PackedExample) -> dict:
+    """The JSON object of one example (inverse of loading it)."""
+    rec: dict = {}
+    if 0 <= ex.domain < len(DOMAINS):
+        rec["domain"] = DOMAINS[ex.domain]
+    elif ex.domain != -1:
+        rec["domain"] = ex.domain
+    if isinstance(ex, PackedExample):
+        rec["input"] = [{"role": "user", "content": ex.prefix}]
+        rec["queries"] = [_meta({"input": q, "ideal": a}, t, lab)
+                          for (q, a), t, lab in zip(ex.queries, ex.query_types, ex.labels)]
+        return rec
+    rec["input"] = [{"role": "user", "content": ex.prompt}]
+    rec["ideal"] = ex.answer
+    return _meta(rec, ex.query_type, ex.label)
+
+
+def write_jsonl(examples: Iterable[Example | PackedExample], path: str) -> None:
+    """Write ``examples`` one JSON object per line (UTF-8, parent directories created)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for ex in examples:
+            f.write(json.dumps(to_record(ex), ensure_ascii=False) + "\n")

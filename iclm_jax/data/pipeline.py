@@ -1,0 +1,213 @@
+"""grain input pipeline: examples -> fixed-shape rows of the batch format (docs/conventions.md).
+
+Row layout (L = ``max_len``; ``[bos]`` only if the tokenizer has one; every row is padded to L so
+a run compiles once):
+
+* unpacked ``Example``: tokens ``[bos] prompt answer eos``; ``inputs`` all but the final EOS,
+  ``targets`` the next token; segment 1 on every real token. ``loss_mask``/``answer_slot`` (= 0) on
+  targets that are answer tokens or the EOS; ``prompt_mask`` on the ``[bos] prompt`` inputs.
+* ``PackedExample``: ``[bos] prefix`` is segment 1 (its last target is 0: the next token lies in
+  another segment); query j's ``query answer eos`` is segment 2+j with positions continuing from
+  ``len([bos] prefix)``, as in the unpacked row of that query: under the attention rule every query
+  token sees the same inputs at the same positions in both rows. ``prompt_mask`` covers prefix and
+  queries.
+
+Sharding: process p of P takes ``examples[p::P]``. The order is a function of ``seed`` alone (not of
+``worker_count``). With ``repeat=True`` every epoch is reshuffled and nothing is dropped; a single
+pass (``repeat=False``) drops the last partial batch unless ``pad_last_batch``, which completes it
+with empty rows (segments 0; domain, query_type, query_label -1) and gives every process the same
+number of batches, as multi-host evaluation needs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import grain
+import numpy as np
+
+from iclm_jax.data.render import DOMAINS, Example, PackedExample, render_problem
+from iclm_jax.data.tokenizer import Tokenizer
+
+_INT_KEYS = ("inputs", "targets", "positions", "segments", "answer_slot")
+
+
+def _empty_row(max_len: int, num_slots: int, pad_id: int) -> dict[str, np.ndarray]:
+    """A row without tokens (segments 0; domain/query_type/query_label -1): eval batch filler."""
+    row = {k: np.zeros(max_len, np.int32) for k in _INT_KEYS}
+    row["inputs"][:] = pad_id
+    row["answer_slot"][:] = -1
+    row["loss_mask"] = np.zeros(max_len, np.float32)
+    row["prompt_mask"] = np.zeros(max_len, np.float32)
+    row["domain"] = np.array(-1, np.int32)
+    row["query_type"] = np.full(num_slots, -1, np.int32)
+    row["query_label"] = np.full(num_slots, -1, np.int32)
+    return row
+
+
+def _name(ex, index: int | None) -> str:
+    parts = [f"#{index}"] if index is not None else []
+    if getattr(ex, "source", ""):
+        parts.append(f"({ex.source})")
+    return "example " + " ".join(parts) if parts else "example"
+
+
+def _put(row: dict, at: int, tokens: list[int], n_prompt: int, segment: int, slot: int,
+         position0: int, last_target: int | None) -> int:
+    """Write one segment: inputs ``tokens[:-1]`` (or all, if ``last_target`` is given) from ``at``.
+
+    Targets are the next token of the same segment; those past the first ``n_prompt`` tokens are
+    answer targets of ``slot`` (slot < 0: none). Returns the next free index.
+    """
+    inputs = tokens if last_target is not None else tokens[:-1]
+    targets = tokens[1:] + ([last_target] if last_target is not None else [])
+    n, end = len(inputs), at + len(inputs)
+    row["inputs"][at:end] = inputs
+    row["targets"][at:end] = targets
+    row["positions"][at:end] = np.arange(position0, position0 + n)
+    row["segments"][at:end] = segment
+    k = np.arange(n)
+    answer = (k + 1 >= n_prompt) if slot >= 0 else np.zeros(n, bool)
+    row["loss_mask"][at:end] = answer
+    row["answer_slot"][at:end] = np.where(answer, slot, -1)
+    row["prompt_mask"][at:end] = k < n_prompt
+    return end
+
+
+def tokenize_example(ex: Example | PackedExample, tok: Tokenizer, max_len: int, num_slots: int,
+                     index: int | None = None) -> dict[str, np.ndarray]:
+    """One row of the batch format (every key, no batch dimension).
+
+    Raises ValueError naming the example (``index``, ``ex.source``) when it needs more than
+    ``max_len`` positions, has more queries than ``num_slots``, or has an empty part.
+    """
+    name = _name(ex, index)
+    bos = [] if tok.bos_id is None else [tok.bos_id]
+    packed = isinstance(ex, PackedExample)
+    if packed:
+        if len(ex.queries) > num_slots:
+            raise ValueError(f"{name} packs {len(ex.queries)} queries but num_slots={num_slots}")
+        prefix = bos + tok.encode(ex.prefix)
+        segs = [(tok.encode(q), tok.encode(a)) for q, a in ex.queries]
+        types, labels = ex.query_types, ex.labels
+    else:
+        prefix, segs = [], [(bos + tok.encode(ex.prompt), tok.encode(ex.answer))]
+        types, labels = (ex.query_type,), (ex.label,)
+    need = len(prefix) + sum(len(q) + len(a) for q, a in segs)
+    if need > max_len:
+        raise ValueError(f"{name} needs {need} positions (prompt + answer tokens"
+                         f"{' + BOS' if bos else ''}; inputs exclude the final EOS) "
+                         f"> max_len={max_len}")
+    empty = ["prefix"] if packed and not prefix else []
+    empty += [f"{'query' if packed else 'prompt'} {j}" for j, (q, _) in enumerate(segs) if not q]
+    empty += [f"answer {j}" for j, (_, a) in enumerate(segs) if not a]
+    if empty:
+        raise ValueError(f"{name}: empty {', '.join(empty)} after tokenization")
+    row = _empty_row(max_len, num_slots, tok.pad_id)
+    row["domain"][...] = ex.domain
+    at = _put(row, 0, prefix, len(prefix), 1, -1, 0, last_target=0) if packed else 0
+    for j, (q, a) in enumerate(segs):
+        at = _put(row, at, q + a + [tok.eos_id], len(q), 2 + j if packed else 1, j, len(prefix),
+                  last_target=None)
+    row["query_type"][:len(types)] = types
+    row["query_label"][:len(labels)] = labels
+    return row
+
+
+class _Row:
+    """Picklable grain transform: global example index -> row (index -1 -> empty row)."""
+
+    def __init__(self, examples: Sequence, tok: Tokenizer, max_len: int, num_slots: int):
+        self.examples, self.tok, self.max_len, self.num_slots = examples, tok, max_len, num_slots
+
+    def __call__(self, index) -> dict[str, np.ndarray]:
+        index = int(index)
+        if index < 0:
+            return _empty_row(self.max_len, self.num_slots, self.tok.pad_id)
+        return tokenize_example(self.examples[index], self.tok, self.max_len, self.num_slots, index)
+
+
+def make_dataset(examples: Sequence, tok: Tokenizer, *, max_len: int, batch_size: int,
+                 num_slots: int, seed: int, shuffle: bool, repeat: bool, process_index: int = 0,
+                 process_count: int = 1, worker_count: int = 0,
+                 pad_last_batch: bool = False) -> grain.IterDataset:
+    """Batches of this process's share of ``examples`` (see the module docstring).
+
+    Iterate it, or ``iter()`` it for a ``grain.DatasetIterator`` whose ``get_state()`` and
+    ``set_state()`` checkpoint the position. ``worker_count > 0`` tokenizes in that many spawned
+    worker processes (a script calling this needs the ``if __name__ == "__main__":`` guard).
+    """
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} outside 0..{process_count - 1}")
+    if batch_size < 1 or max_len < 1 or num_slots < 1:
+        raise ValueError(f"batch_size, max_len, num_slots must be >= 1, got {batch_size}, "
+                         f"{max_len}, {num_slots}")
+    if repeat and pad_last_batch:
+        raise ValueError("pad_last_batch is for a single pass; it cannot go with repeat=True")
+    n = len(examples)
+    indices = np.arange(process_index, n, process_count, dtype=np.int64)
+    if len(indices) == 0:
+        raise ValueError(f"no examples for process {process_index} of {process_count} "
+                         f"({n} examples)")
+    if repeat:
+        ds = grain.MapDataset.source(indices)
+        ds = (ds.shuffle(seed=seed) if shuffle else ds).repeat()
+    else:
+        if shuffle:
+            indices = np.random.default_rng(seed).permutation(indices)
+        if pad_last_batch:
+            total = math.ceil(math.ceil(n / process_count) / batch_size) * batch_size
+            indices = np.concatenate([indices, np.full(total - len(indices), -1, np.int64)])
+        ds = grain.MapDataset.source(indices)
+    ds = ds.map(_Row(examples, tok, max_len, num_slots)).batch(batch_size, drop_remainder=True)
+    it = ds.to_iter_dataset()
+    if worker_count > 0:
+        from absl import flags   # grain's worker processes read absl flags
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return it
+
+
+def mixture(datasets: Sequence[Sequence], weights: Sequence[float], seed: int,
+            length: int | None = None) -> list:
+    """A list of ``length`` items (default: all sources' total) drawing source k with probability
+    ``weights[k] / sum(weights)``; each source is walked in a fresh random order per pass, so no
+    item repeats before all items of its source were used. Deterministic given ``seed``."""
+    if len(datasets) != len(weights) or not datasets:
+        raise ValueError(f"mixture: {len(datasets)} datasets but {len(weights)} weights")
+    w = np.asarray(weights, np.float64)
+    if (w < 0).any() or w.sum() <= 0 or not np.isfinite(w).all():
+        raise ValueError(f"mixture weights must be >= 0 with a positive sum, got {list(weights)}")
+    for k, d in enumerate(datasets):
+        if w[k] > 0 and len(d) == 0:
+            raise ValueError(f"mixture: dataset {k} is empty but has weight {w[k]}")
+    length = sum(len(d) for d in datasets) if length is None else length
+    rng = np.random.default_rng(seed)
+    choice = rng.choice(len(datasets), size=length, p=w / w.sum())
+    order = []
+    for k, d in enumerate(datasets):
+        need = int((choice == k).sum())
+        passes = [rng.permutation(len(d)) for _ in range(math.ceil(need / len(d)))] if need else []
+        order.append(np.concatenate(passes)[:need] if passes else np.zeros(0, np.int64))
+    taken = [0] * len(datasets)
+    out = []
+    for k in choice:
+        out.append(datasets[k][order[k][taken[k]]])
+        taken[k] += 1
+    return out
+
+
+def acre_examples(problems, styles: Sequence[str] = DOMAINS, packed: bool = True) -> list:
+    """Each problem in each style (domain-labelled), problem-major; ``source`` names each."""
+    out = []
+    for i, problem in enumerate(problems):
+        for style in styles:
+            r = render_problem(problem, style, packed)
+            if packed:
+                out.append(dataclasses.replace(r, source=f"problem {i} {style}"))
+            else:
+                out.extend(dataclasses.replace(e, source=f"problem {i} query {q} {style}")
+                           for q, e in enumerate(r))
+    return out

@@ -1,0 +1,179 @@
+"""ACRE problems as text: the two "domains" (symbolic, text) the router must tell apart unlabelled.
+
+An example is one query of one problem (``Example``), or one problem with its four queries sharing
+the context panels (``PackedExample``, the row layout of ``pipeline``). For the verbatim IID problem
+whose first panel is ``{"light_state": "on", "objects": [36, 24]}`` and first query ``[38]``:
+
+symbolic (answer ``" 0"``)::
+
+    <INSTRUCTIONS["symbolic"]>
+    [36, 24] -> 2
+    ...
+    [38] ->
+
+text (answer ``" off"``)::
+
+    <INSTRUCTIONS["text"]>
+    A blue sphere in rubber is visible. A brown cylinder in rubber is visible. The light is on.
+    ...
+    A green sphere in rubber is visible. The state of the light is
+
+Whitespace rule: a prompt never ends in whitespace and an answer always starts with one space.
+Byte-level BPE tokenizers split words *with* their leading space (``" on"``), so encoding prompt and
+answer separately gives the ids of their concatenation, and an answer always has the same ids. A
+packed prefix ends with ``"\\n"`` and each query is one line, so ``prefix + query`` is the prompt of
+the matching unpacked example and the boundary is again a pre-tokenizer boundary.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+DOMAINS = ("symbolic", "text")   # domain ids 0, 1
+
+INSTRUCTIONS = {
+    "symbolic": "Each line lists objects and the light state (0 off, 1 undetermined, 2 on). "
+                "Predict the last state.",
+    "text": "Each line describes objects and the light. "
+            "Predict the state of the light (off, undetermined, on).",
+}
+_LIGHT_ID = {"off": 0, "on": 2}    # context light as a LABELS id: off=0, on=2
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt/answer pair; ``source`` names it in errors (``file:line``, problem index)."""
+    prompt: str
+    answer: str
+    domain: int
+    query_type: int = -1
+    label: int = -1
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class PackedExample:
+    """A shared prefix and (query, answer) pairs; ``prefix + query`` is the unpacked prompt."""
+    prefix: str
+    queries: tuple[tuple[str, str], ...]
+    domain: int
+    query_types: tuple[int, ...]
+    labels: tuple[int, ...]
+    source: str = ""
+
+
+def _acre():
+    # Imported lazily: acre's CLI imports this module, and `python -m iclm_jax.data.acre` would
+    # otherwise meet a half-initialised module.
+    from iclm_jax.data import acre
+    return acre
+
+
+def _check_style(style: str) -> None:
+    if style not in DOMAINS:
+        raise ValueError(f"unknown rendering style {style!r}; expected one of {DOMAINS}")
+
+
+def _check_problem(problem) -> None:
+    if not isinstance(problem, (list, tuple)) or len(problem) != 10:
+        n = len(problem) if isinstance(problem, (list, tuple)) else type(problem).__name__
+        raise ValueError(f"an ACRE problem has 10 panels (6 contexts, 4 queries), got {n}")
+    for i, panel in enumerate(problem[:6]):
+        if panel.get("light_state") not in _LIGHT_ID:
+            raise ValueError(f"context panel {i}: light_state {panel.get('light_state')!r} "
+                             f"is not 'on'/'off'")
+
+
+def _object_sentence(obj: int) -> str:
+    shape, color, material = _acre().object_attributes(obj)
+    return f"A {color} {shape} in {material} is visible."
+
+
+def _context_line(panel: dict, style: str) -> str:
+    objs = panel["objects"]
+    if style == "symbolic":
+        return f"[{', '.join(str(o) for o in objs)}] -> {_LIGHT_ID[panel['light_state']]}"
+    return " ".join([_object_sentence(o) for o in objs] + [f"The light is {panel['light_state']}."])
+
+
+def _query_line(panel: dict, style: str) -> str:
+    objs = panel["objects"]
+    if style == "symbolic":
+        return f"[{', '.join(str(o) for o in objs)}] ->"
+    return " ".join([_object_sentence(o) for o in objs] + ["The state of the light is"])
+
+
+def answer_text(label: int, style: str) -> str:
+    """The answer string of a label id (with its leading space, see the module docstring)."""
+    _check_style(style)
+    labels = _acre().LABELS
+    if not isinstance(label, int) or not 0 <= label < len(labels):
+        raise ValueError(f"unknown ACRE label {label!r}; expected 0..{len(labels) - 1}")
+    return " " + (str(label) if style == "symbolic" else labels[label])
+
+
+def render_prefix(problem, style: str) -> str:
+    """Instruction line and the six context panels, one per line, ending in a newline."""
+    _check_style(style)
+    _check_problem(problem)
+    lines = [INSTRUCTIONS[style]] + [_context_line(p, style) for p in problem[:6]]
+    return "\n".join(lines) + "\n"
+
+
+def _query_meta(panel: dict) -> tuple[int, int]:
+    acre = _acre()
+    qtype = panel.get("type")
+    if "label" not in panel:
+        raise ValueError(f"query panel has no 'label': {panel}")
+    return (acre.QUERY_TYPES.index(qtype) if qtype in acre.QUERY_TYPES else -1), int(panel["label"])
+
+
+def render_query(problem, q: int, style: str) -> Example:
+    """Query ``q`` (0..3) of ``problem`` as one prompt/answer pair."""
+    if not 0 <= q < 4:
+        raise ValueError(f"query index {q} out of range 0..3")
+    prefix = render_prefix(problem, style)
+    panel = problem[6 + q]
+    qtype, label = _query_meta(panel)
+    return Example(prefix + _query_line(panel, style), answer_text(label, style),
+                   DOMAINS.index(style), qtype, label)
+
+
+def render_problem(problem, style: str, packed: bool) -> list[Example] | PackedExample:
+    """All four queries of ``problem``: four Examples, or one PackedExample sharing the contexts."""
+    if not packed:
+        return [render_query(problem, q, style) for q in range(4)]
+    prefix = render_prefix(problem, style)
+    metas = [_query_meta(p) for p in problem[6:]]
+    queries = tuple((_query_line(p, style), answer_text(lab, style))
+                    for p, (_, lab) in zip(problem[6:], metas))
+    return PackedExample(prefix, queries, DOMAINS.index(style), tuple(t for t, _ in metas),
+                         tuple(lab for _, lab in metas))
+
+
+def _run_render(args: argparse.Namespace) -> int:
+    from iclm_jax.data.jsonl import write_jsonl
+    problems = _acre().load_problems(args.file)
+    examples = []
+    for i, problem in enumerate(problems):
+        out = render_problem(problem, args.style, args.packed)
+        examples.extend([out] if args.packed else out)
+    write_jsonl(examples, args.out)
+    print(f"wrote {len(examples)} {'packed ' if args.packed else ''}{args.style} records "
+          f"from {len(problems)} problems to {args.out}")
+    return 0
+
+
+def add_render_command(subparsers) -> argparse.ArgumentParser:
+    """Add ``render FILE --style text|symbolic --out X.jsonl [--packed]`` to argparse subparsers.
+
+    Sets ``func`` (returns an exit status) as the subcommand's default.
+    """
+    p = subparsers.add_parser("render", help="render an ACRE release-format file to JSONL")
+    p.add_argument("file", metavar="FILE", help="ACRE release-format JSON file")
+    p.add_argument("--style", choices=DOMAINS, required=True, help="rendering (domain)")
+    p.add_argument("--out", required=True, help="output .jsonl path")
+    p.add_argument("--packed", action="store_true",
+                   help="one record per problem (its 4 queries share the contexts)")
+    p.set_defaults(func=_run_render)
+    return p

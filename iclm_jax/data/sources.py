@@ -1,0 +1,84 @@
+"""From the run config's ``data`` group to examples: train set, eval sets, tokenizer, row length.
+
+ACRE problems are generated (or read from release files), rendered in each configured style (a style is a
+domain) and packed one problem per row; evals-style JSONL files are read as they are.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from iclm_jax.data import acre, jsonl, pipeline, render, tokenizer as tok_lib
+
+NUM_SLOTS_PACKED = 4
+
+
+def _csv(s) -> list[str]:
+    return [x.strip() for x in str(s).split(",") if x.strip()]
+
+
+@dataclasses.dataclass
+class EvalSet:
+    name: str
+    examples: list
+    problems: list | None      # ACRE problems (for the reference rows), None for JSONL
+
+
+@dataclasses.dataclass
+class RunData:
+    tokenizer: tok_lib.Tokenizer
+    train_examples: list
+    train_problems: list | None
+    eval_sets: list[EvalSet]
+    max_len: int
+    num_slots: int
+
+
+def load_tokenizer(spec: str) -> tok_lib.Tokenizer:
+    if spec == "acre_word":
+        return tok_lib.acre_word_tokenizer()
+    if spec == "smollm2":
+        return tok_lib.smollm2_tokenizer()
+    return tok_lib.load_tokenizer(spec)
+
+
+def _file_examples(path: str, styles, packed: bool):
+    if path.endswith(".jsonl"):
+        return jsonl.load_jsonl(path), None
+    problems = acre.load_problems(path)
+    return pipeline.acre_examples(problems, styles=styles, packed=packed), problems
+
+
+def row_length(ex, tok: tok_lib.Tokenizer) -> int:
+    """Tokens a row needs (inputs exclude the final EOS, so prompt + answer (+ BOS) is an upper bound)."""
+    extra = 1 if tok.bos_id is not None else 0
+    if isinstance(ex, render.PackedExample):
+        n = len(tok.encode(ex.prefix)) + extra
+        return n + sum(len(tok.encode(q)) + len(tok.encode(a)) + 1 for q, a in ex.queries)
+    return len(tok.encode(ex.prompt)) + len(tok.encode(ex.answer)) + extra + 1
+
+
+def build(data_cfg, seed: int) -> RunData:
+    d = data_cfg
+    styles = tuple(_csv(d.styles))
+    packed = bool(d.packed)
+    tok = load_tokenizer(d.tokenizer)
+    if d.train_file:
+        train_examples, train_problems = _file_examples(d.train_file, styles, packed)
+    else:
+        train_problems = acre.generate_problems(d.train_split, "train", d.train_problems, seed)
+        train_examples = pipeline.acre_examples(train_problems, styles=styles, packed=packed)
+    evals = []
+    for i, split in enumerate(_csv(d.eval_splits)):
+        problems = acre.generate_problems(split, "test", d.eval_problems, seed + 1000 + i)
+        evals.append(EvalSet(split, pipeline.acre_examples(problems, styles=styles, packed=packed), problems))
+    for path in _csv(d.eval_files):
+        ex, problems = _file_examples(path, styles, packed)
+        evals.append(EvalSet(os.path.basename(path), ex, problems))
+    any_packed = any(isinstance(e, render.PackedExample) for e in train_examples[:1])
+    num_slots = NUM_SLOTS_PACKED if any_packed else 1
+    max_len = d.max_len
+    if not max_len:
+        longest = max(row_length(e, tok) for s in [train_examples] + [e.examples for e in evals] for e in s)
+        max_len = -(-(longest + 1) // 32) * 32
+    return RunData(tok, train_examples, train_problems, evals, max_len, num_slots)

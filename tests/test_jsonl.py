@@ -1,0 +1,91 @@
+"""Evals-style JSONL: prompt/answer rules, round trip of ACRE renderings, every bad input names file:line."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import pytest
+
+from iclm_jax.data import acre
+from iclm_jax.data.jsonl import JsonlError, load_jsonl, write_jsonl
+from iclm_jax.data.render import Example, render_problem
+from tests.test_render import PROBLEM
+
+
+def _write(tmp_path, lines: list[str]) -> str:
+    p = tmp_path / "data.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    return str(p)
+
+
+def _plain(examples):
+    return [dataclasses.replace(e, source="") for e in examples]
+
+
+def test_load_messages_and_ideal(tmp_path):
+    path = _write(tmp_path, [
+        json.dumps({"input": [{"role": "system", "content": "Answer briefly."},
+                              {"role": "user", "content": "2+2= "}], "ideal": ["4", "four"]}),
+        "",
+        json.dumps({"input": "Capital of France?", "ideal": "\nParis", "domain": "text", "type": "direct",
+                    "label": 2}),
+        json.dumps({"input": [{"role": "user", "content": "x"}], "ideal": "y", "domain": 7, "type": 3}),
+    ])
+    a, b, c = load_jsonl(path)
+    assert a == Example("Answer briefly.\n2+2=", " 4", -1, -1, -1, source=f"{path}:1")
+    assert b == Example("Capital of France?", "\nParis", 1, 0, 2, source=f"{path}:3")
+    assert (c.domain, c.query_type) == (7, 3)
+    custom = load_jsonl(path, domains={"text": 5})
+    assert custom[1].domain == 5
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_round_trip(tmp_path, packed):
+    examples = []
+    for problem in [PROBLEM] + acre.generate_problems("IID", "val", 3, seed=0):
+        for style in ("symbolic", "text"):
+            r = render_problem(problem, style, packed)
+            examples.extend([r] if packed else r)
+    path = str(tmp_path / "sub" / "out.jsonl")
+    write_jsonl(examples, path)
+    loaded = load_jsonl(path)
+    assert _plain(loaded) == examples
+    assert [e.source for e in loaded] == [f"{path}:{i + 1}" for i in range(len(examples))]
+
+
+BAD = [
+    ('{"input": [{"role": "user", "content": "a"}], "ideal": "b"', "malformed JSON"),
+    ('[1, 2]', "expected a JSON object"),
+    ('{"ideal": "b"}', "missing field 'input'"),
+    ('{"input": "a"}', "missing field 'ideal'"),
+    ('{"input": 5, "ideal": "b"}', "'input' must be"),
+    ('{"input": [], "ideal": "b"}', "'input' must be"),
+    ('{"input": [{"role": "user"}], "ideal": "b"}', r"'input'\[0\] must be"),
+    ('{"input": [{"role": 1, "content": "a"}], "ideal": "b"}', r"'input'\[0\] must be"),
+    ('{"input": "a", "ideal": 3}', "'ideal' must be"),
+    ('{"input": "a", "ideal": []}', "'ideal' list"),
+    ('{"input": "a", "ideal": "b", "domain": 1.5}', "'domain' must be"),
+    ('{"input": "a", "ideal": "b", "domain": "image"}', "unknown domain 'image'"),
+    ('{"input": "a", "ideal": "b", "type": "causal"}', "unknown type 'causal'"),
+    ('{"input": "a", "ideal": "b", "type": [1]}', "'type' must be"),
+    ('{"input": "a", "ideal": "b", "label": "on"}', "'label' must be"),
+    ('{"input": "a", "queries": []}', "'queries' must be"),
+    ('{"input": "a", "queries": [{"input": "q"}]}', r"queries\[0\] must be"),
+]
+
+
+@pytest.mark.parametrize("line,message", BAD)
+def test_bad_record_names_file_and_line(tmp_path, line, message):
+    good = json.dumps({"input": "a", "ideal": "b"})
+    path = _write(tmp_path, [good, "", good, line, good])
+    with pytest.raises(JsonlError, match=f"^{re.escape(path)}:4: .*{message}"):
+        load_jsonl(path)
+
+
+def test_empty_and_missing_file(tmp_path):
+    path = _write(tmp_path, ["", "  "])
+    with pytest.raises(JsonlError, match=f"^{re.escape(path)}:1: empty file"):
+        load_jsonl(path)
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        load_jsonl(str(tmp_path / "nope.jsonl"))
