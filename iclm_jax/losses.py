@@ -68,7 +68,10 @@ def total_loss(out: ICLMOutput, batch: dict, critic, cfg: LossConfig) -> tuple[j
     for logits in out.aux_logits.values():
         aux = aux + answer_ce(logits, batch["targets"], mask)
     vq = out.route.vq_loss
-    loss = ce + cfg.routing_weight * vq + cfg.mi_weight * mi + cfg.aux_weight * aux
+    # True MI is >= 0. A DV estimate below 0 only means the critic lags the model; penalising it
+    # would reward the model for fooling the critic, so only positive dependence is penalised.
+    mi_penalty = jnp.maximum(mi, 0.0)
+    loss = ce + cfg.routing_weight * vq + cfg.mi_weight * mi_penalty + cfg.aux_weight * aux
     tok_acc = jnp.sum((jnp.argmax(out.logits, -1) == batch["targets"]) * mask) / jnp.maximum(mask.sum(), 1)
     metrics = {"loss": loss, "ce": ce, "vq": vq, "mi": mi, "aux": aux,
                "answer_token_acc": tok_acc, "router_perplexity": out.route.perplexity}

@@ -36,7 +36,9 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         update="ema",              # ema (VQ-VAE EMA, default) | gradient (codebook + commitment loss, paper)
         mode="hard",               # hard | soft | gumbel | oracle (route by the known domain)
         proj_dim=0,                # 0: codebook in the model width
-        ema_decay=0.99, commitment=0.25, dead_threshold=1e-3, temperature=1.0,
+        center=True,               # subtract a running mean of the pooled states, then
+        normalize=True,            # L2-normalise them: robust to a base drifting while it trains
+        ema_decay=0.9, commitment=0.25, dead_threshold=0.05, temperature=1.0,
         weight=1.0,                # routing_weight on the VQ loss
     )
     c.mi = dict(

@@ -135,7 +135,7 @@ class Router(nnx.Module):
     def __init__(self, d_in: int, num_codes: int, *, proj_dim: int = 0, update: str = "ema",
                  mode: str = "hard", ema_decay: float = 0.99, eps: float = 1e-5,
                  commitment: float = 0.25, dead_threshold: float = 1e-3, temperature: float = 1.0,
-                 rngs: nnx.Rngs):
+                 center: bool = False, normalize: bool = False, rngs: nnx.Rngs):
         if update not in UPDATES:
             raise ValueError(f"Router update={update!r}: expected one of {UPDATES}")
         if mode not in MODES:
@@ -163,6 +163,33 @@ class Router(nnx.Module):
                                 out_sharding=("codes",))
         self.initialized = RouterStat(jnp.array(False))
         self.rng = _rng_stream(rngs)
+        self.center, self.normalize = center, normalize
+        if center:
+            self.mean = RouterStat(jnp.zeros((d_in,), jnp.float32), out_sharding=("embed",))
+
+    def standardize(self, e: jax.Array, v: jax.Array, train: bool) -> jax.Array:
+        """Optionally subtract a running mean and L2-normalise the pooled embeddings.
+
+        Pooled states of a base that trains from scratch share a large, drifting common component;
+        the domain signal is the (small) rest. Centring removes the common part, normalising removes
+        the drifting scale, so the lagging EMA codebook stays meaningful (cosine routing, as in
+        improved VQGAN). Like batch norm, training centres on the batch mean and keeps an EMA of it (same
+        decay as the codes) that evaluation uses.
+        """
+        e = e.astype(jnp.float32)
+        if self.center:
+            m = self.mean[...]
+            if train:
+                n = v.sum()
+                bm = jnp.sum(e * v[:, None], axis=0) / jnp.maximum(n, 1.0)
+                g = self.ema_decay
+                new = jnp.where(self.initialized[...], g * m + (1.0 - g) * bm, bm)
+                self.mean[...] = jnp.where(n > 0, jax.lax.stop_gradient(new), m)
+                m = jnp.where(n > 0, bm, m)     # train: the batch mean (like batch norm)
+            e = e - jax.lax.stop_gradient(m)
+        if self.normalize:
+            e = e * jax.lax.rsqrt(jnp.sum(e * e, axis=-1, keepdims=True) + 1e-12)
+        return e
 
     def project(self, e: jax.Array) -> jax.Array:
         e = e.astype(jnp.float32)
@@ -196,7 +223,7 @@ class Router(nnx.Module):
         v = (jnp.ones((b,), jnp.float32) if valid is None
              else jnp.asarray(valid, jnp.float32).reshape(b))
         n_valid = v.sum()
-        z = self.project(e)
+        z = self.project(self.standardize(e, v, train))
         zs = jax.lax.stop_gradient(z)
         init = self.initialized[...]
         key = self.rng() if train else None

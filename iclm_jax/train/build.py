@@ -25,7 +25,8 @@ def model_config(config, vocab_size: int) -> ICLMConfig:
         n_kv_heads=m.n_kv_heads, head_dim=m.head_dim, mlp_dim=m.mlp_dim, rope_theta=m.rope_theta,
         norm_eps=m.norm_eps, tie_embeddings=m.tie_embeddings, dtype=_DTYPES[m.dtype])
     router = dict(proj_dim=r.proj_dim, update=r["update"], mode=r.mode, ema_decay=r.ema_decay,
-                  commitment=r.commitment, dead_threshold=r.dead_threshold, temperature=r.temperature)
+                  commitment=r.commitment, dead_threshold=r.dead_threshold, temperature=r.temperature,
+                  center=r.center, normalize=r.normalize)
     return ICLMConfig(
         base=base, num_modules=m.num_modules, invariant=m.invariant, lora_rank=config.lora.rank,
         lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,

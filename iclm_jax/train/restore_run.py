@@ -46,8 +46,9 @@ def load(workdir: str) -> LoadedRun:
     data = sources.RunData(tok, [], None, [], meta["max_len"], meta["num_slots"])
     run = LoadedRun.__new__(LoadedRun)
     Run.__init__(run, config, workdir, data)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            run.state, run.state_sharding)
+    # run.state is already placed with the current shardings: restore into its abstract twin.
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            run.state)
     mngr = checkpoint.manager(workdir)
     state, _, step = checkpoint.restore(mngr, abstract)
     mngr.close()

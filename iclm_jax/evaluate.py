@@ -1,0 +1,129 @@
+"""Accuracy tables: overall, per ACRE query type, per routed module, and router purity.
+
+Also the ``iclm-eval`` entry point: ``iclm-eval --workdir RUN --data FILE`` evaluates a trained run on an
+ACRE release-format JSON file or an evals-style JSONL file.
+"""
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from iclm_jax import sharding
+from iclm_jax.data import pipeline
+from iclm_jax.data.acre import QUERY_TYPES
+from iclm_jax.data.render import DOMAINS
+from iclm_jax.report import format_table
+
+
+def run_eval_set(eval_step, state, examples, *, tok, mesh, max_len: int, num_slots: int,
+                 batch_size: int) -> dict:
+    """Run the jitted eval step over every example once; gather per-query results on the host."""
+    ds = pipeline.make_dataset(examples, tok, max_len=max_len, batch_size=batch_size, num_slots=num_slots,
+                               seed=0, shuffle=False, repeat=False, pad_last_batch=True,
+                               process_index=jax.process_index(), process_count=jax.process_count())
+    rows = defaultdict(list)
+    for batch in ds:
+        out = eval_step(state, sharding.put_batch(batch, mesh))
+        if jax.process_count() > 1:
+            out = multihost_utils.process_allgather(out, tiled=True)
+            batch = multihost_utils.process_allgather(dict(batch), tiled=True)
+        out = jax.tree.map(np.asarray, out)
+        rows["correct"].append(out["correct"])
+        rows["present"].append(out["present"])
+        rows["module"].append(out["module"])
+        rows["query_type"].append(np.asarray(batch["query_type"]))
+        rows["domain"].append(np.asarray(batch["domain"]))
+    return {k: np.concatenate(v) for k, v in rows.items()}
+
+
+def summarise(res: dict, num_modules: int) -> dict:
+    """Accuracy overall / per type / per domain / per module, and purity of modules vs domains."""
+    correct, present = res["correct"], res["present"]
+    real = present.any(1)
+    out: dict = {"all": _acc(correct, present)}
+    qt = res["query_type"]
+    for t, name in enumerate(QUERY_TYPES):
+        out[name] = _acc(correct, present & (qt == t))
+    for dom, name in enumerate(DOMAINS):
+        out[f"domain_{name}"] = _acc(correct, present & (res["domain"] == dom)[:, None])
+    for m in range(num_modules):
+        sel = (res["module"] == m) & real
+        out[f"module_{m}"] = _acc(correct, present & sel[:, None])
+        out[f"module_{m}_rows"] = int(sel.sum())
+    out["purity"] = purity(res["module"][real], res["domain"][real])
+    return out
+
+
+def purity(assign: np.ndarray, domain: np.ndarray) -> float:
+    """Fraction of rows whose module's majority domain equals their own (1.0 = modules = domains)."""
+    ok = domain >= 0
+    assign, domain = assign[ok], domain[ok]
+    if assign.size == 0:
+        return float("nan")
+    hits = 0
+    for m in np.unique(assign):
+        hits += np.bincount(domain[assign == m]).max()
+    return hits / assign.size
+
+
+def _acc(correct, mask) -> float:
+    n = mask.sum()
+    return float((correct & mask).sum() / n) if n else float("nan")
+
+
+def results_table(results: dict[str, dict], reference: dict[str, dict] | None = None) -> str:
+    """One row per (eval set, predictor): overall and per query type accuracy."""
+    cols = ["all"] + list(QUERY_TYPES)
+    rows = []
+    for name, r in results.items():
+        rows.append([f"{name}: model"] + [r.get(c, float("nan")) for c in cols])
+        for ref_name, ref in (reference or {}).get(name, {}).items():
+            rows.append([f"{name}: {ref_name}"] + [ref.get(c, float("nan")) for c in cols])
+    return format_table(["eval set / predictor"] + cols, rows, "Answer accuracy (exact match)")
+
+
+def modules_table(results: dict[str, dict], num_modules: int) -> str:
+    cols = [f"module_{m}" for m in range(num_modules)]
+    rows = [[name] + [r[c] for c in cols] + [sum(r[f"{c}_rows"] for c in cols), r["purity"]]
+            for name, r in results.items()]
+    return format_table(["eval set"] + [f"acc m{m}" for m in range(num_modules)] + ["rows", "purity"],
+                        rows, "Per-module accuracy and router purity (vs rendering domain)")
+
+
+def run_eval(argv=None) -> int:
+    """Console script ``iclm-eval``."""
+    import argparse
+
+    from iclm_jax.train import restore_run
+
+    p = argparse.ArgumentParser(prog="iclm-eval", description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", required=True, help="a trained run directory")
+    p.add_argument("--data", required=True, action="append",
+                   help="ACRE release JSON or evals JSONL (repeatable)")
+    p.add_argument("--batch_size", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        run = restore_run.load(args.workdir)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"iclm-eval: {e}", file=sys.stderr)
+        return 2
+    results, refs = {}, {}
+    for path in args.data:
+        try:
+            name, res, ref = run.evaluate_file(path, batch_size=args.batch_size or None)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"iclm-eval: {e}", file=sys.stderr)
+            return 2
+        results[name], refs[name] = res, ref
+    print(results_table(results, refs))
+    print()
+    print(modules_table(results, run.num_modules))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_eval())
