@@ -75,7 +75,7 @@ def plot_training(workdir: str) -> list[str]:
     panels = [("loss.png", "Loss terms", ["loss", "ce", "vq", "aux"]),
               ("mi.png", "Mutual information (invariant; specific)", ["mi", "mine_critic_bound"]),
               ("routing.png", "Routing", sorted(k for k in rows[-1] if k.startswith("route_fraction/"))
-               + ["router_perplexity"])]
+               + ["router_perplexity", "route_purity"])]
     for name, title, keys in panels:
         keys = [k for k in keys if any(k in r for r in rows)]
         if not keys:

@@ -20,7 +20,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     # Base transformer (from scratch here; the smollm2 config loads a pretrained one).
     c.model = dict(
         vocab_size=0,              # 0 = take it from the tokenizer
-        d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, mlp_dim=192,
+        d_model=64, n_layers=4, n_heads=2, n_kv_heads=1, head_dim=32, mlp_dim=192,
         rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=True,
         dtype="float32",           # compute dtype: bfloat16 on accelerators
         train_base=True,           # False: frozen pretrained base, only adapters/router/aggregator train
@@ -66,7 +66,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         workers=0,                 # grain worker processes
     )
     c.train = dict(
-        steps=600, batch_size=16, lr=2e-3, warmup_steps=50, final_lr_fraction=0.1,
+        steps=250, batch_size=16, lr=2e-3, warmup_steps=25, final_lr_fraction=0.1,
         weight_decay=0.01, grad_clip=1.0, b1=0.9, b2=0.95, grad_accum=1,
         log_every=20, time_limit_s=0.0,   # 0 = no limit; else stop training after this many seconds
     )

@@ -75,8 +75,10 @@ def _routing_metrics(index, batch, num_modules: int, num_domains: int) -> dict[s
     real = jnp.any(batch["segments"] > 0, axis=1)
     onehot = jax.nn.one_hot(index, num_modules) * real[:, None]
     dom = jax.nn.one_hot(batch["domain"], num_domains) * real[:, None]   # domain -1 -> zeros
+    counts = onehot.T @ dom
     return {"route_fraction": onehot.sum(0) / jnp.maximum(real.sum(), 1),
-            "route_domain_counts": onehot.T @ dom}
+            "route_domain_counts": counts,
+            "route_purity": jnp.sum(jnp.max(counts, axis=1)) / jnp.maximum(jnp.sum(counts), 1.0)}
 
 
 def make_steps(ts: TrainState, loss_cfg: losses.LossConfig, *, num_domains: int, num_slots: int,
