@@ -1,17 +1,29 @@
-"""orbax checkpoints of the whole train state (model, optimisers, critic, MINE EMA, router stats, RNG).
+"""orbax checkpoints of a whole run: train state, data iterator position, resolved config, metadata.
 
-The NNX state is stored as a pure nested dict of arrays; typed PRNG keys are stored as their raw key data
-(orbax cannot serialise key dtypes) and re-wrapped on restore. Restoring into abstract arrays that carry
-shardings places (and reshards) every array directly.
+The NNX state is stored as a pure nested dict of arrays; typed PRNG keys are stored as their raw key
+data (orbax cannot serialise key dtypes) and re-wrapped on restore. Restoring into abstract arrays that
+carry shardings places (and reshards) every array directly, so a run saved on 8 devices resumes on 1.
+Only *finalized* steps are ever listed by orbax: a save killed mid-write leaves a temporary directory
+that is ignored, and the previous step stays the latest.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
+
+# Config fields that define the shapes and meaning of the saved state: a resumed run must match them.
+STRUCTURAL_FIELDS = (
+    "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads",
+    "model.head_dim", "model.mlp_dim", "model.tie_embeddings", "model.num_modules", "model.invariant",
+    "model.aggregator", "model.train_base", "lora.rank", "lora.targets", "router.source",
+    "router.update", "router.proj_dim", "router.center", "mi.estimator", "mi.critic_hidden",
+    "mi.critic_depth", "data.tokenizer", "train.grad_accum", "seed",
+)
 
 
 def _is_key(x) -> bool:
@@ -23,10 +35,16 @@ def to_storable(state: nnx.State) -> dict:
     return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, pure)
 
 
+def abstract_of(state: nnx.State) -> nnx.State:
+    """ShapeDtypeStructs (with the current shardings) of a placed state: the restore target."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
 def _abstract_storable(state: nnx.State) -> dict:
     def f(x):
         if _is_key(x):
-            x = jax.eval_shape(jax.random.key_data, x)
+            x = jax.ShapeDtypeStruct(jax.eval_shape(jax.random.key_data, x).shape, jax.numpy.uint32,
+                                     sharding=getattr(x, "sharding", None))
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
     return jax.tree.map(f, nnx.to_pure_dict(state))
 
@@ -38,23 +56,85 @@ def from_storable(abstract_state: nnx.State, stored: dict) -> nnx.State:
     return abstract_state
 
 
-def manager(workdir: str, keep: int = 3) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, "checkpoints")),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True))
+def manager(workdir: str, keep: int = 3, subdir: str = "checkpoints", best_metric: str = "",
+            best_mode: str = "max") -> ocp.CheckpointManager:
+    """Keeps the last ``keep`` steps; with ``best_metric`` it keeps the best ``keep`` by that metric."""
+    opts = dict(max_to_keep=keep, enable_async_checkpointing=True, create=True)
+    if best_metric:
+        opts.update(best_fn=lambda m: m[best_metric], best_mode=best_mode,
+                    keep_checkpoints_without_metrics=False)
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, subdir)),
+                                 options=ocp.CheckpointManagerOptions(**opts))
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: nnx.State, meta: dict[str, Any]) -> None:
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(to_storable(state)),
-                                            meta=ocp.args.JsonSave(meta)))
+def save(mngr: ocp.CheckpointManager, step: int, state: nnx.State, meta: dict[str, Any],
+         data_state: Any = None, metrics: dict | None = None, force: bool = False) -> bool:
+    items = dict(state=ocp.args.StandardSave(to_storable(state)), meta=ocp.args.JsonSave(meta))
+    if data_state is not None:
+        items["data"] = ocp.args.JsonSave(_jsonable(data_state))
+    return mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
 
 
-def restore(mngr: ocp.CheckpointManager, abstract_state: nnx.State, step: int | None = None
-            ) -> tuple[nnx.State, dict, int]:
-    """Restore the latest (or given) step into ``abstract_state`` (an nnx.State of ShapeDtypeStructs)."""
+def restore(mngr: ocp.CheckpointManager, abstract_state: nnx.State, step: int | None = None,
+            with_data: bool = False) -> tuple[nnx.State, dict, int, Any]:
+    """Restore the latest (or given) finalized step into ``abstract_state`` (ShapeDtypeStructs).
+
+    Returns (state, meta, step, data_state or None).
+    """
     step = mngr.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no finalized checkpoint under {mngr.directory}")
-    out = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_abstract_storable(abstract_state)), meta=ocp.args.JsonRestore()))
-    return from_storable(abstract_state, out["state"]), out["meta"], step
+    items = dict(state=ocp.args.StandardRestore(_abstract_storable(abstract_state)),
+                 meta=ocp.args.JsonRestore())
+    if with_data and "data" in mngr.item_metadata(step):
+        items["data"] = ocp.args.JsonRestore()
+    out = mngr.restore(step, args=ocp.args.Composite(**items))
+    data = out["data"] if "data" in items else None
+    return from_storable(abstract_state, out["state"]), out["meta"], step, data
+
+
+def config_mismatch(stored: dict, current: dict) -> list[str]:
+    """Structural fields whose values differ between a checkpoint's config and the current one."""
+    diffs = []
+    for field in STRUCTURAL_FIELDS:
+        a, b = _get(stored, field), _get(current, field)
+        if a != b:
+            diffs.append(f"{field}: checkpoint has {a!r}, config has {b!r}")
+    return diffs
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def _jsonable(x):
+    """grain iterator states are dicts of ints/strings/bytes; bytes go through latin-1."""
+    if isinstance(x, bytes):
+        return {"__bytes__": x.decode("latin-1")}
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def from_jsonable(x):
+    if isinstance(x, dict):
+        if set(x) == {"__bytes__"}:
+            return x["__bytes__"].encode("latin-1")
+        return {k: from_jsonable(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [from_jsonable(v) for v in x]
+    return x
+
+
+def read_config(workdir: str) -> dict | None:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)

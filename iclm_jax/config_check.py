@@ -102,6 +102,16 @@ def validate(c, *, num_devices: int | None = None) -> None:
     need(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "an integer >= 1")
     need(t.log_every >= 1, "train.log_every", t.log_every, "an integer >= 1")
     need(c.eval.batch_size >= 1, "eval.batch_size", c.eval.batch_size, "an integer >= 1")
+    need(t.nonfinite in ("stop", "skip"), "train.nonfinite", t.nonfinite, "'stop' or 'skip'")
+    bm = c.checkpoint.best_metric
+    if bm:
+        split, _, key = bm.partition("/")
+        need(bool(key) and split in _split(d.eval_splits) + [os.path.basename(f) for f in _split(d.eval_files)],
+             "checkpoint.best_metric", bm, "'<eval set>/<metric>' with an eval set of data.eval_splits "
+             "or data.eval_files, e.g. 'IID/all'")
+    if c.init_from:
+        need(os.path.isdir(os.path.join(c.init_from, "checkpoints")), "init_from", c.init_from,
+             "a run directory holding checkpoints/")
     need(c.checkpoint.every >= 0, "checkpoint.every", c.checkpoint.every, ">= 0")
     need(c.checkpoint.keep >= 1, "checkpoint.keep", c.checkpoint.keep, ">= 1")
 

@@ -87,11 +87,15 @@ def results_table(results: dict[str, dict], reference: dict[str, dict] | None = 
 
 
 def modules_table(results: dict[str, dict], num_modules: int) -> str:
-    cols = [f"module_{m}" for m in range(num_modules)]
-    rows = [[name] + [r[c] for c in cols] + [sum(r[f"{c}_rows"] for c in cols), r["purity"]]
+    """Accuracy per rendering domain and per routed module, rows per module, router purity."""
+    doms = [f"domain_{d}" for d in DOMAINS]
+    mods = [f"module_{m}" for m in range(num_modules)]
+    rows = [[name] + [r[c] for c in doms + mods] + [" / ".join(str(r[f"{c}_rows"]) for c in mods),
+                                                     r["purity"]]
             for name, r in results.items()]
-    return format_table(["eval set"] + [f"acc m{m}" for m in range(num_modules)] + ["rows", "purity"],
-                        rows, "Per-module accuracy and router purity (vs rendering domain)")
+    header = (["eval set"] + [f"acc {d}" for d in DOMAINS] + [f"acc m{m}" for m in range(num_modules)]
+              + ["rows per module", "purity"])
+    return format_table(header, rows, "Per-domain and per-module accuracy, router purity (vs domain)")
 
 
 def run_eval(argv=None) -> int:

@@ -23,16 +23,23 @@ flags.DEFINE_bool("quiet", False, "No progress bar or tables.")
 def main(argv) -> None:
     del argv
     from iclm_jax.config_check import ConfigError
-    from iclm_jax.train.loop import train
+    from iclm_jax.train.loop import NonFiniteError, train
 
     logging.set_verbosity(logging.WARNING)   # orbax and jax log every step at INFO
     if not flags.FLAGS.workdir:
         raise app.UsageError("--workdir is required")
     try:
         train(flags.FLAGS.config, flags.FLAGS.workdir, quiet=flags.FLAGS.quiet)
-    except ConfigError as e:
-        print(f"iclm-train: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (ConfigError, NonFiniteError, OSError, ValueError) as e:
+        # Bad config, bad data files (AcreFormatError / JsonlError name file and problem or line),
+        # an unwritable or full workdir, a NaN: one clear line, not a traceback.
+        print(f"iclm-train: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(EXIT_CODES.get(type(e).__name__, 2))
+
+
+# Documented exit statuses: 0 done, 2 refused input (config, data, workdir), 3 non-finite loss,
+# 143 preempted (SIGTERM: a checkpoint of the current step was saved; rerun the same command to resume).
+EXIT_CODES = {"NonFiniteError": 3}
 
 
 def run_train() -> None:

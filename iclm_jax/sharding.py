@@ -93,3 +93,11 @@ def put_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
     if jax.process_count() == 1:
         return {k: jax.device_put(v, s) for k, v in batch.items()}
     return {k: jax.make_array_from_process_local_data(s, v) for k, v in batch.items()}
+
+
+def abstract_state(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.State:
+    """ShapeDtypeStructs of ``state`` carrying this mesh's shardings: a restore (reshard) target."""
+    shard = state_shardings(state, mesh, rules)
+    return jax.tree.map(
+        lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)),
+        state, shard, is_leaf=lambda x: isinstance(x, nnx.Variable))

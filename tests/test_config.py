@@ -18,7 +18,10 @@ BAD = [
     ("model.n_kv_heads", 3), ("train.warmup_steps", 10_000), ("train.batch_size", 0), ("train.lr", 0.0),
     ("data.styles", "image"), ("data.eval_splits", "OOD"), ("data.tokenizer", "/nonexistent/tok"),
     ("model.dtype", "int8"), ("lora.targets", "q,ffn"), ("lora.dropout", 1.0), ("train.grad_accum", 0),
-    ("model.invariant_weight", 2.0), ("router.ema_decay", 1.0),
+    ("model.invariant_weight", 2.0), ("router.ema_decay", 1.0), ("train.nonfinite", "ignore"),
+    ("checkpoint.best_metric", "OOD/all"), ("checkpoint.keep", 0), ("data.train_split", "Val"),
+    ("data.max_len", -1), ("data.train_file", "/nonexistent.json"), ("model.rope_theta", 0.0),
+    ("mi.apply_to", "some"), ("mi.critic_lr", 0.0), ("router.temperature", 0.0),
 ]
 
 
@@ -52,3 +55,10 @@ def test_all_errors_reported_together():
     with pytest.raises(ConfigError) as e:
         validate(c, num_devices=1)
     assert "model.num_modules" in str(e.value) and "train.lr" in str(e.value)
+
+
+def test_init_from_must_be_a_run_directory(tmp_path):
+    c = acre_cfg.get_config()
+    c.init_from = str(tmp_path)
+    with pytest.raises(ConfigError, match="init_from"):
+        validate(c, num_devices=1)

@@ -69,9 +69,15 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         steps=250, batch_size=16, lr=2e-3, warmup_steps=25, final_lr_fraction=0.1,
         weight_decay=0.01, grad_clip=1.0, b1=0.9, b2=0.95, grad_accum=1,
         log_every=20, time_limit_s=0.0,   # 0 = no limit; else stop training after this many seconds
+        nonfinite="stop",          # a NaN/Inf loss term or gradient: stop (naming step and term) | skip
     )
     c.eval = dict(every=0, batch_size=32)   # every=0: evaluate at the end only
-    c.checkpoint = dict(every=0, keep=3)    # every=0: save at the end only
+    c.checkpoint = dict(
+        every=0,                   # save every N steps (0: at the end only); a run always resumes
+        keep=3,                    # from the latest finalized checkpoint in its workdir
+        best_metric="",            # e.g. "IID/all": also keep the best checkpoints by this eval metric
+    )
+    c.init_from = ""               # another run's workdir: start from its parameters (not its step)
     c.mesh = dict(data=-1)                  # -1 = all devices on the data axis
 
     for v in filter(None, (s.strip() for s in arg.split(","))):

@@ -1,19 +1,39 @@
-"""The training loop: data → jitted step → metrics → evaluation → checkpoint → report."""
+"""The training loop: data → jitted step → metrics → evaluation → checkpoint → report.
+
+A run resumes automatically from the latest finalized checkpoint in its workdir (state, data position,
+RNG: the continuation is bit-identical to an uninterrupted run on one device). SIGTERM saves and exits
+with ``preemption.EXIT_PREEMPTED``; a non-finite loss term stops the run naming step and term, keeping
+the last good checkpoint (or skips the step with ``train.nonfinite='skip'``).
+"""
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 import time
 
 import jax
 import numpy as np
+from flax import nnx
 from tqdm.auto import tqdm
 
 from iclm_jax import checkpoint, config_check, evaluate, report, sharding
 from iclm_jax.data import pipeline, sources
 from iclm_jax.data.reference import fit_reference, score_reference
 from iclm_jax.train import build
-from iclm_jax.train.step import make_steps
+from iclm_jax.train.preemption import EXIT_PREEMPTED, PreemptionWatcher
+from iclm_jax.train.step import FINITE_TERMS, make_steps
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss term or the gradient norm was NaN/Inf (the message names the step and the terms)."""
+
+
+class Preempted(SystemExit):
+    def __init__(self, step: int):
+        super().__init__(EXIT_PREEMPTED)
+        self.step = step
 
 
 class Run:
@@ -25,11 +45,12 @@ class Run:
         ts = build.train_state(config, data.tokenizer.vocab_size)
         self.num_modules = ts.model.cfg.num_modules
         self.loss_cfg = build.loss_config(config)
-        graphdef, state = _split(ts)
+        state = nnx.state(ts)
         self.state_sharding = sharding.state_shardings(state, self.mesh)
         self.graphdef, _, self.train_step, self.eval_step = make_steps(
             ts, self.loss_cfg, num_domains=config.data.num_domains, num_slots=data.num_slots,
             mine_decay=config.mi.ema_decay, mine_clip=config.mi.clip,
+            skip_nonfinite=config.train.nonfinite == "skip",
             state_sharding=self.state_sharding, batch_sharding=sharding.batch_sharding(self.mesh))
         self.state = jax.device_put(state, self.state_sharding)
 
@@ -39,21 +60,16 @@ class Run:
                                     num_slots=self.data.num_slots, batch_size=self.config.eval.batch_size)
         return evaluate.summarise(res, self.num_modules)
 
-
-def _split(ts):
-    from flax import nnx
-    return nnx.split(ts)
+    def state_bytes(self) -> int:
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(checkpoint.to_storable(self.state)))
 
 
 def train(config, workdir: str, *, quiet: bool = False) -> dict:
-    """Train per ``config`` in ``workdir``; returns the final summary (also written to summary.json)."""
+    """Train per ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the summary."""
     config_check.validate(config)
-    os.makedirs(workdir, exist_ok=True)
-    _check_writable(workdir)
     is_main = jax.process_index() == 0
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    stored_config = _prepare_workdir(config, workdir)
+    say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if is_main and not quiet else (lambda *a: None)
 
     t0 = time.time()
     data = sources.build(config.data, config.seed)
@@ -63,6 +79,7 @@ def train(config, workdir: str, *, quiet: bool = False) -> dict:
             json.dump({"max_len": data.max_len, "num_slots": data.num_slots,
                        "train_examples": len(data.train_examples)}, f)
     run = Run(config, workdir, data)
+    _check_disk(workdir, run.state_bytes(), config.checkpoint.keep)
     t = config.train
     ds = pipeline.make_dataset(
         data.train_examples, data.tokenizer, max_len=data.max_len,
@@ -70,51 +87,96 @@ def train(config, workdir: str, *, quiet: bool = False) -> dict:
         shuffle=True, repeat=True, process_index=jax.process_index(), process_count=jax.process_count(),
         worker_count=config.data.workers)
     it = iter(ds)
-    writer = report.MetricsWriter(workdir)
     mngr = checkpoint.manager(workdir, config.checkpoint.keep)
+    best = (checkpoint.manager(workdir, 1, "best", config.checkpoint.best_metric)
+            if config.checkpoint.best_metric else None)
+
+    start = 0
+    latest = mngr.latest_step()
+    if latest is not None:
+        diffs = checkpoint.config_mismatch(stored_config or {}, json.loads(config.to_json_best_effort()))
+        if diffs:
+            raise config_check.ConfigError(
+                f"workdir {workdir} holds a checkpoint (step {latest}) of an incompatible config:\n  "
+                + "\n  ".join(diffs) + "\nuse a new --workdir, or --config.init_from to start from "
+                "its parameters")
+        run.state, _, start, data_state = checkpoint.restore(
+            mngr, checkpoint.abstract_of(run.state), with_data=True)
+        if data_state is not None:
+            it.set_state(checkpoint.from_jsonable(data_state))
+        say(f"resuming from step {start}: the latest finalized checkpoint in {mngr.directory}")
+    elif config.init_from:
+        run.state = _init_from(run, config.init_from)
+        say(f"initialised parameters from {config.init_from}")
+
+    if is_main and latest is None:      # a fresh run (re)writes its config; a resumed one keeps it
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    writer = report.MetricsWriter(workdir)
+    watcher = PreemptionWatcher()
     setup_s = time.time() - t0
 
-    bar = tqdm(total=t.steps, desc="train", disable=quiet or not is_main, dynamic_ncols=True)
-    tokens, tok_t0, last = 0, time.time(), {}
-    train_t0 = time.time()
-    step = 0
-    for step in range(1, t.steps + 1):
-        batch = next(it)
-        tokens += int(np.sum(batch["segments"] > 0)) * jax.process_count()
-        run.state, metrics = run.train_step(run.state, sharding.put_batch(batch, run.mesh))
-        if step % t.log_every == 0 or step == t.steps:
-            last = jax.device_get(metrics)
-            now = time.time()
-            last["tokens_per_s"] = tokens / max(now - tok_t0, 1e-9)
-            tokens, tok_t0 = 0, now
-            writer.write(step, last)
-            bar.set_postfix(loss=f"{last['loss']:.3f}", mi=f"{last['mi']:.3f}",
-                            tok_s=f"{last['tokens_per_s']:.0f}")
-        bar.update(1)
-        if config.checkpoint.every and step % config.checkpoint.every == 0:
-            checkpoint.save(mngr, step, run.state, _meta(config, data, step))
-        if config.eval.every and step % config.eval.every == 0 and step < t.steps:
-            for es in data.eval_sets:
-                writer.write(step, _eval_scalars(run.evaluate(es.examples)), prefix=f"eval/{es.name}")
-        if t.time_limit_s and time.time() - train_t0 > t.time_limit_s:
-            break
-    bar.close()
-    train_s = time.time() - train_t0
-    checkpoint.save(mngr, step, run.state, _meta(config, data, step))
+    def save(step: int, force: bool = False) -> None:
+        checkpoint.save(mngr, step, run.state, _meta(config, data, step), it.get_state(), force=force)
 
-    results, refs = {}, {}
+    bar = tqdm(total=t.steps, initial=start, desc="train", disable=quiet or not is_main,
+               dynamic_ncols=True)
+    tokens, tok_t0, last, step = 0, time.time(), {}, start
+    train_t0 = time.time()
+    try:
+        for step in range(start + 1, t.steps + 1):
+            batch = next(it)
+            tokens += int(np.sum(batch["segments"] > 0)) * jax.process_count()
+            run.state, metrics = run.train_step(run.state, sharding.put_batch(batch, run.mesh))
+            if t.nonfinite == "stop" and not bool(metrics["finite"]):
+                bad = [k for k in FINITE_TERMS if not bool(metrics[f"finite/{k}"])]
+                raise NonFiniteError(
+                    f"step {step}: non-finite {', '.join(bad)}; stopped without saving this step "
+                    f"(last good checkpoint: {mngr.latest_step()}). Lower train.lr or set "
+                    "train.nonfinite='skip' to skip such steps.")
+            if step % t.log_every == 0 or step == t.steps:
+                last = jax.device_get(metrics)
+                now = time.time()
+                last["tokens_per_s"] = tokens / max(now - tok_t0, 1e-9)
+                last["skipped_steps"] = int(nnx.to_pure_dict(run.state)["skipped"])
+                tokens, tok_t0 = 0, now
+                writer.write(step, {k: v for k, v in last.items() if not k.startswith("finite")})
+                bar.set_postfix(loss=f"{last['loss']:.3f}", mi=f"{last['mi']:.3f}",
+                                tok_s=f"{last['tokens_per_s']:.0f}")
+            bar.update(1)
+            if config.checkpoint.every and step % config.checkpoint.every == 0:
+                save(step)
+            if config.eval.every and step % config.eval.every == 0 and step < t.steps:
+                _evaluate_all(run, data, writer, step, best, config)
+            if watcher.should_stop(step, mngr):
+                save(step, force=True)
+                mngr.wait_until_finished()
+                say(f"preemption notice: saved step {step}, exiting with status {EXIT_PREEMPTED}")
+                raise Preempted(step)
+            if t.time_limit_s and time.time() - train_t0 > t.time_limit_s:
+                break
+        train_s = time.time() - train_t0
+        bar.close()
+        if mngr.latest_step() != step:
+            save(step)
+        results = _evaluate_all(run, data, writer, step, best, config)
+    finally:
+        watcher.close()
+        mngr.wait_until_finished()
+        mngr.close()
+        if best is not None:
+            best.wait_until_finished()
+            best.close()
+        writer.close()
+
+    refs = {}
     ref_predictors = fit_reference(data.train_problems) if data.train_problems else {}
     for es in data.eval_sets:
-        results[es.name] = run.evaluate(es.examples)
-        writer.write(step, _eval_scalars(results[es.name]), prefix=f"eval/{es.name}")
         if es.problems is not None and ref_predictors:
             refs[es.name] = {k: score_reference(p, es.problems) for k, p in ref_predictors.items()}
-    mngr.wait_until_finished()
-    mngr.close()
-    writer.close()
     plots = report.plot_training(workdir)
-    summary = {"steps": step, "setup_s": setup_s, "train_s": train_s, "final_train": _floats(last),
-               "eval": results, "reference": refs, "plots": plots}
+    summary = {"steps": step, "resumed_from": start, "setup_s": setup_s, "train_s": train_s,
+               "final_train": _floats(last), "eval": results, "reference": refs, "plots": plots}
     if is_main:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, default=float)
@@ -123,8 +185,63 @@ def train(config, workdir: str, *, quiet: bool = False) -> dict:
             print(evaluate.results_table(results, refs))
             print()
             print(evaluate.modules_table(results, run.num_modules))
-            print(f"\ntrained {step} steps in {train_s:.0f}s (setup {setup_s:.0f}s); workdir {workdir}")
+            print(f"\ntrained steps {start + 1}..{step} in {train_s:.0f}s (setup {setup_s:.0f}s, "
+                  f"{last.get('tokens_per_s', 0):.0f} tokens/s at the end); workdir {workdir}")
     return summary
+
+
+def _evaluate_all(run: Run, data, writer, step: int, best, config) -> dict:
+    results = {}
+    for es in data.eval_sets:
+        results[es.name] = run.evaluate(es.examples)
+        writer.write(step, _eval_scalars(results[es.name]), prefix=f"eval/{es.name}")
+    if best is not None:
+        name = config.checkpoint.best_metric
+        split, _, key = name.partition("/")
+        if split not in results or key not in results[split]:
+            raise config_check.ConfigError(f"checkpoint.best_metric={name!r}: no such eval metric; "
+                                           f"have {sorted(results)} x {sorted(results[next(iter(results))])}")
+        checkpoint.save(best, step, run.state, _meta(config, data, step),
+                        metrics={name: results[split][key]})
+    return results
+
+
+def _init_from(run: Run, other: str):
+    """Parameters (model only) of another run's latest checkpoint; optimiser etc. start fresh."""
+    mngr = checkpoint.manager(other)
+    try:
+        restored, _, step, _ = checkpoint.restore(mngr, checkpoint.abstract_of(run.state))
+    except ValueError as e:
+        raise config_check.ConfigError(f"init_from={other!r}: its state does not fit this config ({e})")
+    finally:
+        mngr.close()
+    cur = nnx.to_pure_dict(run.state)
+    cur["model"] = nnx.to_pure_dict(restored)["model"]
+    state = run.state
+    nnx.replace_by_pure_dict(state, cur)
+    del step
+    return state
+
+
+def _prepare_workdir(config, workdir: str) -> dict | None:
+    """Create/validate the workdir before anything expensive; return a stored config, if any."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write_probe")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise OSError(f"workdir {workdir!r} is not writable: {e}") from e
+    return checkpoint.read_config(workdir)
+
+
+def _check_disk(workdir: str, state_bytes: int, keep: int) -> None:
+    free = shutil.disk_usage(workdir).free
+    need = state_bytes * (keep + 1)
+    if free < need:
+        raise OSError(f"workdir {workdir!r}: {free / 2**20:.1f} MiB free, checkpoints need about "
+                      f"{need / 2**20:.1f} MiB ({keep + 1} x {state_bytes / 2**20:.1f} MiB state)")
 
 
 def _eval_scalars(r: dict) -> dict:
@@ -140,14 +257,5 @@ def _meta(config, data, step: int) -> dict:
     versions = {p: md.version(p) for p in ("jax", "flax", "optax", "orbax-checkpoint", "grain")}
     return {"step": step, "max_len": data.max_len, "num_slots": data.num_slots,
             "vocab_size": data.tokenizer.vocab_size, "versions": versions,
-            "mesh": dict(config.mesh), "num_devices": jax.device_count()}
-
-
-def _check_writable(workdir: str) -> None:
-    probe = os.path.join(workdir, ".write_probe")
-    try:
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise OSError(f"workdir {workdir!r} is not writable: {e}") from e
+            "mesh": dict(config.mesh), "num_devices": jax.device_count(),
+            "config": json.loads(config.to_json_best_effort())}

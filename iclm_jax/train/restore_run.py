@@ -4,10 +4,9 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import ml_collections
 
-from iclm_jax import checkpoint
+from iclm_jax import checkpoint, sharding
 from iclm_jax.data import acre, sources
 from iclm_jax.data.reference import fit_reference, score_reference
 from iclm_jax.data.tokenizer import load_tokenizer
@@ -34,7 +33,9 @@ class LoadedRun(Run):
         return os.path.basename(path), res, ref
 
 
-def load(workdir: str) -> LoadedRun:
+def load(workdir: str, mesh: dict | None = None) -> LoadedRun:
+    """A run restored onto ``mesh`` (default: every local device on the data axis), whatever mesh
+    it was trained on: orbax reshards while restoring."""
     cfg_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path}: not a run directory (no config.json)")
@@ -42,15 +43,15 @@ def load(workdir: str) -> LoadedRun:
         config = ml_collections.ConfigDict(json.load(f))
     with open(os.path.join(workdir, "data.json")) as f:
         meta = json.load(f)
+    config.mesh = ml_collections.ConfigDict(mesh or {"data": -1})
+    ways = sharding.data_ways(sharding.make_mesh(dict(config.mesh)))
+    config.eval.batch_size = -(-config.eval.batch_size // ways) * ways
     tok = load_tokenizer(os.path.join(workdir, "tokenizer"))
     data = sources.RunData(tok, [], None, [], meta["max_len"], meta["num_slots"])
     run = LoadedRun.__new__(LoadedRun)
     Run.__init__(run, config, workdir, data)
-    # run.state is already placed with the current shardings: restore into its abstract twin.
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            run.state)
     mngr = checkpoint.manager(workdir)
-    state, _, step = checkpoint.restore(mngr, abstract)
+    state, _, step, _ = checkpoint.restore(mngr, checkpoint.abstract_of(run.state))
     mngr.close()
     run.state = state
     run.step = step

@@ -17,6 +17,10 @@ class MineEMA(nnx.Variable):
     """Moving average of E[exp T] over marginal samples (0 = not yet initialised)."""
 
 
+class SkipCount(nnx.Variable):
+    """Steps skipped because a loss term or the gradient was not finite (train.nonfinite='skip')."""
+
+
 class TrainState(nnx.Module):
     def __init__(self, model: ICLM, tx: optax.GradientTransformation, *, train_base: bool,
                  critic: MineCritic | None = None, critic_tx: optax.GradientTransformation | None = None):
@@ -26,6 +30,7 @@ class TrainState(nnx.Module):
         self.critic = critic
         self.critic_opt = nnx.Optimizer(critic, critic_tx, wrt=nnx.Param) if critic is not None else None
         self.mine_ema = MineEMA(jnp.zeros((), jnp.float32))
+        self.skipped = SkipCount(jnp.zeros((), jnp.int32))
 
     @property
     def step(self) -> int:

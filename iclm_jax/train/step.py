@@ -20,8 +20,11 @@ from iclm_jax.model.iclm import param_filter
 from iclm_jax.train.state import TrainState
 
 
+FINITE_TERMS = ("ce", "vq", "mi", "aux", "grad_norm")
+
+
 def _train_step(graphdef, state, batch, *, loss_cfg: losses.LossConfig, num_domains: int,
-                mine_decay: float, mine_clip: float):
+                mine_decay: float, mine_clip: float, skip_nonfinite: bool):
     ts: TrainState = nnx.merge(graphdef, state)
     wrt = param_filter(ts.train_base)
 
@@ -53,7 +56,18 @@ def _train_step(graphdef, state, batch, *, loss_cfg: losses.LossConfig, num_doma
 
     metrics.update(_routing_metrics(out.route.index, batch, ts.model.cfg.num_modules, num_domains))
     metrics["tokens"] = jnp.sum(batch["segments"] > 0)
-    return nnx.state(ts), metrics
+    # One flag per term, so a non-finite step can be reported by name (train.nonfinite).
+    finite = {k: jnp.all(jnp.isfinite(metrics[k])) for k in FINITE_TERMS}
+    ok = jnp.all(jnp.stack(list(finite.values())))
+    metrics.update({f"finite/{k}": v for k, v in finite.items()})
+    metrics["finite"] = ok
+    new_state = nnx.state(ts)
+    if skip_nonfinite:   # keep the previous state (parameters, optimiser, router, RNG) untouched
+        new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+        ts_skip = nnx.merge(graphdef, new_state)
+        ts_skip.skipped[...] = ts_skip.skipped[...] + (~ok).astype(jnp.int32)
+        new_state = nnx.state(ts_skip)
+    return new_state, metrics
 
 
 def _eval_step(graphdef, state, batch, *, loss_cfg: losses.LossConfig, num_slots: int):
@@ -82,7 +96,7 @@ def _routing_metrics(index, batch, num_modules: int, num_domains: int) -> dict[s
 
 
 def make_steps(ts: TrainState, loss_cfg: losses.LossConfig, *, num_domains: int, num_slots: int,
-               mine_decay: float = 0.99, mine_clip: float = 20.0,
+               mine_decay: float = 0.99, mine_clip: float = 20.0, skip_nonfinite: bool = False,
                state_sharding: Any = None, batch_sharding: Any = None
                ) -> tuple[Any, Any, Callable, Callable]:
     """Split the state and return (graphdef, state, train_step, eval_step), both jitted once.
@@ -91,7 +105,7 @@ def make_steps(ts: TrainState, loss_cfg: losses.LossConfig, *, num_domains: int,
     """
     graphdef, state = nnx.split(ts)
     train = functools.partial(_train_step, graphdef, loss_cfg=loss_cfg, num_domains=num_domains,
-                              mine_decay=mine_decay, mine_clip=mine_clip)
+                              mine_decay=mine_decay, mine_clip=mine_clip, skip_nonfinite=skip_nonfinite)
     evaluate = functools.partial(_eval_step, graphdef, loss_cfg=loss_cfg, num_slots=num_slots)
     if state_sharding is not None:
         train_step = jax.jit(train, donate_argnums=0, in_shardings=(state_sharding, batch_sharding),

@@ -1,0 +1,68 @@
+"""Checkpoints restore exactly onto other meshes (8 -> 4x2 -> 8 fsdp -> 1 device) and keep grain state."""
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from iclm_jax import checkpoint, sharding
+from iclm_jax.train import build
+from iclm_jax.train.step import make_steps
+from tests.helpers import VOCAB, random_batch
+from tests.test_step import tiny_config
+
+
+def _trained_state(mesh):
+    config = tiny_config()
+    config.model.update(d_model=32, head_dim=8)
+    ts = build.train_state(config, VOCAB)
+    state = nnx.state(ts)
+    shard = sharding.state_shardings(state, mesh)
+    _, _, step, _ = make_steps(ts, build.loss_config(config), num_domains=2, num_slots=1,
+                               state_sharding=shard, batch_sharding=sharding.batch_sharding(mesh))
+    state = jax.device_put(state, shard)
+    for s in range(2):
+        state, _ = step(state, sharding.put_batch(random_batch(b=8, seed=s), mesh))
+    return state
+
+
+def test_restore_reshards_onto_other_meshes(tmp_path):
+    mesh_a = sharding.make_mesh({"data": 2, "fsdp": 4})
+    state = _trained_state(mesh_a)
+    emb = nnx.to_pure_dict(state)["model"]["base"]["embedding"]
+    assert emb.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")      # really sharded
+    mngr = checkpoint.manager(str(tmp_path))
+    checkpoint.save(mngr, 2, state, {"note": "8 devices"}, data_state={"next_index": 2})
+    mngr.wait_until_finished()
+    want = jax.tree.map(np.asarray, checkpoint.to_storable(state))
+
+    targets = [sharding.make_mesh({"data": 4, "fsdp": 2}), sharding.make_mesh({"fsdp": 8}),
+               sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])]
+    for mesh in targets:
+        restored, meta, step, data = checkpoint.restore(mngr, sharding.abstract_state(state, mesh), with_data=True)
+        assert step == 2 and meta["note"] == "8 devices" and data == {"next_index": 2}
+        got = checkpoint.to_storable(restored)
+        for (path, x), (_, y) in zip(jax.tree_util.tree_leaves_with_path(want),
+                                     jax.tree_util.tree_leaves_with_path(got)):
+            np.testing.assert_array_equal(np.asarray(y), x, err_msg=str(path))
+        emb = nnx.to_pure_dict(restored)["model"]["base"]["embedding"]
+        assert emb.sharding.mesh.shape == mesh.shape
+        assert emb.sharding.spec == sharding.logical_to_spec(("vocab", "embed"), mesh)
+    mngr.close()
+
+
+def test_unfinished_step_is_never_latest(tmp_path):
+    mngr = checkpoint.manager(str(tmp_path))
+    mngr.save(1, args=ocp.args.Composite(meta=ocp.args.JsonSave({"a": 1})))
+    mngr.wait_until_finished()
+    (tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp-5").mkdir()
+    mngr.close()
+    assert checkpoint.manager(str(tmp_path)).latest_step() == 1
+
+
+def test_config_mismatch_lists_each_structural_field():
+    a = {"model": {"num_modules": 2, "d_model": 64}, "lora": {"rank": 8}, "seed": 0}
+    b = {"model": {"num_modules": 4, "d_model": 64}, "lora": {"rank": 4}, "seed": 0}
+    diffs = checkpoint.config_mismatch(a, b)
+    assert "model.num_modules: checkpoint has 2, config has 4" in diffs
+    assert "lora.rank: checkpoint has 8, config has 4" in diffs
+    assert not any(d.startswith("model.d_model") for d in diffs)

@@ -1,0 +1,227 @@
+"""Faults: kill -9 and resume bit-exactly, interrupted saves, SIGTERM, NaN, unwritable or full workdir,
+incompatible resume configs."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from iclm_jax.checkpoint import to_storable
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config.model.d_model=16", "--config.model.n_layers=1", "--config.model.n_heads=2",
+        "--config.model.n_kv_heads=1", "--config.model.head_dim=8", "--config.model.mlp_dim=32",
+        "--config.lora.rank=2", "--config.mi.critic_hidden=16", "--config.train.warmup_steps=2",
+        "--config.train.log_every=1", "--config.train.batch_size=4", "--config.eval.batch_size=8",
+        "--config.data.train_problems=24", "--config.data.eval_problems=4",
+        "--config.data.eval_splits=IID", "--config.mesh.data=1", "--quiet"]
+STEPS = 14
+
+
+def _cmd(workdir, *extra):
+    return [sys.executable, "-m", "iclm_jax.main", f"--workdir={workdir}", *TINY,
+            f"--config.train.steps={STEPS}", *extra]
+
+
+def _env():
+    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+
+
+def _run(workdir, *extra):
+    return subprocess.run(_cmd(workdir, *extra), cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=600)
+
+
+def _start(workdir, *extra):
+    return subprocess.Popen(_cmd(workdir, *extra), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _losses(workdir) -> dict[int, float]:
+    """Per-step training loss; a resumed run re-logs some steps, the last record wins."""
+    out = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if r["split"] == "train":
+                out[r["step"]] = r["loss"]
+    return out
+
+
+def _wait_for_steps(proc, workdir, n: int, timeout: float = 300) -> None:
+    t0 = time.time()
+    path = os.path.join(workdir, "metrics.jsonl")
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.stderr.read()[-2000:]}")
+        if os.path.exists(path) and len(_losses(workdir)) >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError("run made no progress")
+
+
+def _final_state(workdir) -> dict:
+    from iclm_jax.train import restore_run
+    run = restore_run.load(workdir)
+    return {"step": run.step, "state": to_storable(run.state)}
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    import jax
+    assert a["step"] == b["step"]
+    la = jax.tree_util.tree_leaves_with_path(a["state"])
+    lb = dict(jax.tree_util.tree_leaves_with_path(b["state"]))
+    assert len(la) == len(lb)
+    for path, x in la:
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(lb[path]), err_msg=str(path))
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """The uninterrupted run every fault is compared with."""
+    work = tmp_path_factory.mktemp("ref") / "run"
+    r = _run(work, "--config.checkpoint.every=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return work
+
+
+@pytest.mark.slow
+def test_kill9_then_resume_is_bit_identical(reference_run, tmp_path):
+    work = tmp_path / "run"
+    kill_after = int(np.random.default_rng(int(time.time())).integers(3, STEPS - 3))
+    proc = _start(work, "--config.checkpoint.every=1")
+    _wait_for_steps(proc, work, kill_after)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    r = _run(work, "--config.checkpoint.every=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _losses(work) == _losses(reference_run)
+    _assert_same_state(_final_state(work), _final_state(reference_run))
+
+
+@pytest.mark.slow
+def test_interrupted_save_leaves_previous_checkpoint_usable(reference_run, tmp_path):
+    """A save killed mid-write leaves orbax's temporary directory behind: it is never resumed from."""
+    import shutil
+    work = tmp_path / "run"
+    shutil.copytree(reference_run, work)
+    ckpts = work / "checkpoints"
+    steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    last = steps[-1]
+    # Fake a half-written newer step: orbax's tmp naming, truncated files, no finalisation.
+    tmp = ckpts / f"{last + 1}.orbax-checkpoint-tmp-1234567"
+    shutil.copytree(ckpts / str(last), tmp)
+    for root, _, files in os.walk(tmp):
+        for name in files:
+            with open(os.path.join(root, name), "r+b") as f:
+                f.truncate(max(os.path.getsize(os.path.join(root, name)) // 2, 0))
+    # ...and a finalized older state to resume from: drop the final step so there is work left.
+    shutil.rmtree(ckpts / str(last))
+    r = _run(work, "--config.checkpoint.every=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    from iclm_jax.train import restore_run
+    assert restore_run.load(work).step == STEPS
+    _assert_same_state(_final_state(work), _final_state(reference_run))
+
+
+@pytest.mark.slow
+def test_resume_message_names_the_finalized_step(reference_run, tmp_path):
+    import shutil
+    work = tmp_path / "run"
+    shutil.copytree(reference_run, work)
+    ckpts = work / "checkpoints"
+    shutil.rmtree(ckpts / str(STEPS))                      # keep=3: steps 12, 13, 14 exist
+    os.rename(ckpts / str(STEPS - 1), ckpts / f"{STEPS - 1}.orbax-checkpoint-tmp-99")
+    cmd = [c for c in _cmd(work, "--config.checkpoint.every=1") if c != "--quiet"]
+    r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resuming from step {STEPS - 2}: the latest finalized checkpoint" in r.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_saves_current_step_and_exits_with_documented_status(reference_run, tmp_path):
+    from iclm_jax.train.preemption import EXIT_PREEMPTED
+    work = tmp_path / "run"
+    proc = _start(work, "--config.checkpoint.every=1000")        # no periodic saves: SIGTERM's own
+    _wait_for_steps(proc, work, 4)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, proc.stderr.read()[-2000:]
+    saved = sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(saved) == 1 and saved[0] >= 4
+    assert max(_losses(work)) >= saved[0]
+    r = _run(work, "--config.checkpoint.every=1000")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _losses(work) == _losses(reference_run)
+    _assert_same_state(_final_state(work), _final_state(reference_run))
+
+
+@pytest.mark.slow
+def test_nonfinite_stops_naming_step_and_term_and_keeps_last_good_checkpoint(tmp_path):
+    work = tmp_path / "run"
+    r = _run(work, "--config.train.lr=1e6", "--config.train.grad_clip=0", "--config.checkpoint.every=1")
+    assert r.returncode == 3, r.stderr[-3000:]
+    line = [x for x in r.stderr.splitlines() if "NonFiniteError" in x][0]
+    step = int(line.split("step ")[1].split(":")[0])
+    assert "non-finite" in line and any(t in line for t in ("ce", "vq", "mi", "aux", "grad_norm"))
+    saved = sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and saved[-1] == step - 1
+    assert "Traceback" not in r.stderr
+
+    skip = tmp_path / "skip"
+    r = _run(skip, "--config.train.lr=1e6", "--config.train.grad_clip=0", "--config.train.nonfinite=skip")
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = [json.loads(x) for x in open(skip / "metrics.jsonl") if '"train"' in x][-1]
+    assert last["skipped_steps"] >= 1
+
+
+def test_unwritable_workdir_is_refused_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    r = _run(blocker / "run")
+    assert r.returncode == 2
+    assert "is not writable" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_full_disk_is_refused_before_training(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from iclm_jax.train import loop
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10, 10, 0))
+    with pytest.raises(OSError, match="MiB free, checkpoints need"):
+        loop._check_disk(str(tmp_path), 10 * 2**20, 3)
+
+
+@pytest.mark.slow
+def test_incompatible_resume_config_names_each_field(reference_run, tmp_path):
+    import shutil
+    work = tmp_path / "run"
+    shutil.copytree(reference_run, work)
+    r = _run(work, "--config.model.num_modules=3", "--config.lora.rank=4")
+    assert r.returncode == 2
+    assert "model.num_modules: checkpoint has 2, config has 3" in r.stderr
+    assert "lora.rank: checkpoint has 2, config has 4" in r.stderr
+
+
+@pytest.mark.slow
+def test_init_from_copies_parameters_and_best_checkpoint_is_kept(reference_run, tmp_path):
+    work = tmp_path / "run"
+    r = _run(work, f"--config.init_from={reference_run}", "--config.train.lr=1e-12",
+             "--config.eval.every=5", "--config.checkpoint.best_metric=IID/all")
+    assert r.returncode == 0, r.stderr[-3000:]
+    import jax
+    a = _final_state(reference_run)["state"]["model"]
+    b = _final_state(work)["state"]["model"]
+    for (path, x), (_, y) in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)):
+        if "rng" in str(path).lower() or "router" in str(path) or np.asarray(x).dtype.kind not in "f":
+            continue      # RNG streams and the router's EMA statistics move whatever the lr
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-6, err_msg=str(path))
+    best = [p.name for p in (work / "best").iterdir() if p.name.isdigit()]
+    assert len(best) == 1
