@@ -11,6 +11,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from iclm_jax import distributed
+
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DEFAULT_CONFIG = os.path.join(_REPO, "experiments", "configs", "acre.py")
 
@@ -26,6 +28,11 @@ def main(argv) -> None:
     from iclm_jax.train.loop import NonFiniteError, train
 
     logging.set_verbosity(logging.WARNING)   # orbax and jax log every step at INFO
+    try:
+        distributed.initialize_from_flags()
+    except (RuntimeError, ValueError) as e:
+        print(f"iclm-train: {e}", file=sys.stderr)
+        sys.exit(2)
     if not flags.FLAGS.workdir:
         raise app.UsageError("--workdir is required")
     try:

@@ -56,3 +56,20 @@ def test_cli_refuses_bad_config_before_building(tmp_path):
     r = _run(["-m", "iclm_jax.main", f"--workdir={tmp_path / 'x'}", "--config.model.num_modules=0"])
     assert r.returncode == 2
     assert "model.num_modules=0" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_cli_reports_bad_data_files_in_one_line(tmp_path):
+    bad = tmp_path / "train.json"
+    bad.write_text('[[{"light_state": "on", "objects": [1]}]]')          # 1 panel instead of 10
+    r = _run(["-m", "iclm_jax.main", f"--workdir={tmp_path / 'x'}", f"--config.data.train_file={bad}"])
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    line = [x for x in r.stderr.splitlines() if x.startswith("iclm-train:")][0]
+    assert str(bad) in line and "problem 0" in line
+
+    bad_jsonl = tmp_path / "train.jsonl"
+    bad_jsonl.write_text('{"input": [{"role": "user", "content": "hi"}], "ideal": "x"}\n{"input": 3}\n')
+    r = _run(["-m", "iclm_jax.main", f"--workdir={tmp_path / 'y'}", f"--config.data.train_file={bad_jsonl}"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"{bad_jsonl}:2" in r.stderr

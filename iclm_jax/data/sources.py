@@ -13,7 +13,7 @@ from iclm_jax.data import acre, jsonl, pipeline, render, tokenizer as tok_lib
 NUM_SLOTS_PACKED = 4
 
 
-def _csv(s) -> list[str]:
+def csv(s) -> list[str]:
     return [x.strip() for x in str(s).split(",") if x.strip()]
 
 
@@ -42,7 +42,7 @@ def load_tokenizer(spec: str) -> tok_lib.Tokenizer:
     return tok_lib.load_tokenizer(spec)
 
 
-def _file_examples(path: str, styles, packed: bool):
+def file_examples(path: str, styles, packed: bool):
     if path.endswith(".jsonl"):
         return jsonl.load_jsonl(path), None
     problems = acre.load_problems(path)
@@ -60,20 +60,20 @@ def row_length(ex, tok: tok_lib.Tokenizer) -> int:
 
 def build(data_cfg, seed: int) -> RunData:
     d = data_cfg
-    styles = tuple(_csv(d.styles))
+    styles = tuple(csv(d.styles))
     packed = bool(d.packed)
     tok = load_tokenizer(d.tokenizer)
     if d.train_file:
-        train_examples, train_problems = _file_examples(d.train_file, styles, packed)
+        train_examples, train_problems = file_examples(d.train_file, styles, packed)
     else:
         train_problems = acre.generate_problems(d.train_split, "train", d.train_problems, seed)
         train_examples = pipeline.acre_examples(train_problems, styles=styles, packed=packed)
     evals = []
-    for i, split in enumerate(_csv(d.eval_splits)):
+    for i, split in enumerate(csv(d.eval_splits)):
         problems = acre.generate_problems(split, "test", d.eval_problems, seed + 1000 + i)
         evals.append(EvalSet(split, pipeline.acre_examples(problems, styles=styles, packed=packed), problems))
-    for path in _csv(d.eval_files):
-        ex, problems = _file_examples(path, styles, packed)
+    for path in csv(d.eval_files):
+        ex, problems = file_examples(path, styles, packed)
         evals.append(EvalSet(os.path.basename(path), ex, problems))
     any_packed = any(isinstance(e, render.PackedExample) for e in train_examples[:1])
     num_slots = NUM_SLOTS_PACKED if any_packed else 1

@@ -99,7 +99,6 @@ class ICLM(nnx.Module):
 
     def route(self, batch, x_inv: jax.Array | None, *, train: bool) -> RouteOut:
         b = batch["inputs"].shape[0]
-        k = self.cfg.num_modules
         if self.router is None:
             zero = jnp.zeros((), jnp.float32)
             return RouteOut(jnp.zeros((b,), jnp.int32), jnp.ones((b, 1), jnp.float32), zero,
@@ -113,7 +112,6 @@ class ICLM(nnx.Module):
         else:
             e = self.pooled(self.hidden(batch, jnp.full((b,), self.cfg.router_slot, jnp.int32),
                                         train=train), batch)
-        del k
         valid = jnp.any(batch["segments"] > 0, axis=1)      # all-padding rows are not data
         return self.router(e, domain=batch.get("domain"), train=train, valid=valid)
 

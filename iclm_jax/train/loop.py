@@ -42,17 +42,23 @@ class Run:
     def __init__(self, config, workdir: str, data: sources.RunData):
         self.config, self.workdir, self.data = config, workdir, data
         self.mesh = sharding.make_mesh(dict(config.mesh))
-        ts = build.train_state(config, data.tokenizer.vocab_size)
+        vocab = data.tokenizer.vocab_size
+
+        def init():
+            return nnx.state(build.train_state(config, vocab))
+
+        # Built abstractly, then created directly in its shardings by a jitted init: no full copy on
+        # one device, and it works when the mesh spans several processes.
+        ts = nnx.eval_shape(lambda: build.train_state(config, vocab))
         self.num_modules = ts.model.cfg.num_modules
         self.loss_cfg = build.loss_config(config)
-        state = nnx.state(ts)
-        self.state_sharding = sharding.state_shardings(state, self.mesh)
+        self.state_sharding = sharding.state_shardings(nnx.state(ts), self.mesh)
         self.graphdef, _, self.train_step, self.eval_step = make_steps(
             ts, self.loss_cfg, num_domains=config.data.num_domains, num_slots=data.num_slots,
             mine_decay=config.mi.ema_decay, mine_clip=config.mi.clip,
             skip_nonfinite=config.train.nonfinite == "skip",
             state_sharding=self.state_sharding, batch_sharding=sharding.batch_sharding(self.mesh))
-        self.state = jax.device_put(state, self.state_sharding)
+        self.state = jax.jit(init, out_shardings=self.state_sharding)()
 
     def evaluate(self, examples) -> dict:
         res = evaluate.run_eval_set(self.eval_step, self.state, examples, tok=self.data.tokenizer,
@@ -69,7 +75,8 @@ def train(config, workdir: str, *, quiet: bool = False) -> dict:
     config_check.validate(config)
     is_main = jax.process_index() == 0
     stored_config = _prepare_workdir(config, workdir)
-    say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if is_main and not quiet else (lambda *a: None)
+    # Resume and preemption notices go to stderr even with quiet (which hides the bar and tables).
+    say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if is_main else (lambda *a: None)
 
     t0 = time.time()
     data = sources.build(config.data, config.seed)
@@ -210,7 +217,7 @@ def _init_from(run: Run, other: str):
     """Parameters (model only) of another run's latest checkpoint; optimiser etc. start fresh."""
     mngr = checkpoint.manager(other)
     try:
-        restored, _, step, _ = checkpoint.restore(mngr, checkpoint.abstract_of(run.state))
+        restored, _, _, _ = checkpoint.restore(mngr, checkpoint.abstract_of(run.state))
     except ValueError as e:
         raise config_check.ConfigError(f"init_from={other!r}: its state does not fit this config ({e})")
     finally:
@@ -219,7 +226,6 @@ def _init_from(run: Run, other: str):
     cur["model"] = nnx.to_pure_dict(restored)["model"]
     state = run.state
     nnx.replace_by_pure_dict(state, cur)
-    del step
     return state
 
 
@@ -227,7 +233,7 @@ def _prepare_workdir(config, workdir: str) -> dict | None:
     """Create/validate the workdir before anything expensive; return a stored config, if any."""
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_probe")
+        probe = os.path.join(workdir, f".write_probe.{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)

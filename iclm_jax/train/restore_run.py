@@ -18,7 +18,7 @@ class LoadedRun(Run):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--data {path}: no such file")
         d = self.config.data
-        examples, problems = sources._file_examples(path, tuple(sources._csv(d.styles)), bool(d.packed))
+        examples, problems = sources.file_examples(path, tuple(sources.csv(d.styles)), bool(d.packed))
         need = max(sources.row_length(e, self.data.tokenizer) for e in examples) + 1
         if need > self.data.max_len:
             self.data.max_len = -(-need // 32) * 32
@@ -48,8 +48,7 @@ def load(workdir: str, mesh: dict | None = None) -> LoadedRun:
     config.eval.batch_size = -(-config.eval.batch_size // ways) * ways
     tok = load_tokenizer(os.path.join(workdir, "tokenizer"))
     data = sources.RunData(tok, [], None, [], meta["max_len"], meta["num_slots"])
-    run = LoadedRun.__new__(LoadedRun)
-    Run.__init__(run, config, workdir, data)
+    run = LoadedRun(config, workdir, data)
     mngr = checkpoint.manager(workdir)
     state, _, step, _ = checkpoint.restore(mngr, checkpoint.abstract_of(run.state))
     mngr.close()
