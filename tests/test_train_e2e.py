@@ -73,3 +73,18 @@ def test_cli_reports_bad_data_files_in_one_line(tmp_path):
     r = _run(["-m", "iclm_jax.main", f"--workdir={tmp_path / 'y'}", f"--config.data.train_file={bad_jsonl}"])
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"{bad_jsonl}:2" in r.stderr
+
+
+@pytest.mark.slow
+def test_cli_refuses_oracle_routing_without_domains_and_short_max_len(tmp_path):
+    plain = tmp_path / "train.jsonl"
+    plain.write_text('{"input": [{"role": "user", "content": "1 + 1 ="}], "ideal": "2"}\n')
+    r = _run(["-m", "iclm_jax.main", f"--workdir={tmp_path / 'x'}", f"--config.data.train_file={plain}",
+              "--config.router.mode=oracle", "--config.data.eval_splits="])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "router.mode='oracle' needs a domain label" in r.stderr
+
+    r = _run(["-m", "iclm_jax.main", f"--workdir={tmp_path / 'y'}", "--config.data.max_len=16",
+              "--config.data.train_problems=4", "--config.data.eval_problems=2", "--config.data.workers=2"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "data.max_len=16: the longest example needs" in r.stderr

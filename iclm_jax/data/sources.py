@@ -14,6 +14,7 @@ NUM_SLOTS_PACKED = 4
 
 
 def csv(s) -> list[str]:
+    """'a, b,,c' -> ['a', 'b', 'c']: list-valued config fields are comma strings (easy to override)."""
     return [x.strip() for x in str(s).split(",") if x.strip()]
 
 
@@ -77,8 +78,8 @@ def build(data_cfg, seed: int) -> RunData:
         evals.append(EvalSet(os.path.basename(path), ex, problems))
     any_packed = any(isinstance(e, render.PackedExample) for e in train_examples[:1])
     num_slots = NUM_SLOTS_PACKED if any_packed else 1
-    max_len = d.max_len
-    if not max_len:
-        longest = max(row_length(e, tok) for s in [train_examples] + [e.examples for e in evals] for e in s)
-        max_len = -(-(longest + 1) // 32) * 32
+    longest = max(row_length(e, tok) for s in [train_examples] + [e.examples for e in evals] for e in s)
+    max_len = d.max_len or -(-(longest + 1) // 32) * 32
+    if max_len < longest:   # refuse here, not later inside a grain worker process
+        raise ValueError(f"data.max_len={max_len}: the longest example needs {longest} tokens")
     return RunData(tok, train_examples, train_problems, evals, max_len, num_slots)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+from iclm_jax.data.sources import csv
 from iclm_jax.losses import LossConfig
 from iclm_jax.model.iclm import ICLM, ICLMConfig
 from iclm_jax.model.mi import MineCritic
@@ -12,10 +13,6 @@ from iclm_jax.train.optim import make_optimizer
 from iclm_jax.train.state import TrainState
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def _csv(s) -> tuple[str, ...]:
-    return tuple(x.strip() for x in str(s).split(",") if x.strip())
 
 
 def model_config(config, vocab_size: int) -> ICLMConfig:
@@ -30,7 +27,7 @@ def model_config(config, vocab_size: int) -> ICLMConfig:
     return ICLMConfig(
         base=base, num_modules=m.num_modules, invariant=m.invariant, lora_rank=config.lora.rank,
         lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-        lora_targets=_csv(config.lora.targets), router_source=r.source, router=router,
+        lora_targets=tuple(csv(config.lora.targets)), router_source=r.source, router=router,
         aggregator=m.aggregator, invariant_weight=m.invariant_weight, mi_apply_to=config.mi.apply_to,
         aux_heads=config.loss.aux_weight > 0)
 

@@ -80,6 +80,12 @@ def train(config, workdir: str, *, quiet: bool = False) -> dict:
 
     t0 = time.time()
     data = sources.build(config.data, config.seed)
+    if config.router.mode == "oracle":
+        unlabeled = sum(1 for e in data.train_examples if e.domain < 0)
+        if unlabeled:
+            raise config_check.ConfigError(
+                f"router.mode='oracle' needs a domain label on every example; {unlabeled} training "
+                "examples have none (JSONL records need a 'domain' field)")
     if is_main:
         data.tokenizer.save(os.path.join(workdir, "tokenizer"))
         with open(os.path.join(workdir, "data.json"), "w") as f:
