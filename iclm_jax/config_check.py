@@ -109,6 +109,10 @@ def validate(c, *, num_devices: int | None = None) -> None:
         need(bool(key) and split in _split(d.eval_splits) + [os.path.basename(f) for f in _split(d.eval_files)],
              "checkpoint.best_metric", bm, "'<eval set>/<metric>' with an eval set of data.eval_splits "
              "or data.eval_files, e.g. 'IID/all'")
+    if m.get("init"):
+        ok = m.init == "smollm2" or m.init.endswith(".gguf") and os.path.isfile(m.init) or \
+            os.path.isfile(os.path.join(m.init, "config.json"))
+        need(ok, "model.init", m.init, "'smollm2', a .gguf file or a Hugging Face dir with config.json")
     if c.init_from:
         need(os.path.isdir(os.path.join(c.init_from, "checkpoints")), "init_from", c.init_from,
              "a run directory holding checkpoints/")

@@ -124,3 +124,16 @@ def test_eval_step_reports_exact_match_per_slot():
     hit = logits.argmax(-1) == batch["targets"]
     want = [hit[i][batch["loss_mask"][i] > 0].all() for i in range(16)]
     np.testing.assert_array_equal(np.asarray(out["correct"])[:, 0], want)
+
+
+def test_weight_decay_spares_norms_and_the_gradient_codebook():
+    from iclm_jax.train.optim import _decay_mask
+    config = tiny_config()
+    config.router["update"] = "gradient"
+    ts = build.train_state(config, VOCAB)
+    mask = _decay_mask(nnx.state(ts.model, nnx.Param))
+    flat = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_leaves_with_path(mask)}
+    assert any("codebook" in k for k in flat)             # the gradient codebook is a Param here...
+    assert not any(m for k, m in flat.items() if "codebook" in k)    # ...but is not decayed
+    assert not any(m for k, m in flat.items() if "norm" in k)
+    assert any(m for k, m in flat.items() if "kernel" in k)

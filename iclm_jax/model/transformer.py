@@ -8,11 +8,14 @@ Layout choices: q/k/v/o kernels are 2-D on a flattened heads*head_dim axis, name
 shards whole heads. Query head h uses kv head h // (n_heads / n_kv_heads), as transformers'
 ``repeat_kv``. The residual stream stays float32; matmuls run in ``cfg.dtype``; norms, RoPE
 tables and softmax are float32.
+
+Incremental decoding: ``init_cache`` + ``extend`` run new tokens against a ``KVCache`` of the
+earlier ones (same layers and weights as ``__call__``, which is unchanged); see ``generate.py``.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -107,6 +110,32 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
     return out.reshape(b, lq, h, d)
 
 
+class KVCache(NamedTuple):
+    """Keys/values of the tokens a decoder has seen, for incremental decoding.
+
+    Row b's tokens fill slots ``[0, lengths[b])`` in order and a token's RoPE position is its slot
+    (unpacked rows, right padding): rows of different lengths need no position offsets, each just
+    writes at its own ``lengths[b]``. Slots at or past ``lengths[b]`` hold stale values that the
+    mask hides and later writes overwrite. Keys are stored after RoPE.
+    """
+
+    k: tuple[jax.Array, ...]   # per layer [B, Lmax, Hkv, D] in cfg.dtype
+    v: tuple[jax.Array, ...]   # per layer [B, Lmax, Hkv, D] in cfg.dtype
+    lengths: jax.Array         # int32 [B] filled slots per row
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[1]
+
+    @staticmethod
+    def concat(caches: "list[KVCache]") -> "KVCache":
+        """Stack caches along the batch axis (rows of several adapters decoded in one pass)."""
+        cat = lambda xs: jnp.concatenate(xs, axis=0)  # noqa: E731
+        return KVCache(tuple(map(lambda *a: cat(a), *[c.k for c in caches])),
+                       tuple(map(lambda *a: cat(a), *[c.v for c in caches])),
+                       cat([c.lengths for c in caches]))
+
+
 class Block(nnx.Module):
     """Pre-norm decoder layer: x + attn(norm(x)); x + mlp(norm(x))."""
 
@@ -131,6 +160,23 @@ class Block(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
                  adapter: jax.Array | None, deterministic: bool) -> jax.Array:
+        q, k, v = self._qkv(x, positions, adapter, deterministic)
+        return self._finish(x, attend(q, k, v, mask), adapter, deterministic)
+
+    def extend(self, x: jax.Array, positions: jax.Array, mask: jax.Array, adapter: jax.Array | None,
+               k_cache: jax.Array, v_cache: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``__call__`` for new tokens at slots ``positions`` of a KV cache (see ``Transformer.extend``).
+
+        Their keys/values are written into the caches [B, Lmax, Hkv, D] first, so the new tokens
+        attend to the cached ones and to each other through ``mask`` [B, T, Lmax].
+        """
+        q, k, v = self._qkv(x, positions, adapter, True)
+        rows = jnp.arange(x.shape[0])[:, None]
+        k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
+        return self._finish(x, attend(q, k_cache, v_cache, mask), adapter, True), k_cache, v_cache
+
+    def _qkv(self, x, positions, adapter, deterministic):
         cfg = self.cfg
         b, n, _ = x.shape
         kw = dict(deterministic=deterministic)
@@ -138,8 +184,14 @@ class Block(nnx.Module):
         q = self.q(h, adapter, **kw).reshape(b, n, cfg.n_heads, cfg.head_dim)
         k = self.k(h, adapter, **kw).reshape(b, n, cfg.n_kv_heads, cfg.head_dim)
         v = self.v(h, adapter, **kw).reshape(b, n, cfg.n_kv_heads, cfg.head_dim)
-        q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
-        a = attend(q, k, v, mask).reshape(b, n, cfg.n_heads * cfg.head_dim)
+        return rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta), v
+
+    def _finish(self, x, a, adapter, deterministic):
+        """Output projection and MLP, both residual, on attention output a [B, L, H, D]."""
+        cfg = self.cfg
+        b, n = x.shape[:2]
+        kw = dict(deterministic=deterministic)
+        a = a.reshape(b, n, cfg.n_heads * cfg.head_dim)
         x = x + self.o(a, adapter, **kw).astype(jnp.float32)
         h = self.mlp_norm(x)
         g = jax.nn.silu(self.gate(h, adapter, **kw)) * self.up(h, adapter, **kw)
@@ -179,6 +231,42 @@ class Transformer(nnx.Module):
         for layer in self.layers:
             x = layer(x, positions, mask, adapter, deterministic)
         return x
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty cache of ``max_len`` slots per row."""
+        cfg = self.cfg
+        shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        zeros = tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.n_layers))
+        return KVCache(zeros, zeros, jnp.zeros((batch,), jnp.int32))
+
+    def extend(self, inputs: jax.Array, cache: KVCache, adapter: jax.Array | None = None,
+               num_new: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+        """Run ``inputs`` int [B, T] as the next tokens of each row -> (float32 [B, T, d], cache).
+
+        Token t of row b goes to slot (and position) ``cache.lengths[b] + t`` and attends to every
+        slot up to its own. ``num_new`` int [B] (default T) is how many of the T tokens are real:
+        a right-padded prefill passes the prompt lengths, so pad tokens are written but not counted
+        and the next token overwrites them. Equals ``__call__`` on the whole sequence with
+        ``segments`` 1 on real tokens, as long as ``lengths + T <= max_len`` (writes past the
+        end are dropped, so the caller must size the cache).
+        """
+        b, t = inputs.shape
+        if cache.lengths.shape != (b,):
+            raise ValueError(f"Transformer.extend: inputs {inputs.shape} vs cache.lengths "
+                             f"{cache.lengths.shape}: batch sizes differ")
+        if len(cache.k) != self.cfg.n_layers:
+            raise ValueError(f"Transformer.extend: cache has {len(cache.k)} layers, model "
+                             f"{self.cfg.n_layers}")
+        positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        mask = jnp.arange(cache.max_len)[None, None, :] <= positions[:, :, None]
+        x = jnp.take(self.embedding[...], inputs, axis=0)
+        ks, vs = [], []
+        for layer, k, v in zip(self.layers, cache.k, cache.v):
+            x, k, v = layer.extend(x, positions, mask, adapter, k, v)
+            ks.append(k)
+            vs.append(v)
+        added = jnp.full((b,), t, jnp.int32) if num_new is None else num_new.astype(jnp.int32)
+        return x, KVCache(tuple(ks), tuple(vs), cache.lengths + added)
 
     def final_norm(self, x: jax.Array) -> jax.Array:
         return self.norm(x)

@@ -121,6 +121,9 @@ def train(config, workdir: str, *, quiet: bool = False) -> dict:
     elif config.init_from:
         run.state = _init_from(run, config.init_from)
         say(f"initialised parameters from {config.init_from}")
+    elif config.model.get("init"):
+        _load_pretrained_base(run, config)
+        say(f"loaded the pretrained base {config.model.init}")
 
     if is_main and latest is None:      # a fresh run (re)writes its config; a resumed one keeps it
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -233,6 +236,24 @@ def _init_from(run: Run, other: str):
     state = run.state
     nnx.replace_by_pure_dict(state, cur)
     return state
+
+
+def _load_pretrained_base(run: Run, config) -> None:
+    """Pretrained weights (``model.init``: smollm2 | HF dir | .gguf) into the sharded base, in place."""
+    from iclm_jax import hf
+    pcfg, weights = hf.load_pretrained(config.model.init, lazy=True)
+    m = config.model
+    ours = build.model_config(config, run.data.tokenizer.vocab_size).base
+    diffs = [f"model.{f}: {config.model.init} has {getattr(pcfg, f)!r}, config has {getattr(ours, f)!r}"
+             for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim",
+                       "tie_embeddings", "rope_theta")
+             if getattr(pcfg, f) != getattr(ours, f)]
+    if diffs:
+        raise config_check.ConfigError(f"model.init={m.init!r} does not fit the config:\n  "
+                                       + "\n  ".join(diffs))
+    base = run.state["model"]["base"]
+    hf.load_into(base, weights)
+    run.state["model"]["base"] = base
 
 
 def _prepare_workdir(config, workdir: str) -> dict | None:

@@ -13,8 +13,11 @@ def make_schedule(lr: float, steps: int, warmup_steps: int, final_lr_fraction: f
 
 
 def _decay_mask(params):
-    """Weight decay on matrices only: decaying norm scales or biases towards zero only hurts."""
-    return jax.tree.map(lambda p: getattr(p, "ndim", 0) >= 2, params)
+    """Weight decay on matrices only (decaying norm scales or biases towards zero only hurts), and
+    never on a VQ codebook (``router.update=gradient``): its codes must sit on the data, not shrink."""
+    def decay(path, p):
+        return getattr(p, "ndim", 0) >= 2 and "codebook" not in jax.tree_util.keystr(path)
+    return jax.tree_util.tree_map_with_path(decay, params)
 
 
 def make_optimizer(*, lr: float, steps: int, warmup_steps: int, weight_decay: float = 0.0,
