@@ -1,0 +1,295 @@
+"""Transformers custom model of a whole ICLM (router, stacked LoRA modules, aggregator) in PyTorch.
+
+This file is copied verbatim into an exported directory as ``modeling_iclm.py`` and loaded with
+``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)``, so it imports only torch and
+transformers. It mirrors ``iclm_jax.model`` at inference: one Llama base with per-row LoRA (each row
+picks its adapter slot: ``0..K-1`` specific, ``K`` invariant, then the router's own), an invariant
+pass, a nearest-code router over the prompt-pooled, final-normed hidden state, the routed specific
+pass, and the aggregator. Routing is nearest code (hard); the JAX model's oracle mode needs gold
+domains, which a downstream user does not have.
+
+Generation: ``generate()`` routes ONCE, on the prompt (the first forward of the call), and keeps that
+module for the continuation, as ``iclm_jax.generate`` does. There is no KV cache: each step re-runs
+the whole sequence (``use_cache=False`` is forced), which is simple and exact, not fast.
+Batched prompts of different lengths must be LEFT-padded with an ``attention_mask`` (the transformers
+convention); RoPE positions come from the mask so each row matches its unpadded run.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+
+class ICLMConfig(PretrainedConfig):
+    model_type = "iclm"
+
+    def __init__(self, vocab_size: int = 32, hidden_size: int = 16, num_hidden_layers: int = 1,
+                 num_attention_heads: int = 1, num_key_value_heads: int = 1, head_dim: int = 16,
+                 intermediate_size: int = 32, rope_theta: float = 10000.0, rms_norm_eps: float = 1e-5,
+                 tie_embeddings: bool = False, num_modules: int = 1, invariant: bool = False,
+                 num_adapters: int = 1, lora_rank: int = 8, lora_alpha: float = 16.0,
+                 lora_targets=("q", "k", "v", "o", "gate", "up", "down"),
+                 router_source: str = "invariant", use_router: bool = False, router_mode: str = "hard",
+                 router_center: bool = False, router_normalize: bool = False, router_proj_dim: int = 0,
+                 aggregator: str = "concat", invariant_weight: float = 0.5, **kwargs):
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
+        self.num_hidden_layers, self.num_attention_heads = num_hidden_layers, num_attention_heads
+        self.num_key_value_heads, self.head_dim = num_key_value_heads, head_dim
+        self.intermediate_size, self.rope_theta, self.rms_norm_eps = intermediate_size, rope_theta, rms_norm_eps
+        # Our own name: transformers' `tie_word_embeddings` would make it tie/untie weights itself.
+        self.tie_embeddings = bool(tie_embeddings)
+        self.num_modules, self.invariant, self.num_adapters = num_modules, bool(invariant), num_adapters
+        self.lora_rank, self.lora_alpha, self.lora_targets = lora_rank, lora_alpha, list(lora_targets)
+        self.router_source, self.use_router, self.router_mode = router_source, bool(use_router), router_mode
+        self.router_center, self.router_normalize = bool(router_center), bool(router_normalize)
+        self.router_proj_dim = router_proj_dim
+        self.aggregator, self.invariant_weight = aggregator, float(invariant_weight)
+        kwargs["tie_word_embeddings"] = False
+        super().__init__(**kwargs)
+
+    @property
+    def invariant_slot(self) -> int:
+        return self.num_modules
+
+    @property
+    def router_slot(self) -> int:
+        return self.num_modules + int(self.invariant)
+
+
+def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * _rms(x, self.eps)
+
+
+class LoRALinear(nn.Module):
+    """``x @ W.T`` plus ``scale * x @ A[m_b] @ B[m_b]`` for rows whose adapter m_b >= 0.
+
+    ``weight`` [out, in] (torch layout); ``lora_A`` [M, in, r], ``lora_B`` [M, r, out] (the JAX layout).
+    """
+
+    def __init__(self, n_in: int, n_out: int, lora: Optional[tuple[int, int, float]]):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(n_out, n_in))
+        self.scale = None
+        if lora is not None:
+            m, r, self.scale = lora
+            self.lora_A = nn.Parameter(torch.zeros(m, n_in, r))
+            self.lora_B = nn.Parameter(torch.zeros(m, r, n_out))
+
+    def forward(self, x: torch.Tensor, adapter: torch.Tensor) -> torch.Tensor:
+        y = x @ self.weight.T
+        if self.scale is None:
+            return y
+        idx = adapter.clamp(0, self.lora_A.shape[0] - 1)
+        delta = torch.einsum("blr,bro->blo", torch.einsum("bli,bir->blr", x, self.lora_A[idx]),
+                             self.lora_B[idx]) * self.scale
+        return torch.where((adapter >= 0)[:, None, None], y + delta, y)
+
+
+def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate-half RoPE; x [B, L, H, D], positions [B, L]."""
+    d = x.shape[-1]
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d))
+    freqs = positions.float()[..., None] * inv
+    emb = torch.cat([freqs, freqs], -1)[:, :, None, :]
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return x * emb.cos() + torch.cat([-x2, x1], -1) * emb.sin()
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ICLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, hd = cfg.hidden_size, cfg.head_dim
+        lora = (cfg.num_adapters, cfg.lora_rank, cfg.lora_alpha / cfg.lora_rank)
+        dense = lambda name, i, o: LoRALinear(i, o, lora if name in cfg.lora_targets else None)  # noqa: E731
+        self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.q_proj = dense("q", d, cfg.num_attention_heads * hd)
+        self.k_proj = dense("k", d, cfg.num_key_value_heads * hd)
+        self.v_proj = dense("v", d, cfg.num_key_value_heads * hd)
+        self.o_proj = dense("o", cfg.num_attention_heads * hd, d)
+        self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.gate_proj = dense("gate", d, cfg.intermediate_size)
+        self.up_proj = dense("up", d, cfg.intermediate_size)
+        self.down_proj = dense("down", cfg.intermediate_size, d)
+
+    def forward(self, x, positions, mask, adapter):
+        cfg = self.cfg
+        b, n, _ = x.shape
+        h, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        a = self.input_layernorm(x)
+        q = _rope(self.q_proj(a, adapter).view(b, n, h, hd), positions, cfg.rope_theta)
+        k = _rope(self.k_proj(a, adapter).view(b, n, hkv, hd), positions, cfg.rope_theta)
+        v = self.v_proj(a, adapter).view(b, n, hkv, hd)
+        qg = q.view(b, n, hkv, h // hkv, hd)
+        scores = torch.einsum("bqhgd,bkhd->bhgqk", qg, k) * hd ** -0.5
+        scores = scores.masked_fill(~mask[:, None, None], torch.finfo(torch.float32).min)
+        out = torch.einsum("bhgqk,bkhd->bqhgd", scores.softmax(-1), v).reshape(b, n, h * hd)
+        x = x + self.o_proj(out, adapter)
+        a = self.post_attention_layernorm(x)
+        g = F.silu(self.gate_proj(a, adapter)) * self.up_proj(a, adapter)
+        return x + self.down_proj(g, adapter)
+
+
+@dataclass
+class ICLMCausalLMOutput(CausalLMOutputWithPast):
+    route: Optional[torch.LongTensor] = None   # [B] specific module each row was routed to
+
+
+class ICLMForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = ICLMConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["Block"]
+    _supports_cache_class = False
+
+    def __init__(self, config: ICLMConfig):
+        super().__init__(config)
+        cfg = config
+        d, v = cfg.hidden_size, cfg.vocab_size
+        self.embed_tokens = nn.Parameter(torch.zeros(v, d))
+        self.layers = nn.ModuleList([Block(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(d, cfg.rms_norm_eps)
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Parameter(torch.zeros(v, d))
+        if cfg.use_router:
+            c = cfg.router_proj_dim or d
+            self.router_codebook = nn.Parameter(torch.zeros(cfg.num_modules, c))
+            if cfg.router_center:
+                self.router_mean = nn.Parameter(torch.zeros(d))
+            if cfg.router_proj_dim:
+                self.router_proj = nn.Parameter(torch.zeros(d, c))
+        if cfg.invariant and cfg.aggregator == "concat":
+            self.aggregator_scale = nn.Parameter(torch.ones(2 * d))
+            self.aggregator_kernel = nn.Parameter(torch.zeros(2 * d, v))
+        self._gen: Optional[dict] = None   # set by generate(): prompt length and its routing
+        self.post_init()
+
+    def _init_weights(self, module):   # every tensor comes from the checkpoint
+        pass
+
+    def get_input_embeddings(self):
+        return None
+
+    def get_output_embeddings(self):
+        return None
+
+    # ------------------------------------------------------------------ passes
+    def hidden(self, ids, positions, mask, adapter) -> torch.Tensor:
+        """Pre-final-norm hidden state [B, L, d] with adapter slot ``adapter`` [B] (-1: base only)."""
+        x = self.embed_tokens[ids]
+        for layer in self.layers:
+            x = layer(x, positions, mask, adapter)
+        return x
+
+    def base_logits(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.embed_tokens if self.config.tie_embeddings else self.lm_head
+        return self.norm(x) @ w.T
+
+    def route(self, x_inv, pool_mask, ids, positions, mask) -> torch.Tensor:
+        """Nearest code of the prompt-pooled, final-normed router hidden state -> int64 [B]."""
+        cfg, b = self.config, ids.shape[0]
+        if not cfg.use_router:
+            return torch.zeros(b, dtype=torch.long, device=ids.device)
+        if cfg.router_source == "invariant":
+            x = x_inv
+        else:
+            slot = -1 if cfg.router_source == "base" else cfg.router_slot
+            x = self.hidden(ids, positions, mask, torch.full((b,), slot, device=ids.device))
+        m = pool_mask.float()
+        s = torch.einsum("bld,bl->bd", self.norm(x), m)
+        n = m.sum(1, keepdim=True)
+        e = torch.where(n > 0, s / n.clamp(min=1.0), torch.zeros_like(s))
+        if cfg.router_center:
+            e = e - self.router_mean
+        if cfg.router_normalize:
+            e = e * torch.rsqrt((e * e).sum(-1, keepdim=True) + 1e-12)
+        if cfg.router_proj_dim:
+            e = e @ self.router_proj
+        dist = (e[:, None, :] - self.router_codebook[None]).pow(2).sum(-1)
+        return dist.argmin(1)
+
+    def aggregate(self, x_inv, x_spec) -> torch.Tensor:
+        cfg = self.config
+        if not cfg.invariant:
+            return self.base_logits(x_spec)
+        if cfg.aggregator == "concat":
+            eps = cfg.rms_norm_eps
+            h = torch.cat([_rms(x_inv, eps), _rms(x_spec, eps)], -1) * self.aggregator_scale
+            return h @ self.aggregator_kernel
+        w = cfg.invariant_weight
+        l_inv, l_spec = self.base_logits(x_inv), self.base_logits(x_spec)
+        if cfg.aggregator == "logits":
+            return w * l_inv + (1.0 - w) * l_spec
+        lp_inv, lp_spec = l_inv.log_softmax(-1), l_spec.log_softmax(-1)
+        if w == 0.0:
+            return lp_spec
+        if w == 1.0:
+            return lp_inv
+        return torch.logaddexp(math.log(w) + lp_inv, math.log1p(-w) + lp_spec)
+
+    # ------------------------------------------------------------------ forward / generate
+    def forward(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None,
+                prompt_mask: Optional[torch.Tensor] = None, labels: Optional[torch.LongTensor] = None,
+                **kwargs) -> ICLMCausalLMOutput:
+        """Logits [B, L, V] of the whole ICLM.
+
+        ``attention_mask`` [B, L] (1 = real token; left or right padding); ``prompt_mask`` [B, L] the
+        tokens the router pools (default: the real tokens, i.e. the whole input is the prompt).
+        Inside ``generate()`` the routing of the prompt is kept for every later step.
+        """
+        b, n = input_ids.shape
+        dev = input_ids.device
+        real = (torch.ones(b, n, dtype=torch.bool, device=dev) if attention_mask is None
+                else attention_mask.bool())
+        positions = (real.long().cumsum(1) - 1).clamp(min=0)
+        causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
+        mask = causal[None] & real[:, :, None] & real[:, None, :]
+        x_inv = None
+        if self.config.invariant:
+            x_inv = self.hidden(input_ids, positions, mask,
+                                torch.full((b,), self.config.invariant_slot, device=dev))
+        gen = self._gen
+        if gen is not None and gen.get("route") is not None:
+            route = gen["route"]
+        else:
+            pool = real if prompt_mask is None else prompt_mask.bool() & real
+            route = self.route(x_inv, pool, input_ids, positions, mask)
+            if gen is not None:
+                gen["route"] = route
+        x_spec = self.hidden(input_ids, positions, mask, route)
+        logits = self.aggregate(x_inv, x_spec).float()
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+        return ICLMCausalLMOutput(loss=loss, logits=logits, route=route)
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    @torch.no_grad()
+    def generate(self, *args, **kwargs):
+        """``GenerationMixin.generate`` without KV cache, routing once on the prompt (module doc)."""
+        kwargs["use_cache"] = False
+        self._gen = {"route": None}
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            self._gen = None

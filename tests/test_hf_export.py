@@ -1,0 +1,200 @@
+"""Export to Hugging Face formats: merged modules and PEFT adapters match the JAX model's logits."""
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import iclm_jax  # noqa: F401  (eager sharding off before any construction)
+from iclm_jax.data.tokenizer import acre_word_tokenizer
+from iclm_jax.hf import load_hf_weights
+from iclm_jax.hf import export as ex
+from iclm_jax.hf.weights import base_params
+from iclm_jax.model.lora import LoRAParam
+from tests.helpers import tiny_iclm
+
+TOL = 1e-4
+
+
+def _trained_ish(model, seed=0):
+    """Random nonzero LoRA B (fresh adapters are B=0, identical to the base) and norm weights."""
+    rng = np.random.default_rng(seed)
+    for path, v in nnx.iter_graph(model):
+        if isinstance(v, LoRAParam) and path[-1] == "lora_b":
+            v[...] = jnp.asarray(rng.normal(size=v.shape) * 0.1, jnp.float32)
+        elif isinstance(v, nnx.Param) and path[-1] == "weight":      # RMSNorm weights
+            v[...] = jnp.asarray(1 + 0.3 * rng.normal(size=v.shape), jnp.float32)
+    return model
+
+
+def _batch(vocab, b=2, length=10, seed=0):
+    inputs = np.random.default_rng(seed).integers(1, vocab, size=(b, length)).astype(np.int32)
+    return dict(inputs=inputs, positions=np.tile(np.arange(length, dtype=np.int32), (b, 1)),
+                segments=np.ones_like(inputs), prompt_mask=np.ones(inputs.shape, np.float32))
+
+
+def _torch_logits(hf, batch) -> np.ndarray:
+    with torch.no_grad():
+        return hf(input_ids=torch.from_numpy(batch["inputs"]).long()).logits.float().numpy()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return acre_word_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tok):
+    """K=2 specific + invariant + router adapter, untied, a rank-4 LoRA on every projection."""
+    model = _trained_ish(tiny_iclm(num_modules=2, router_source="adapter", lora_rank=4,
+                                   lora_alpha=8.0, base_kw=dict(vocab_size=tok.vocab_size)))
+    out = str(tmp_path_factory.mktemp("export") / "out")
+    ex.export_model(model, tok, out, custom=False)
+    return model, out
+
+
+def test_layout(exported):
+    model, out = exported
+    names = ["invariant", "router", "specific_0", "specific_1"]
+    assert sorted(os.listdir(os.path.join(out, "modules"))) == names
+    assert sorted(os.listdir(os.path.join(out, "adapters"))) == names
+    assert ex.module_names(model.cfg) == {"specific_0": 0, "specific_1": 1, "invariant": 2,
+                                          "router": 3}
+    with open(os.path.join(out, "adapters", "invariant", "adapter_config.json")) as f:
+        acfg = json.load(f)
+    assert acfg["base_model_name_or_path"] == os.path.join(out, "base")
+    assert (acfg["r"], acfg["lora_alpha"]) == (4, 8.0)
+    assert acfg["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                      "up_proj", "down_proj"]
+    assert not [f for f in os.listdir(os.path.dirname(out)) if f.startswith(".")]  # no temp left
+
+
+def test_merged_modules_match_module_logits(exported, tok):
+    """(1) each modules/<name> loads with no custom code and gives that module's JAX logits."""
+    model, out = exported
+    batch = _batch(tok.vocab_size)
+    for name, slot in ex.module_names(model.cfg).items():
+        hf = AutoModelForCausalLM.from_pretrained(os.path.join(out, "modules", name)).eval()
+        ours = np.asarray(model.module_logits(batch, slot))
+        np.testing.assert_allclose(_torch_logits(hf, batch), ours, atol=TOL, rtol=0, err_msg=name)
+    # modules really differ (a wrong slot or unmerged LoRA would not be caught otherwise)
+    a, b = (np.asarray(model.module_logits(batch, s)) for s in (0, 1))
+    assert np.abs(a - b).max() > 100 * TOL
+
+
+def test_peft_adapters_match_module_logits(exported, tok):
+    """(2) base + PEFT adapter gives the same logits as the JAX module alone."""
+    model, out = exported
+    batch = _batch(tok.vocab_size, seed=1)
+    for name, slot in ex.module_names(model.cfg).items():
+        base = AutoModelForCausalLM.from_pretrained(os.path.join(out, "base"))
+        hf = PeftModel.from_pretrained(base, os.path.join(out, "adapters", name)).eval()
+        ours = np.asarray(model.module_logits(batch, slot))
+        np.testing.assert_allclose(_torch_logits(hf, batch), ours, atol=TOL, rtol=0, err_msg=name)
+
+
+def test_tokenizer_loads_with_autotokenizer(exported, tok):
+    _, out = exported
+    hf_tok = AutoTokenizer.from_pretrained(os.path.join(out, "modules", "invariant"))
+    text = "on off undetermined"
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+    assert hf_tok.eos_token_id == tok.eos_id and hf_tok.pad_token_id == tok.pad_id
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_round_trip_base_is_bit_exact(tmp_path, tok, tie):
+    """import(export(x)) == x exactly; tied and untied; tiny shard limit forces an index."""
+    model = _trained_ish(tiny_iclm(num_modules=2, base_kw=dict(vocab_size=tok.vocab_size,
+                                                               tie_embeddings=tie)))
+    out = ex.export_model(model, tok, str(tmp_path / "out"), shard_bytes=4096, custom=False)
+    base_dir = os.path.join(out, "base")
+    assert os.path.isfile(os.path.join(base_dir, "model.safetensors.index.json"))
+    cfg, weights = load_hf_weights(base_dir)
+    assert cfg == model.base.cfg
+    ours = {k: np.asarray(v.get_value()) for k, v in base_params(model.base).items()}
+    assert sorted(weights) == sorted(ours)
+    for k in ours:
+        assert weights[k].dtype == np.float32 and np.array_equal(weights[k], ours[k]), k
+    if tie:   # a tied, sharded module dir also loads and matches
+        hf = AutoModelForCausalLM.from_pretrained(os.path.join(out, "modules", "invariant"))
+        batch = _batch(tok.vocab_size)
+        np.testing.assert_allclose(_torch_logits(hf.eval(), batch),
+                                   np.asarray(model.module_logits(batch, 2)), atol=TOL, rtol=0)
+
+
+def test_refuses_non_empty_out_without_force(tmp_path, tok):
+    model = tiny_iclm(num_modules=1, invariant=False, router_source="base",
+                      base_kw=dict(vocab_size=tok.vocab_size))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--force"):
+        ex.export_model(model, tok, str(out), custom=False)
+    assert os.listdir(out) == ["keep.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    ex.export_model(model, tok, str(out), force=True, custom=False)
+    assert sorted(os.listdir(out)) == ["adapters", "base", "modules"]
+    assert sorted(os.listdir(out / "modules")) == ["specific_0"]
+    assert sorted(os.listdir(tmp_path)) == ["out"]            # no temp or old dir left behind
+
+
+def test_error_leaves_no_partial_out(tmp_path, tok, monkeypatch):
+    """A failure mid-export leaves neither DIR nor the temporary directory (and keeps an old DIR)."""
+    model = tiny_iclm(num_modules=2, base_kw=dict(vocab_size=tok.vocab_size))
+    real = ex.save_llama
+    calls = []
+
+    def failing(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("disk full")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(ex, "save_llama", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        ex.export_model(model, tok, str(tmp_path / "out"), custom=False)
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "f").write_text("x")
+    calls.clear()
+    with pytest.raises(RuntimeError, match="disk full"):
+        ex.export_model(model, tok, str(tmp_path / "old"), force=True, custom=False)
+    assert sorted(os.listdir(tmp_path)) == ["old"]
+    assert os.listdir(tmp_path / "old") == ["f"]
+
+
+def test_cli_refuses_missing_workdir(tmp_path, capsys):
+    assert ex.main(["--workdir", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_exports_a_trained_run(tmp_path):
+    """``main`` on a real (3-step) run: the merged invariant module matches the restored model."""
+    from iclm_jax.train import restore_run
+    from iclm_jax.train.loop import train
+    from tests.test_step import acre_cfg
+    c = acre_cfg.get_config()
+    c.model.update(d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8, mlp_dim=32)
+    c.lora.rank = 2
+    c.mi.critic_hidden = 16
+    c.train.update(steps=3, warmup_steps=1, batch_size=8, log_every=1)
+    c.eval.batch_size = 8
+    c.data.update(train_problems=8, eval_problems=2, eval_splits="IID")
+    work, out = str(tmp_path / "run"), str(tmp_path / "out")
+    train(c, work, quiet=True)
+    assert ex.main(["--workdir", work, "--out", out]) == 0
+    assert ex.main(["--workdir", work, "--out", out]) == 2          # non-empty, no --force
+    assert ex.main(["--workdir", work, "--out", out, "--force"]) == 0
+    run = restore_run.load(work)
+    model = nnx.merge(run.graphdef, run.state).model
+    batch = _batch(run.data.tokenizer.vocab_size, seed=2)
+    for name, slot in ex.module_names(model.cfg).items():
+        hf = AutoModelForCausalLM.from_pretrained(os.path.join(out, "modules", name)).eval()
+        np.testing.assert_allclose(_torch_logits(hf, batch), np.asarray(model.module_logits(batch, slot)),
+                                   atol=TOL, rtol=0, err_msg=name)
