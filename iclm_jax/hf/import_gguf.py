@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from iclm_jax.data.tokenizer import smollm2_gguf_path, tokenizer_from_gguf
-from iclm_jax.hf.weights import load_into
+from iclm_jax.hf.weights import load_into, map_name
 from iclm_jax.model.transformer import TransformerConfig
 
 __all__ = ["load_gguf", "gguf_config", "unpermute", "smollm2_gguf_path", "tokenizer_from_gguf",
@@ -88,13 +88,7 @@ def gguf_config(reader, *, dtype: Any = jnp.float32, path: str = "GGUF") -> Tran
 
 def gguf_to_ours(name: str) -> tuple[str, bool] | None:
     """(our name, transpose?) of a GGUF llama tensor name; None if it has no counterpart."""
-    if name in _TOP_NAMES:
-        return _TOP_NAMES[name]
-    m = _LAYER.fullmatch(name)
-    if m and m.group(2) in _LAYER_NAMES:
-        ours, transpose = _LAYER_NAMES[m.group(2)]
-        return f"layers.{m.group(1)}.{ours}", transpose
-    return None
+    return map_name(name, _TOP_NAMES, _LAYER, _LAYER_NAMES)
 
 
 def load_gguf(path: str, *,

@@ -16,7 +16,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from iclm_jax.hf.weights import load_into, read_safetensors, to_float32
+from iclm_jax.hf.weights import load_into, map_name, read_safetensors, to_float32
 from iclm_jax.model.transformer import TransformerConfig
 
 __all__ = ["config_from_hf", "hf_to_ours", "load_hf_weights", "load_into"]
@@ -85,13 +85,7 @@ def config_from_hf(hf_config: dict, *, dtype: Any = jnp.float32) -> TransformerC
 
 def hf_to_ours(name: str) -> tuple[str, bool] | None:
     """(our name, transpose?) of a transformers Llama tensor name; None if it has no counterpart."""
-    if name in _TOP_NAMES:
-        return _TOP_NAMES[name]
-    m = _LAYER.fullmatch(name)
-    if m and m.group(2) in _LAYER_NAMES:
-        ours, transpose = _LAYER_NAMES[m.group(2)]
-        return f"layers.{m.group(1)}.{ours}", transpose
-    return None
+    return map_name(name, _TOP_NAMES, _LAYER, _LAYER_NAMES)
 
 
 def _files(directory: str) -> list[str]:

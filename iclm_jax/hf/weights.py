@@ -143,3 +143,15 @@ def load_into(base, weights: Mapping[str, Any], *, shardings=None) -> None:
         value = var.get_value()
         sharding = shardings.get(name) or getattr(value, "sharding", None) or default
         var.set_value(_placed(weights[name], tuple(value.shape), sharding))
+
+
+def map_name(name: str, top: dict, layer_re, layer_names: dict) -> tuple[str, bool] | None:
+    """(our name, transpose?) of a checkpoint tensor name, given one format's name tables; None if the
+    tensor has no counterpart. Shared by the HF and GGUF importers (only their tables differ)."""
+    if name in top:
+        return top[name]
+    m = layer_re.fullmatch(name)
+    if m and m.group(2) in layer_names:
+        ours, transpose = layer_names[m.group(2)]
+        return f"layers.{m.group(1)}.{ours}", transpose
+    return None
