@@ -1,11 +1,13 @@
 """Small builders shared by the model/train tests (tiny sizes, float32)."""
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 import iclm_jax  # noqa: F401  (disables eager sharding)
 from iclm_jax.model.iclm import ICLM, ICLMConfig
+from iclm_jax.model.lora import LoRAParam
 from iclm_jax.model.transformer import TransformerConfig
 
 VOCAB = 37
@@ -46,3 +48,12 @@ def random_batch(b: int = 4, length: int = 12, seed: int = 0, num_slots: int = 1
     return dict(inputs=inputs, targets=targets, positions=positions, segments=segments, loss_mask=loss_mask,
                 answer_slot=answer_slot, prompt_mask=prompt_mask, domain=domain,
                 query_type=np.zeros((b, num_slots), np.int32), query_label=np.zeros((b, num_slots), np.int32))
+
+
+def nonzero_lora_b(model, seed: int = 0, scale: float = 0.1):
+    """Give every LoRA B a random value: fresh adapters are B = 0, which hides routing effects."""
+    rng = np.random.default_rng(seed)
+    for path, v in nnx.iter_graph(model):
+        if isinstance(v, LoRAParam) and path[-1] == "lora_b":
+            v[...] = jnp.asarray(rng.normal(size=v.shape) * scale, jnp.float32)
+    return model

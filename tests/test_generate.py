@@ -7,8 +7,7 @@ from flax import nnx
 
 from iclm_jax import generate as gen
 from iclm_jax.model.router import Router
-from tests.helpers import VOCAB, tiny_iclm
-from tests.test_iclm import _nonzero_b
+from tests.helpers import VOCAB, nonzero_lora_b, tiny_iclm
 
 PROMPTS = [[5, 9, 2], [7, 1, 30, 4, 4, 11, 3], [12], [8, 8, 20, 6, 2]]   # different lengths
 N = 6
@@ -76,11 +75,11 @@ def _check_against_reference(model, domain=None, module=None):
     dict(num_modules=3, router={"mode": "soft"}, router_source="adapter", aggregator="probs"),
 ], ids=["k2-concat", "k1-baseline", "soft-adapter-probs"])
 def test_greedy_cached_equals_full_recompute(kw):
-    _check_against_reference(_nonzero_b(tiny_iclm(**kw)))
+    _check_against_reference(nonzero_lora_b(tiny_iclm(**kw)))
 
 
 def test_oracle_rows_use_their_own_modules():
-    model = _nonzero_b(tiny_iclm(num_modules=2, router={"mode": "oracle"}))
+    model = nonzero_lora_b(tiny_iclm(num_modules=2, router={"mode": "oracle"}))
     got = _check_against_reference(model, domain=[0, 1, 1, 0])
     np.testing.assert_array_equal(got.module, [0, 1, 1, 0])
     flipped = gen.decode(model, PROMPTS, max_new_tokens=N, eos_id=None, pad_id=0, domain=[1, 0, 0, 1],
@@ -90,7 +89,7 @@ def test_oracle_rows_use_their_own_modules():
 
 @pytest.mark.parametrize("module", [0, 2, -1])                           # specific, invariant, bare base
 def test_module_generate_equals_that_module_alone(module):
-    model = _nonzero_b(tiny_iclm(num_modules=2))
+    model = nonzero_lora_b(tiny_iclm(num_modules=2))
     got = _check_against_reference(model, module=module)
     np.testing.assert_array_equal(got.module, [module] * len(PROMPTS))
     tokens = gen.module_generate(model, PROMPTS, module, max_new_tokens=N, eos_id=None, pad_id=0)
@@ -98,7 +97,7 @@ def test_module_generate_equals_that_module_alone(module):
 
 
 def test_router_runs_once_on_the_prompt(monkeypatch):
-    model = _nonzero_b(tiny_iclm(num_modules=3))
+    model = nonzero_lora_b(tiny_iclm(num_modules=3))
     # Codes at three rows' own pooled prompts, so routing is 0, 1, 2 for them (not all one module).
     prompt_batch = _batch(PROMPTS, [len(p) for p in PROMPTS], 8, None)
     graphdef = nnx.graphdef(model)
@@ -126,7 +125,7 @@ def test_router_runs_once_on_the_prompt(monkeypatch):
 
 
 def test_eos_row_pads_afterwards():
-    model = _nonzero_b(tiny_iclm(num_modules=2))
+    model = nonzero_lora_b(tiny_iclm(num_modules=2))
     free = gen.generate(model, PROMPTS, max_new_tokens=N, eos_id=None, pad_id=0)
     eos = int(free[1, 0])
     got = gen.generate(model, PROMPTS, max_new_tokens=N, eos_id=eos, pad_id=0)
@@ -141,7 +140,7 @@ def test_eos_row_pads_afterwards():
 
 
 def test_sampling_is_deterministic_and_respects_top_k():
-    model = _nonzero_b(tiny_iclm(num_modules=2))
+    model = nonzero_lora_b(tiny_iclm(num_modules=2))
     kw = dict(max_new_tokens=N, eos_id=None, pad_id=0, temperature=1.5, top_k=3, return_logits=True)
     a = gen.decode(model, PROMPTS, rng=7, **kw)
     b = gen.decode(model, PROMPTS, rng=jax.random.key(7), **kw)
@@ -158,7 +157,7 @@ def test_sampling_is_deterministic_and_respects_top_k():
 def test_sampling_follows_the_tempered_top_k_softmax():
     """4000 rows of one prompt, one token each: frequencies = softmax(logits / T) renormalised over
     the top k (closed form, NumPy), zero outside it."""
-    model = _nonzero_b(tiny_iclm(num_modules=2))
+    model = nonzero_lora_b(tiny_iclm(num_modules=2))
     n, temp, k = 4000, 0.7, 5
     got = gen.decode(model, [PROMPTS[1]] * n, max_new_tokens=1, eos_id=None, pad_id=0,
                      temperature=temp, top_k=k, rng=3, return_logits=True)
@@ -172,19 +171,19 @@ def test_sampling_follows_the_tempered_top_k_softmax():
 
 
 def test_decode_step_compiles_once():
-    model = _nonzero_b(tiny_iclm(num_modules=2))
+    model = nonzero_lora_b(tiny_iclm(num_modules=2))
     kw = dict(eos_id=None, pad_id=0)
     longest = gen.generate(model, PROMPTS, max_new_tokens=7, **kw)
     before = dict(gen.trace_counts)
     for n in range(3, 8):
         np.testing.assert_array_equal(gen.generate(model, PROMPTS, max_new_tokens=n, **kw), longest[:, :n])
     gen.generate(model, [p[:-1] or [3] for p in PROMPTS], max_new_tokens=4, **kw)   # same shape bucket
-    gen.generate(_nonzero_b(tiny_iclm(num_modules=2), seed=5), PROMPTS, max_new_tokens=4, **kw)
+    gen.generate(nonzero_lora_b(tiny_iclm(num_modules=2), seed=5), PROMPTS, max_new_tokens=4, **kw)
     assert dict(gen.trace_counts) == before
 
 
 def test_padded_batch_input_equals_token_lists():
-    model = _nonzero_b(tiny_iclm(num_modules=2, router={"mode": "oracle"}))
+    model = nonzero_lora_b(tiny_iclm(num_modules=2, router={"mode": "oracle"}))
     batch = _batch(PROMPTS, [len(p) for p in PROMPTS], 9, [1, 0, 1, 1])
     got = gen.generate(model, batch, max_new_tokens=4, eos_id=None, pad_id=0)
     want = gen.generate(model, PROMPTS, max_new_tokens=4, eos_id=None, pad_id=0, domain=[1, 0, 1, 1])
@@ -193,7 +192,7 @@ def test_padded_batch_input_equals_token_lists():
 
 def test_transformer_extend_in_chunks_equals_full_forward():
     """Prefill 4 (row 1: 3 real + 1 pad that the next token overwrites), then 3 single steps."""
-    graphdef, state = nnx.split(_nonzero_b(tiny_iclm(num_modules=2)).base)
+    graphdef, state = nnx.split(nonzero_lora_b(tiny_iclm(num_modules=2)).base)
     rng = np.random.default_rng(0)
     lengths = np.array([9, 6])
     inputs = rng.integers(1, VOCAB, size=(2, 9)).astype(np.int32)

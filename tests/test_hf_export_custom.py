@@ -8,15 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 from transformers import AutoModelForCausalLM
 
 from iclm_jax.data.tokenizer import acre_word_tokenizer
 from iclm_jax.generate import decode
 from iclm_jax.hf.export_custom import write_custom_model
-from iclm_jax.model.lora import LoRAParam
 from iclm_jax.model.router import pool_prompt
-from tests.helpers import random_batch, tiny_iclm
+from tests.helpers import nonzero_lora_b, random_batch, tiny_iclm
 
 CASES = {
     # router on the invariant module, centred + normalised + projected codes, concat head, untied
@@ -29,15 +27,6 @@ CASES = {
     "no_invariant": dict(num_modules=2, invariant=False, router_source="base",
                          router={"mode": "hard", "normalize": True}),
 }
-
-
-def _nonzero_b(model, seed=0):
-    """Random LoRA B (fresh adapters are B=0, which would hide routing)."""
-    rng = np.random.default_rng(seed)
-    for path, v in nnx.iter_graph(model):
-        if isinstance(v, LoRAParam) and path[-1] == "lora_b":
-            v[...] = jnp.asarray(rng.normal(size=v.shape) * 0.3, jnp.float32)
-    return model
 
 
 def _router_codes(model, batch) -> np.ndarray:
@@ -54,7 +43,7 @@ def _build(case: str, batch):
     kw = dict(CASES[case])
     tok = acre_word_tokenizer()
     base_kw = dict(kw.pop("base_kw", {}), vocab_size=tok.vocab_size)
-    model = _nonzero_b(tiny_iclm(seed=3, base_kw=base_kw, **kw))
+    model = nonzero_lora_b(tiny_iclm(seed=3, base_kw=base_kw, **kw), scale=0.3)
     r = model.router
     if r.center:
         r.mean[...] = jnp.asarray(np.random.default_rng(1).normal(size=r.mean.shape) * 0.05, jnp.float32)

@@ -6,16 +6,7 @@ import pytest
 from flax import nnx
 
 from iclm_jax.model.lora import LoRAParam
-from tests.helpers import random_batch, tiny_iclm
-
-
-def _nonzero_b(model, seed=0):
-    """Give every LoRA B a random value (fresh adapters are B=0, which hides routing effects)."""
-    rng = np.random.default_rng(seed)
-    for path, v in nnx.iter_graph(model):
-        if isinstance(v, LoRAParam) and path[-1] == "lora_b":
-            v[...] = jnp.asarray(rng.normal(size=v.shape) * 0.1, jnp.float32)
-    return model
+from tests.helpers import nonzero_lora_b, random_batch, tiny_iclm
 
 
 def _lora_grads_by_slot(grads):
@@ -40,7 +31,7 @@ def test_forward_shapes_and_metrics():
 
 
 def test_unrouted_module_gets_exactly_zero_gradient():
-    model = _nonzero_b(tiny_iclm(num_modules=3, router={"mode": "oracle"}))
+    model = nonzero_lora_b(tiny_iclm(num_modules=3, router={"mode": "oracle"}))
     batch = random_batch(domains=[0, 2, 0, 2])          # module 1 is never routed
 
     def loss(m):
@@ -55,7 +46,7 @@ def test_unrouted_module_gets_exactly_zero_gradient():
 
 def test_rows_are_routed_independently():
     """Each row's output depends only on its own tokens and its own module (batch of 4 = 4 batches of 1)."""
-    model = _nonzero_b(tiny_iclm(num_modules=2, router={"mode": "oracle"}))
+    model = nonzero_lora_b(tiny_iclm(num_modules=2, router={"mode": "oracle"}))
     batch = random_batch()
     full = np.asarray(model(batch, train=False).logits)
     for i in range(4):
@@ -64,7 +55,7 @@ def test_rows_are_routed_independently():
 
 
 def test_baseline_is_the_k1_special_case():
-    model = _nonzero_b(tiny_iclm(num_modules=1, invariant=False))
+    model = nonzero_lora_b(tiny_iclm(num_modules=1, invariant=False))
     assert model.router is None and model.aggregator is None
     batch = random_batch()
     out = model(batch, train=False)
@@ -73,7 +64,7 @@ def test_baseline_is_the_k1_special_case():
 
 
 def test_routed_module_output_equals_that_module_alone():
-    model = _nonzero_b(tiny_iclm(num_modules=2, router={"mode": "oracle"}, aggregator="logits",
+    model = nonzero_lora_b(tiny_iclm(num_modules=2, router={"mode": "oracle"}, aggregator="logits",
                                  invariant_weight=0.0))
     batch = random_batch(domains=[1, 1, 1, 1])
     out = model(batch, train=False)
