@@ -8,10 +8,12 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 
 from iclm_jax.losses import MI_ESTIMATORS
 from iclm_jax.model.aggregator import AGGREGATORS
 from iclm_jax.model.iclm import ROUTER_SOURCES
+from iclm_jax.sharding import BATCH_AXES, MESH_AXES, resolve_axes
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 ROUTER_UPDATES = ("ema", "gradient")
@@ -19,7 +21,6 @@ ROUTER_MODES = ("hard", "soft", "gumbel", "oracle")
 DTYPES = ("float32", "bfloat16", "float16")
 STYLES = ("symbolic", "text")
 SPLITS = ("IID", "Comp", "Sys", "CompHeldout")
-MESH_AXES = ("data", "fsdp", "tensor", "module")
 
 
 class ConfigError(ValueError):
@@ -134,8 +135,8 @@ def validate(c, *, num_devices: int | None = None) -> None:
             need(prod == n, "mesh", dict(c.mesh), f"sizes whose product equals the device count {n}")
         else:
             need(n % prod == 0, "mesh", dict(c.mesh), f"fixed sizes dividing the device count {n}")
-        data_ways = (n // prod if c.mesh.get("data", 1) == -1 else c.mesh.get("data", 1)) * \
-            (c.mesh.get("fsdp", 1) if c.mesh.get("fsdp", 1) > 0 else n // prod)
+        shape = resolve_axes(dict(c.mesh), n)
+        data_ways = int(np.prod([shape.get(a, 1) for a in BATCH_AXES]))
         if data_ways >= 1:
             need(t.batch_size % data_ways == 0, "train.batch_size", t.batch_size,
                  f"a multiple of the data x fsdp mesh size {data_ways}")

@@ -29,21 +29,27 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def make_mesh(axes: Mapping[str, int], devices: Sequence | None = None) -> Mesh:
-    """Mesh with the named axes (in MESH_AXES order); one size may be -1 (fill with remaining devices)."""
-    devices = list(jax.devices() if devices is None else devices)
-    names = [a for a in MESH_AXES if a in axes]
+def resolve_axes(axes: Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """Axis sizes in MESH_AXES order with a -1 filled by the remaining devices (no device needed,
+    so config validation and make_mesh agree on the shape)."""
     unknown = sorted(set(axes) - set(MESH_AXES))
     if unknown:
         raise ValueError(f"mesh: unknown axis names {unknown}; expected some of {MESH_AXES}")
+    names = [a for a in MESH_AXES if a in axes]
     sizes = [int(axes[a]) for a in names]
     fixed = int(np.prod([s for s in sizes if s != -1])) if sizes else 1
-    sizes = [len(devices) // fixed if s == -1 else s for s in sizes]
+    return {a: num_devices // fixed if s == -1 else s for a, s in zip(names, sizes)}
+
+
+def make_mesh(axes: Mapping[str, int], devices: Sequence | None = None) -> Mesh:
+    """Mesh with the named axes (in MESH_AXES order); one size may be -1 (fill with remaining devices)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = resolve_axes(axes, len(devices))
+    sizes = list(shape.values())
     if int(np.prod(sizes)) != len(devices):
-        raise ValueError(f"mesh {dict(zip(names, sizes))} needs {int(np.prod(sizes))} devices, "
-                         f"have {len(devices)}")
+        raise ValueError(f"mesh {shape} needs {int(np.prod(sizes))} devices, have {len(devices)}")
     arr = np.asarray(devices).reshape(sizes)
-    return Mesh(arr, tuple(names), axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+    return Mesh(arr, tuple(shape), axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
 
 
 def logical_to_spec(names: Sequence[str | None] | None, mesh: Mesh,
