@@ -21,7 +21,9 @@ the critic is tiny):
 | ``layers[i].kernel``, 0 < i < depth | [hidden, hidden] | ``("mi_hidden", "mi_hidden")`` |
 | ``layers[i].bias``, i < depth | [hidden] | ``("mi_hidden",)`` |
 | ``out.kernel`` | [hidden, 1] | ``("mi_hidden", None)`` |
-| ``out.bias`` | [1] | ``(None,)`` |
+
+The output layer has no bias: the DV bound is unchanged by adding a constant to ``T``, so that bias would
+have an exactly zero true gradient, and Adam would turn its rounding noise into lr-sized random steps.
 """
 from __future__ import annotations
 
@@ -37,15 +39,15 @@ _INIT = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 class _Dense(nnx.Module):
     """Affine layer with logical axis names on its params (nnx.Linear has no per-param names)."""
 
-    def __init__(self, n_in: int, n_out: int, names: tuple, *, rngs: nnx.Rngs):
+    def __init__(self, n_in: int, n_out: int, names: tuple, *, rngs: nnx.Rngs, bias: bool = True):
         self.kernel = nnx.Param(_INIT(rngs.params(), (n_in, n_out), jnp.float32),
                                 out_sharding=names)
-        self.bias = nnx.Param(jnp.zeros((n_out,), jnp.float32), out_sharding=(names[1],))
+        self.bias = nnx.Param(jnp.zeros((n_out,), jnp.float32), out_sharding=(names[1],)) if bias else None
 
     def __call__(self, h: jax.Array, dtype) -> jax.Array:
         y = jnp.dot(h.astype(dtype), self.kernel[...].astype(dtype),
                     preferred_element_type=jnp.float32)
-        return y + self.bias[...]
+        return y if self.bias is None else y + self.bias[...]
 
 
 class MineCritic(nnx.Module):
@@ -65,7 +67,7 @@ class MineCritic(nnx.Module):
         layers += [_Dense(hidden, hidden, ("mi_hidden", "mi_hidden"), rngs=rngs)
                    for _ in range(depth - 1)]
         self.layers = nnx.List(layers)
-        self.out = _Dense(hidden, 1, ("mi_hidden", None), rngs=rngs)
+        self.out = _Dense(hidden, 1, ("mi_hidden", None), rngs=rngs, bias=False)
 
     def __call__(self, x: jax.Array, z: jax.Array) -> jax.Array:
         if x.ndim != 2 or z.ndim != 2 or x.shape[0] != z.shape[0]:
