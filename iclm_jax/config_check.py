@@ -13,7 +13,7 @@ import numpy as np
 from iclm_jax.losses import MI_ESTIMATORS
 from iclm_jax.model.aggregator import AGGREGATORS
 from iclm_jax.model.iclm import ROUTER_SOURCES
-from iclm_jax.sharding import BATCH_AXES, MESH_AXES, resolve_axes
+from iclm_jax.sharding import DEFAULT_RULES, MESH_AXES, resolve_axes, rules_from_config
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 ROUTER_UPDATES = ("ema", "gradient")
@@ -100,6 +100,7 @@ def validate(c, *, num_devices: int | None = None) -> None:
          f"in [0, train.steps={t.steps}]")
     need(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, ">= 0")
     need(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, ">= 0 (0 = off)")
+    need(t.get("adam_eps", 1e-8) > 0, "train.adam_eps", t.get("adam_eps"), "> 0")
     need(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "an integer >= 1")
     need(t.log_every >= 1, "train.log_every", t.log_every, "an integer >= 1")
     need(c.eval.batch_size >= 1, "eval.batch_size", c.eval.batch_size, "an integer >= 1")
@@ -121,10 +122,22 @@ def validate(c, *, num_devices: int | None = None) -> None:
     need(c.checkpoint.keep >= 1, "checkpoint.keep", c.checkpoint.keep, ">= 1")
 
     n = jax.device_count() if num_devices is None else num_devices
-    bad = [k for k in c.mesh.keys() if k not in MESH_AXES]
-    need(not bad, "mesh", dict(c.mesh), f"axis names from {MESH_AXES}")
+    mesh_axes = {k: v for k, v in c.mesh.items() if k != "slices"}
+    slices = int(c.mesh.get("slices", 1))
+    bad = [k for k in mesh_axes if k not in MESH_AXES]
+    need(not bad, "mesh", dict(c.mesh), f"axis names from {MESH_AXES} (and slices)")
+    need(slices >= 1 and n % slices == 0, "mesh.slices", slices, f">= 1 and dividing the device count {n}")
+    rules = DEFAULT_RULES
+    try:
+        rules = rules_from_config(c.get("rules"))
+    except ValueError as e:
+        errs.append(str(e))
+    where = f"the device count {n}"
+    if slices > 1 and n % slices == 0:
+        n //= slices           # the sizes are one slice's
+        where = f"the devices per slice {n}"
     if not bad:
-        sizes = [int(v) for v in c.mesh.values()]
+        sizes = [int(v) for v in mesh_axes.values()]
         fills = sizes.count(-1)
         prod = 1
         for s in sizes:
@@ -132,15 +145,19 @@ def validate(c, *, num_devices: int | None = None) -> None:
         need(fills <= 1 and all(s == -1 or s >= 1 for s in sizes), "mesh", dict(c.mesh),
              "sizes >= 1 with at most one -1")
         if fills == 0:
-            need(prod == n, "mesh", dict(c.mesh), f"sizes whose product equals the device count {n}")
+            need(prod == n, "mesh", dict(c.mesh), f"sizes whose product equals {where}")
         else:
-            need(n % prod == 0, "mesh", dict(c.mesh), f"fixed sizes dividing the device count {n}")
-        shape = resolve_axes(dict(c.mesh), n)
-        data_ways = int(np.prod([shape.get(a, 1) for a in BATCH_AXES]))
+            need(n % prod == 0, "mesh", dict(c.mesh), f"fixed sizes dividing {where}")
+        shape = resolve_axes(mesh_axes, n)
+        if slices > 1:
+            shape["data"] = shape.get("data", 1) * slices
+        batch = dict(rules)["batch"]
+        batch = (batch,) if isinstance(batch, str) else tuple(batch or ())
+        data_ways = int(np.prod([shape.get(a, 1) for a in batch]))
         if data_ways >= 1:
             need(t.batch_size % data_ways == 0, "train.batch_size", t.batch_size,
-                 f"a multiple of the data x fsdp mesh size {data_ways}")
+                 f"a multiple of the batch split (rules.batch) {data_ways}")
             need(c.eval.batch_size % data_ways == 0, "eval.batch_size", c.eval.batch_size,
-                 f"a multiple of the data x fsdp mesh size {data_ways}")
+                 f"a multiple of the batch split (rules.batch) {data_ways}")
     if errs:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errs))

@@ -20,14 +20,14 @@ from iclm_jax.report import format_table
 
 
 def run_eval_set(eval_step, state, examples, *, tok, mesh, max_len: int, num_slots: int,
-                 batch_size: int) -> dict:
+                 batch_size: int, rules=sharding.DEFAULT_RULES) -> dict:
     """Run the jitted eval step over every example once; gather per-query results on the host."""
     ds = pipeline.make_dataset(examples, tok, max_len=max_len, batch_size=batch_size, num_slots=num_slots,
                                seed=0, shuffle=False, repeat=False, pad_last_batch=True,
                                process_index=jax.process_index(), process_count=jax.process_count())
     rows = defaultdict(list)
     for batch in ds:
-        out = eval_step(state, sharding.put_batch(batch, mesh))
+        out = eval_step(state, sharding.put_batch(batch, mesh, rules))
         if jax.process_count() > 1:
             out = multihost_utils.process_allgather(out, tiled=True)
             batch = multihost_utils.process_allgather(dict(batch), tiled=True)

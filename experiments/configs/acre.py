@@ -69,6 +69,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.train = dict(
         steps=250, batch_size=16, lr=2e-3, warmup_steps=25, final_lr_fraction=0.1,
         weight_decay=0.01, grad_clip=1.0, b1=0.9, b2=0.95, grad_accum=1,
+        adam_eps=1e-8,             # Adam's eps (model and MINE critic): its update g/(|g|+eps) has slope 1/eps at 0
         log_every=20, time_limit_s=0.0,   # 0 = no limit; else stop training after this many seconds
         nonfinite="stop",          # a NaN/Inf loss term or gradient: stop (naming step and term) | skip
     )
@@ -79,7 +80,16 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         best_metric="",            # e.g. "IID/all": also keep the best checkpoints by this eval metric
     )
     c.init_from = ""               # another run's workdir: start from its parameters (not its step)
-    c.mesh = dict(data=-1)                  # -1 = all devices on the data axis
+    # Device mesh: sizes of the named axes (-1 = the remaining devices). With slices = S > 1 the sizes
+    # are one slice's (ICI) and the data axis repeats over the S slices (DCN): TPU multislice, GPU nodes.
+    c.mesh = dict(data=-1, fsdp=1, tensor=1, module=1, slices=1)
+    # Logical axis -> comma-separated mesh axes ("" = replicated). Model code names only logical axes.
+    c.rules = dict(
+        batch="data,fsdp", length="",          # activations: rows over data x fsdp, sequence replicated
+        vocab="tensor", embed="fsdp", act_embed="", mlp="tensor", heads="tensor", kv="tensor",
+        layers="", module="module",            # module: stacked adapters, expert-parallel over "module"
+        codes="", lora="", mi_in="", mi_hidden="",
+    )
 
     for v in filter(None, (s.strip() for s in arg.split(","))):
         _VARIANTS[v](c)

@@ -47,12 +47,12 @@ def train_state(config, vocab_size: int, *, seed: int | None = None) -> TrainSta
     t = config.train
     tx = make_optimizer(lr=t.lr, steps=t.steps, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
                         grad_clip=t.grad_clip, b1=t.b1, b2=t.b2, grad_accum=t.grad_accum,
-                        final_lr_fraction=t.final_lr_fraction)
+                        final_lr_fraction=t.final_lr_fraction, eps=t.get("adam_eps", 1e-8))
     critic = critic_tx = None
     if config.mi.estimator == "mine" and mcfg.invariant:
         d = mcfg.base.d_model
         critic = MineCritic(d, d, hidden=config.mi.critic_hidden, depth=config.mi.critic_depth,
                             rngs=nnx.Rngs(seed + 3))
         import optax
-        critic_tx = optax.adam(config.mi.critic_lr)
+        critic_tx = optax.adam(config.mi.critic_lr, eps=t.get("adam_eps", 1e-8))
     return TrainState(model, tx, train_base=config.model.train_base, critic=critic, critic_tx=critic_tx)

@@ -42,6 +42,7 @@ class Run:
     def __init__(self, config, workdir: str, data: sources.RunData):
         self.config, self.workdir, self.data = config, workdir, data
         self.mesh = sharding.make_mesh(dict(config.mesh))
+        self.rules = sharding.rules_from_config(config.get("rules"))
         vocab = data.tokenizer.vocab_size
 
         def init():
@@ -52,17 +53,18 @@ class Run:
         ts = nnx.eval_shape(lambda: build.train_state(config, vocab))
         self.num_modules = ts.model.cfg.num_modules
         self.loss_cfg = build.loss_config(config)
-        self.state_sharding = sharding.state_shardings(nnx.state(ts), self.mesh)
+        self.state_sharding = sharding.state_shardings(nnx.state(ts), self.mesh, self.rules)
         self.graphdef, _, self.train_step, self.eval_step = make_steps(
             ts, self.loss_cfg, num_domains=config.data.num_domains, num_slots=data.num_slots,
             mine_decay=config.mi.ema_decay, mine_clip=config.mi.clip,
             skip_nonfinite=config.train.nonfinite == "skip",
-            state_sharding=self.state_sharding, batch_sharding=sharding.batch_sharding(self.mesh))
+            state_sharding=self.state_sharding, batch_sharding=sharding.batch_sharding(self.mesh, self.rules),
+            rules=self.rules)
         self.state = jax.jit(init, out_shardings=self.state_sharding)()
 
     def evaluate(self, examples) -> dict:
         res = evaluate.run_eval_set(self.eval_step, self.state, examples, tok=self.data.tokenizer,
-                                    mesh=self.mesh, max_len=self.data.max_len,
+                                    mesh=self.mesh, rules=self.rules, max_len=self.data.max_len,
                                     num_slots=self.data.num_slots, batch_size=self.config.eval.batch_size)
         return evaluate.summarise(res, self.num_modules)
 
@@ -143,7 +145,7 @@ def train(config, workdir: str, *, quiet: bool = False) -> dict:
         for step in range(start + 1, t.steps + 1):
             batch = next(it)
             tokens += int(np.sum(batch["segments"] > 0)) * jax.process_count()
-            run.state, metrics = run.train_step(run.state, sharding.put_batch(batch, run.mesh))
+            run.state, metrics = run.train_step(run.state, sharding.put_batch(batch, run.mesh, run.rules))
             if t.nonfinite == "stop" and not bool(metrics["finite"]):
                 bad = [k for k in FINITE_TERMS if not bool(metrics[f"finite/{k}"])]
                 raise NonFiniteError(

@@ -22,12 +22,13 @@ def _decay_mask(params):
 
 def make_optimizer(*, lr: float, steps: int, warmup_steps: int, weight_decay: float = 0.0,
                    grad_clip: float = 1.0, b1: float = 0.9, b2: float = 0.95,
-                   grad_accum: int = 1, final_lr_fraction: float = 0.1) -> optax.GradientTransformation:
+                   grad_accum: int = 1, final_lr_fraction: float = 0.1,
+                   eps: float = 1e-8) -> optax.GradientTransformation:
     schedule = make_schedule(lr, steps, warmup_steps, final_lr_fraction)
     parts = []
     if grad_clip > 0:
         parts.append(optax.clip_by_global_norm(grad_clip))
-    parts.append(optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=_decay_mask))
+    parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=_decay_mask))
     tx = optax.chain(*parts)
     if grad_accum > 1:
         # Accumulates `grad_accum` micro-batch gradients, applying one update per `grad_accum` calls.

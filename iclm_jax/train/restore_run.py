@@ -44,7 +44,7 @@ def load(workdir: str, mesh: dict | None = None) -> LoadedRun:
     with open(os.path.join(workdir, "data.json")) as f:
         meta = json.load(f)
     config.mesh = ml_collections.ConfigDict(mesh or {"data": -1})
-    ways = sharding.data_ways(sharding.make_mesh(dict(config.mesh)))
+    ways = sharding.data_ways(sharding.make_mesh(dict(config.mesh)), sharding.rules_from_config(config.get("rules")))
     config.eval.batch_size = -(-config.eval.batch_size // ways) * ways
     tok = load_tokenizer(os.path.join(workdir, "tokenizer"))
     data = sources.RunData(tok, [], None, [], meta["max_len"], meta["num_slots"])

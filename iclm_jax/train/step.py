@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from iclm_jax import losses
+from iclm_jax import losses, sharding
 from iclm_jax.model import mi as mi_lib
 from iclm_jax.model.iclm import param_filter
 from iclm_jax.train.state import TrainState
@@ -95,19 +95,33 @@ def _routing_metrics(index, batch, num_modules: int, num_domains: int) -> dict[s
             "route_purity": jnp.sum(jnp.max(counts, axis=1)) / jnp.maximum(jnp.sum(counts), 1.0)}
 
 
+def _under_rules(fn: Callable, mesh, rules) -> Callable:
+    """``fn`` traced with activation sharding constraints active (a trace-time context)."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with sharding.activation_sharding(mesh, rules):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
 def make_steps(ts: TrainState, loss_cfg: losses.LossConfig, *, num_domains: int, num_slots: int,
                mine_decay: float = 0.99, mine_clip: float = 20.0, skip_nonfinite: bool = False,
-               state_sharding: Any = None, batch_sharding: Any = None
+               state_sharding: Any = None, batch_sharding: Any = None, rules: Any = None
                ) -> tuple[Any, Any, Callable, Callable]:
     """Split the state and return (graphdef, state, train_step, eval_step), both jitted once.
 
-    ``train_step(state, batch) -> (state, metrics)`` donates its state argument.
+    ``train_step(state, batch) -> (state, metrics)`` donates its state argument. With shardings, the
+    steps are traced under ``sharding.activation_sharding(mesh, rules)``, so activations are pinned at
+    block boundaries by the same logical rules as the parameters.
     """
     graphdef, state = nnx.split(ts)
     train = functools.partial(_train_step, graphdef, loss_cfg=loss_cfg, num_domains=num_domains,
                               mine_decay=mine_decay, mine_clip=mine_clip, skip_nonfinite=skip_nonfinite)
     evaluate = functools.partial(_eval_step, graphdef, loss_cfg=loss_cfg, num_slots=num_slots)
     if state_sharding is not None:
+        mesh = batch_sharding.mesh
+        rules = sharding.DEFAULT_RULES if rules is None else rules
+        train, evaluate = (_under_rules(f, mesh, rules) for f in (train, evaluate))
         train_step = jax.jit(train, donate_argnums=0, in_shardings=(state_sharding, batch_sharding),
                              out_shardings=(state_sharding, None))
         eval_step = jax.jit(evaluate, in_shardings=(state_sharding, batch_sharding))
