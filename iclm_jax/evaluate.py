@@ -24,13 +24,17 @@ def run_eval_set(eval_step, state, examples, *, tok, mesh, max_len: int, num_slo
     """Run the jitted eval step over every example once; gather per-query results on the host."""
     ds = pipeline.make_dataset(examples, tok, max_len=max_len, batch_size=batch_size, num_slots=num_slots,
                                seed=0, shuffle=False, repeat=False, pad_last_batch=True,
-                               process_index=jax.process_index(), process_count=jax.process_count())
+                               rows=sharding.process_rows(mesh, batch_size, rules))
     rows = defaultdict(list)
     for batch in ds:
-        out = eval_step(state, sharding.put_batch(batch, mesh, rules))
+        placed = sharding.put_batch(batch, mesh, rules)
+        out = eval_step(state, placed)
         if jax.process_count() > 1:
+            # Gather the placed (global) labels, not the host blocks: their rows line up with the
+            # outputs' whatever order the mesh gives the processes' blocks.
             out = multihost_utils.process_allgather(out, tiled=True)
-            batch = multihost_utils.process_allgather(dict(batch), tiled=True)
+            batch = multihost_utils.process_allgather(
+                {k: placed[k] for k in ("query_type", "domain")}, tiled=True)
         out = jax.tree.map(np.asarray, out)
         rows["correct"].append(out["correct"])
         rows["present"].append(out["present"])

@@ -135,29 +135,47 @@ def test_determinism_and_seed(tok, problems):
     assert not _same(a[:48], a[48:])
 
 
+def _blocks(batch_size: int, processes: int) -> list[tuple[int, int]]:
+    """Contiguous equal row blocks in process order (what ``sharding.process_rows`` gives a data mesh)."""
+    per = batch_size // processes
+    return [(p * per, (p + 1) * per) for p in range(processes)]
+
+
+@pytest.mark.parametrize("processes", [2, 4])
 @pytest.mark.parametrize("shuffle,repeat", [(False, False), (True, False), (True, True)])
-def test_sharding_disjoint_and_complete(shuffle, repeat):
+def test_process_blocks_make_the_global_batch(shuffle, repeat, processes):
     exs, tok = _items(23)
-    kw = dict(max_len=8, batch_size=4, num_slots=1, seed=3, shuffle=shuffle, repeat=repeat,
-              process_count=2, pad_last_batch=not repeat)
-    got = []
-    for p in (0, 1):
-        k = 3 if repeat else None                                # 12 rows; shard p has 12 or 11
-        rows = _rows(_batches(make_dataset(exs, tok, process_index=p, **kw), k))
-        if not repeat:
-            assert len(rows) == 12                               # both processes: same batch count
-        ids = [_ident(r) for r in rows]
-        real = [tok.decode([i]) for i in ids if i >= 0]
-        shard = [str(i) for i in range(p, 23, 2)]
-        if repeat:                                               # first epoch = the shard
-            assert sorted(real[:len(shard)], key=int) == shard
-        else:
-            assert sorted(real, key=int) == shard                # every example of the shard once
-            if not shuffle:
-                assert real == shard
-        got += real if not repeat else []
-    if not repeat:
-        assert sorted(got, key=int) == [str(i) for i in range(23)]
+    kw = dict(max_len=8, batch_size=8, num_slots=1, seed=3, shuffle=shuffle, repeat=repeat)
+    k = 7 if repeat else None                                    # 56 rows: crosses two epochs
+    ref = _batches(make_dataset(exs, tok, **kw), k)              # one process: the global batches
+    assert len(ref) == (7 if repeat else 2)                      # single pass: 23 // 8, remainder dropped
+    ids = [_ident(r) for r in _rows(ref)]
+    if not shuffle:
+        assert [tok.decode([i]) for i in ids] == [str(i) for i in range(16)]
+    if repeat:                                                   # each epoch: every example once
+        assert sorted(int(tok.decode([i])) for i in ids[:23]) == list(range(23))
+    parts = [_batches(make_dataset(exs, tok, rows=rows, **kw), k) for rows in _blocks(8, processes)]
+    for p, (lo, hi) in enumerate(_blocks(8, processes)):
+        assert len(parts[p]) == len(ref)
+        assert all(b[key].shape[0] == hi - lo for b in parts[p] for key in CONTRACT)
+    for i, b in enumerate(ref):
+        for key, (dtype, _) in CONTRACT.items():
+            got = np.concatenate([part[i][key] for part in parts])
+            assert got.dtype == dtype and np.array_equal(got, b[key]), (i, key)
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_padded_single_pass_over_processes(shuffle, processes):
+    exs, tok = _items(23)
+    kw = dict(max_len=8, batch_size=8, num_slots=1, seed=3, shuffle=shuffle, repeat=False, pad_last_batch=True)
+    parts = [_batches(make_dataset(exs, tok, rows=rows, **kw)) for rows in _blocks(8, processes)]
+    assert [len(b) for b in parts] == [3] * processes           # ceil(23 / 8) on every process
+    got = [_ident(r) for i in range(3) for part in parts for r in _rows([part[i]])]   # global row order
+    real = [int(tok.decode([i])) for i in got if i >= 0]
+    assert sorted(real) == list(range(23)) and got.count(-1) == 1   # every example once, one filler row
+    if not shuffle:
+        assert real == list(range(23))
 
 
 def test_pad_last_batch_empty_rows():
@@ -176,7 +194,7 @@ def test_pad_last_batch_empty_rows():
 
 def test_multiworker_matches_single_worker(tok, problems):
     exs = acre_examples(problems, packed=True)
-    kw = dict(max_len=512, batch_size=2, num_slots=4, seed=5, shuffle=True, repeat=True)
+    kw = dict(max_len=512, batch_size=4, num_slots=4, seed=5, shuffle=True, repeat=True, rows=(1, 3))
     ref = _rows(_batches(make_dataset(exs, tok, worker_count=0, **kw), 9))
     it = iter(make_dataset(exs, tok, worker_count=2, **kw))     # one spawn only: workers are slow to start
     try:
@@ -240,6 +258,9 @@ def test_errors(tok, problems):
                               repeat=False))
     with pytest.raises(ValueError, match="num_slots=1"):
         tokenize_example(ex, tok, 512, 1)
-    with pytest.raises(ValueError, match="no examples for process 2"):
-        make_dataset([ex] * 2, tok, max_len=512, batch_size=1, num_slots=4, seed=0, shuffle=False,
-                     repeat=False, process_index=2, process_count=3)
+    with pytest.raises(ValueError, match="no examples"):
+        make_dataset([], tok, max_len=512, batch_size=1, num_slots=4, seed=0, shuffle=False, repeat=False)
+    for rows in [(0, 9), (4, 4), (5, 3), (-1, 2), (0.5, 2), (0,), "ab", 3]:
+        with pytest.raises(ValueError, match=r"rows=.*0 <= lo < hi <= batch_size=8"):
+            make_dataset([ex] * 2, tok, max_len=512, batch_size=8, num_slots=4, seed=0, shuffle=False,
+                         repeat=False, rows=rows)

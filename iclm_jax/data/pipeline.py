@@ -12,11 +12,14 @@ a run compiles once):
   token sees the same inputs at the same positions in both rows. ``prompt_mask`` covers prefix and
   queries.
 
-Sharding: process p of P takes ``examples[p::P]``. The order is a function of ``seed`` alone (not of
-``worker_count``). With ``repeat=True`` every epoch is reshuffled and nothing is dropped; a single
-pass (``repeat=False``) drops the last partial batch unless ``pad_last_batch``, which completes it
-with empty rows (segments 0; domain, query_type, query_label -1) and gives every process the same
-number of batches, as multi-host evaluation needs.
+Sharding: the stream of GLOBAL batches is a function of (examples, seed, batch_size) alone, not of
+the process count or ``worker_count``: examples are ordered over the whole set, then grouped into
+global batches of example indices, and each process tokenizes only its contiguous block ``rows = [lo,
+hi)`` of every batch (``sharding.process_rows``: the rows its devices hold), so a 2-process run sees
+the same global batches as a 1-process run. With ``repeat=True`` every epoch is reshuffled and nothing
+is dropped; a single pass (``repeat=False``) drops the last partial global batch unless
+``pad_last_batch``, which completes it with empty rows (segments 0; domain, query_type, query_label
+-1), so every process gets the same number of batches, as multi-host evaluation needs.
 """
 from __future__ import annotations
 
@@ -115,41 +118,53 @@ def tokenize_example(ex: Example | PackedExample, tok: Tokenizer, max_len: int, 
     return row
 
 
-class _Row:
-    """Picklable grain transform: global example index -> row (index -1 -> empty row)."""
+class _Rows:
+    """Picklable grain transform: a global batch of example indices -> the batch-format dict of its
+    rows ``[lo, hi)`` (index -1 -> empty row). Only those rows are tokenized."""
 
-    def __init__(self, examples: Sequence, tok: Tokenizer, max_len: int, num_slots: int):
+    def __init__(self, examples: Sequence, tok: Tokenizer, max_len: int, num_slots: int, lo: int,
+                 hi: int):
         self.examples, self.tok, self.max_len, self.num_slots = examples, tok, max_len, num_slots
+        self.lo, self.hi = lo, hi
 
-    def __call__(self, index) -> dict[str, np.ndarray]:
-        index = int(index)
+    def row(self, index: int) -> dict[str, np.ndarray]:
         if index < 0:
             return _empty_row(self.max_len, self.num_slots, self.tok.pad_id)
         return tokenize_example(self.examples[index], self.tok, self.max_len, self.num_slots, index)
 
+    def __call__(self, indices) -> dict[str, np.ndarray]:
+        rows = [self.row(int(i)) for i in np.asarray(indices)[self.lo:self.hi]]
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
 
 def make_dataset(examples: Sequence, tok: Tokenizer, *, max_len: int, batch_size: int,
-                 num_slots: int, seed: int, shuffle: bool, repeat: bool, process_index: int = 0,
-                 process_count: int = 1, worker_count: int = 0,
+                 num_slots: int, seed: int, shuffle: bool, repeat: bool,
+                 rows: tuple[int, int] | None = None, worker_count: int = 0,
                  pad_last_batch: bool = False) -> grain.IterDataset:
-    """Batches of this process's share of ``examples`` (see the module docstring).
+    """Rows ``rows = (lo, hi)`` (default: all) of each global batch of ``batch_size`` examples (see
+    the module docstring); a multi-host caller passes ``sharding.process_rows(mesh, batch_size, rules)``.
 
     Iterate it, or ``iter()`` it for a ``grain.DatasetIterator`` whose ``get_state()`` and
     ``set_state()`` checkpoint the position. ``worker_count > 0`` tokenizes in that many spawned
     worker processes (a script calling this needs the ``if __name__ == "__main__":`` guard).
     """
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} outside 0..{process_count - 1}")
     if batch_size < 1 or max_len < 1 or num_slots < 1:
         raise ValueError(f"batch_size, max_len, num_slots must be >= 1, got {batch_size}, "
                          f"{max_len}, {num_slots}")
+    try:
+        lo, hi = (0, batch_size) if rows is None else rows
+    except (TypeError, ValueError):
+        lo = hi = None
+    if not (isinstance(lo, (int, np.integer)) and isinstance(hi, (int, np.integer))
+            and 0 <= lo < hi <= batch_size):
+        raise ValueError(f"rows={rows!r}: need integers 0 <= lo < hi <= batch_size={batch_size} "
+                         "(this process's block of each global batch)")
     if repeat and pad_last_batch:
         raise ValueError("pad_last_batch is for a single pass; it cannot go with repeat=True")
     n = len(examples)
-    indices = np.arange(process_index, n, process_count, dtype=np.int64)
-    if len(indices) == 0:
-        raise ValueError(f"no examples for process {process_index} of {process_count} "
-                         f"({n} examples)")
+    if n == 0:
+        raise ValueError("make_dataset: no examples")
+    indices = np.arange(n, dtype=np.int64)
     if repeat:
         ds = grain.MapDataset.source(indices)
         ds = (ds.shuffle(seed=seed) if shuffle else ds).repeat()
@@ -157,10 +172,11 @@ def make_dataset(examples: Sequence, tok: Tokenizer, *, max_len: int, batch_size
         if shuffle:
             indices = np.random.default_rng(seed).permutation(indices)
         if pad_last_batch:
-            total = math.ceil(math.ceil(n / process_count) / batch_size) * batch_size
-            indices = np.concatenate([indices, np.full(total - len(indices), -1, np.int64)])
+            total = math.ceil(n / batch_size) * batch_size
+            indices = np.concatenate([indices, np.full(total - n, -1, np.int64)])
         ds = grain.MapDataset.source(indices)
-    ds = ds.map(_Row(examples, tok, max_len, num_slots)).batch(batch_size, drop_remainder=True)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.map(_Rows(examples, tok, max_len, num_slots, int(lo), int(hi)))
     it = ds.to_iter_dataset()
     if worker_count > 0:
         from absl import flags   # grain's worker processes read absl flags

@@ -98,9 +98,8 @@ def train(config, workdir: str, *, quiet: bool = False) -> dict:
     t = config.train
     ds = pipeline.make_dataset(
         data.train_examples, data.tokenizer, max_len=data.max_len,
-        batch_size=t.batch_size // jax.process_count(), num_slots=data.num_slots, seed=config.seed,
-        shuffle=True, repeat=True, process_index=jax.process_index(), process_count=jax.process_count(),
-        worker_count=config.data.workers)
+        batch_size=t.batch_size, num_slots=data.num_slots, seed=config.seed, shuffle=True, repeat=True,
+        rows=sharding.process_rows(run.mesh, t.batch_size, run.rules), worker_count=config.data.workers)
     it = iter(ds)
     mngr = checkpoint.manager(workdir, config.checkpoint.keep)
     best = (checkpoint.manager(workdir, 1, "best", config.checkpoint.best_metric)
@@ -139,13 +138,13 @@ def train(config, workdir: str, *, quiet: bool = False) -> dict:
 
     bar = tqdm(total=t.steps, initial=start, desc="train", disable=quiet or not is_main,
                dynamic_ncols=True)
-    tokens, tok_t0, last, step = 0, time.time(), {}, start
+    tokens, tok_t0, last, step = [], time.time(), {}, start
     train_t0 = time.time()
     try:
         for step in range(start + 1, t.steps + 1):
             batch = next(it)
-            tokens += int(np.sum(batch["segments"] > 0)) * jax.process_count()
             run.state, metrics = run.train_step(run.state, sharding.put_batch(batch, run.mesh, run.rules))
+            tokens.append(metrics["tokens"])  # of the GLOBAL batch (ours is a block); read when logging
             if t.nonfinite == "stop" and not bool(metrics["finite"]):
                 bad = [k for k in FINITE_TERMS if not bool(metrics[f"finite/{k}"])]
                 raise NonFiniteError(
@@ -155,9 +154,10 @@ def train(config, workdir: str, *, quiet: bool = False) -> dict:
             if step % t.log_every == 0 or step == t.steps:
                 last = jax.device_get(metrics)
                 now = time.time()
-                last["tokens_per_s"] = tokens / max(now - tok_t0, 1e-9)
+                last["tokens_per_s"] = int(np.sum(jax.device_get(tokens), dtype=np.int64)) / max(
+                    now - tok_t0, 1e-9)
                 last["skipped_steps"] = int(nnx.to_pure_dict(run.state)["skipped"])
-                tokens, tok_t0 = 0, now
+                tokens, tok_t0 = [], now
                 writer.write(step, {k: v for k, v in last.items() if not k.startswith("finite")})
                 bar.set_postfix(loss=f"{last['loss']:.3f}", mi=f"{last['mi']:.3f}",
                                 tok_s=f"{last['tokens_per_s']:.0f}")
