@@ -89,6 +89,17 @@ def totals(table: Sequence[Row]) -> dict[str, int]:
     return t
 
 
+def summary_line(state: nnx.State, mesh: Mesh | AbstractMesh, rules=sharding.DEFAULT_RULES) -> str:
+    """One line for a run's start: mesh, parameter count, and per-device bytes by group."""
+    table = rows(state, mesh, rules)
+    n_params = sum(math.prod(r.shape) for r in table if r.group == "params")
+    t = totals(table)
+    mesh_desc = ", ".join(f"{a}={mesh.shape[a]}" for a in mesh.axis_names)
+    return (f"mesh {mesh_desc}: {n_params:,} parameters; per device: params {_fmt_bytes(t['params'])}, "
+            f"optimizer {_fmt_bytes(t['optimizer'])}, other {_fmt_bytes(t['other'])} "
+            "(python -m iclm_jax.sharding_report for every array)")
+
+
 def _fmt_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":

@@ -138,6 +138,9 @@ def test_report_bytes_equal_what_jax_places_on_a_device():
     assert by_path["opt/opt_state/1/0/mu/base/embedding"].group == "optimizer"
     totals = sharding_report.totals(table)
     assert totals["optimizer"] > totals["params"] > 0
+    line = sharding_report.summary_line(nnx.state(ts), mesh)
+    n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(ts, nnx.Param)))
+    assert line.startswith(f"mesh data=2, fsdp=2, tensor=2: {n:,} parameters; per device: params ")
     text = sharding_report.report(nnx.state(ts), mesh)
     assert f"total params per device: {totals['params']} bytes" in text
     assert "model/base/embedding" in text and "(None, 'fsdp')" in text

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from iclm_jax import checkpoint, config_check, evaluate, report, sharding
+from iclm_jax import checkpoint, config_check, evaluate, report, sharding, sharding_report
 from iclm_jax.data import pipeline, sources
 from iclm_jax.data.reference import fit_reference, score_reference
 from iclm_jax.train import build
@@ -95,6 +95,8 @@ def train(config, workdir: str, *, quiet: bool = False) -> dict:
                        "train_examples": len(data.train_examples)}, f)
     run = Run(config, workdir, data)
     _check_disk(workdir, run.state_bytes(), config.checkpoint.keep)
+    if not quiet:
+        say(sharding_report.summary_line(run.state, run.mesh, run.rules))
     t = config.train
     ds = pipeline.make_dataset(
         data.train_examples, data.tokenizer, max_len=data.max_len,
