@@ -13,6 +13,7 @@ import numpy as np
 from iclm_jax.losses import MI_ESTIMATORS
 from iclm_jax.model.aggregator import AGGREGATORS
 from iclm_jax.model.iclm import ROUTER_SOURCES
+from iclm_jax.model.transformer import REMAT_POLICIES as REMAT
 from iclm_jax.sharding import DEFAULT_RULES, MESH_AXES, resolve_axes, rules_from_config
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -47,6 +48,7 @@ def validate(c, *, num_devices: int | None = None) -> None:
              f"a multiple of model.n_kv_heads={m.n_kv_heads}")
     need(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "> 0")
     need(m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {DTYPES}")
+    need(m.get("remat", "none") in REMAT, "model.remat", m.get("remat"), f"one of {REMAT}")
     need(m.num_modules >= 1, "model.num_modules", m.num_modules, "an integer >= 1")
     need(m.aggregator in AGGREGATORS, "model.aggregator", m.aggregator, f"one of {AGGREGATORS}")
     need(0.0 <= m.invariant_weight <= 1.0, "model.invariant_weight", m.invariant_weight, "in [0, 1]")
@@ -151,6 +153,13 @@ def validate(c, *, num_devices: int | None = None) -> None:
         shape = resolve_axes(mesh_axes, n)
         if slices > 1:
             shape["data"] = shape.get("data", 1) * slices
+        module_ways = shape.get("module", 1)
+        if module_ways > 1 and dict(rules).get("module"):
+            adapters = m.num_modules + int(bool(m.invariant)) + int(c.router.source == "adapter")
+            need(adapters % module_ways == 0, "mesh.module", module_ways,
+                 f"a divisor of the adapter stack ({adapters} = model.num_modules {m.num_modules} + invariant "
+                 f"{int(bool(m.invariant))} + router adapter {int(c.router.source == 'adapter')}); "
+                 "else the adapters would be replicated, not split")
         batch = dict(rules)["batch"]
         batch = (batch,) if isinstance(batch, str) else tuple(batch or ())
         data_ways = int(np.prod([shape.get(a, 1) for a in batch]))

@@ -21,7 +21,8 @@ BAD = [
     ("model.invariant_weight", 2.0), ("router.ema_decay", 1.0), ("train.nonfinite", "ignore"),
     ("checkpoint.best_metric", "OOD/all"), ("checkpoint.keep", 0), ("data.train_split", "Val"),
     ("data.max_len", -1), ("data.train_file", "/nonexistent.json"), ("model.rope_theta", 0.0),
-    ("mi.apply_to", "some"), ("mi.critic_lr", 0.0), ("router.temperature", 0.0),
+    ("mi.apply_to", "some"), ("mi.critic_lr", 0.0), ("router.temperature", 0.0), ("train.adam_eps", 0.0),
+    ("rules.embed", "fsdp,model"), ("mesh.slices", 0),
 ]
 
 
@@ -46,6 +47,23 @@ def test_mesh_and_batch_divisibility():
     c.mesh = {"dat": 8}
     with pytest.raises(ConfigError, match="mesh"):
         validate(c, num_devices=8)
+
+
+def test_slices_and_module_axis():
+    c = acre_cfg.get_config()
+    c.mesh.update(data=2, fsdp=2, slices=2)           # 2 slices of data 2 x fsdp 2: batch split 8 ways
+    validate(c, num_devices=8)
+    with pytest.raises(ConfigError, match=r"mesh=.*devices per slice 8"):
+        validate(c, num_devices=16)
+    c.train.batch_size = 12
+    with pytest.raises(ConfigError, match=r"train.batch_size=12.*batch split \(rules.batch\) 8"):
+        validate(c, num_devices=8)
+    c = acre_cfg.get_config()                          # K 2 + invariant = 3 adapters: not over module=2
+    c.mesh.update(data=4, module=2)
+    with pytest.raises(ConfigError, match=r"mesh.module=2.*adapter stack \(3 = model.num_modules 2"):
+        validate(c, num_devices=8)
+    c.model.num_modules = 3
+    validate(c, num_devices=8)
 
 
 def test_all_errors_reported_together():

@@ -23,6 +23,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         d_model=64, n_layers=4, n_heads=2, n_kv_heads=1, head_dim=32, mlp_dim=192,
         rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=True,
         dtype="float32",           # compute dtype: bfloat16 on accelerators
+        remat="none",              # per-block rematerialisation: none | block (keep inputs only) | dots
         init="",                   # pretrained base: "smollm2" | a Hugging Face dir | a .gguf file
         train_base=True,           # False: frozen pretrained base, only adapters/router/aggregator train
         num_modules=2,             # K domain-specific modules

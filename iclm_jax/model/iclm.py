@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from iclm_jax import sharding
 from iclm_jax.model.aggregator import Aggregator
 from iclm_jax.model.lora import LoraConfig
 from iclm_jax.model.router import RouteOut, Router, pool_prompt
-from iclm_jax.model.transformer import Transformer, TransformerConfig
+from iclm_jax.model.transformer import RESIDUAL, Transformer, TransformerConfig
 
 ROUTER_SOURCES = ("invariant", "base", "adapter")
 
@@ -140,10 +141,12 @@ class ICLM(nnx.Module):
                 gate = jnp.take_along_axis(route.weights, route.index[:, None], axis=1)
                 x_spec = x_spec * gate[:, :, None]
 
+        x_spec = sharding.constrain(x_spec, RESIDUAL)   # the aggregator's inputs keep the batch split
         if cfg.invariant:
             logits = self.aggregator(self.base, x_inv, x_spec)
         else:
             logits = self.base.logits(x_spec)
+        logits = sharding.constrain(logits, ("batch", "length", "vocab"))
 
         aux = {}
         if cfg.aux_heads:

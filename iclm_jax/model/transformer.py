@@ -11,6 +11,10 @@ tables and softmax are float32.
 
 Incremental decoding: ``init_cache`` + ``extend`` run new tokens against a ``KVCache`` of the
 earlier ones (same layers and weights as ``__call__``, which is unchanged); see ``generate.py``.
+
+Scale: the residual stream is pinned at every block boundary by logical names (``sharding.constrain``,
+a no-op outside a step traced under ``sharding.activation_sharding``), and ``cfg.remat`` rematerialises
+each block in the backward pass. Neither changes a value; ``extend`` uses neither.
 """
 from __future__ import annotations
 
@@ -21,7 +25,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from iclm_jax import sharding
 from iclm_jax.model.lora import BASE_INIT_STD, LoraConfig, LoRALinear
+
+#: What a rematerialised block keeps for the backward pass (``cfg.remat``): "none" = no remat (all of
+#: it), "block" = only its inputs (recompute the whole block), "dots" = also its weight matmuls' outputs.
+REMAT_POLICIES = {"none": None, "block": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+RESIDUAL = ("batch", "length", "act_embed")   # logical names of the residual stream [B, L, d]
 
 _MASK_VALUE = float(jnp.finfo(jnp.float32).min)  # finite: fully masked (padding) rows stay NaN-free
 
@@ -39,6 +50,7 @@ class TransformerConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     dtype: Any = jnp.float32  # compute dtype; params are always float32
+    remat: str = "none"       # REMAT_POLICIES key; memory only, not part of the saved state's structure
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim"):
@@ -56,6 +68,9 @@ class TransformerConfig:
             raise ValueError(f"TransformerConfig.rope_theta must be > 0, got {self.rope_theta!r}")
         if not self.norm_eps > 0:
             raise ValueError(f"TransformerConfig.norm_eps must be > 0, got {self.norm_eps!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"TransformerConfig.remat (model.remat) must be one of "
+                             f"{tuple(REMAT_POLICIES)}, got {self.remat!r}")
 
 
 class RMSNorm(nnx.Module):
@@ -227,9 +242,17 @@ class Transformer(nnx.Module):
                 f"{segments.shape} must share shape [B, L]"
             )
         x = jnp.take(self.embedding[...], inputs, axis=0)  # float32 residual stream
+        x = sharding.constrain(x, RESIDUAL)
         mask = attention_mask(segments)
+
+        def run(layer, x, positions, mask, adapter):
+            return layer(x, positions, mask, adapter, deterministic)
+
+        policy = REMAT_POLICIES[self.cfg.remat]
+        if policy is not None:
+            run = nnx.remat(run, policy=policy)
         for layer in self.layers:
-            x = layer(x, positions, mask, adapter, deterministic)
+            x = sharding.constrain(run(layer, x, positions, mask, adapter), RESIDUAL)
         return x
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
@@ -276,9 +299,11 @@ class Transformer(nnx.Module):
         h = h.astype(self.cfg.dtype)
         if self.lm_head is None:
             w = self.embedding[...].astype(self.cfg.dtype)
-            return jnp.einsum("bld,vd->blv", h, w, preferred_element_type=jnp.float32)
-        w = self.lm_head[...].astype(self.cfg.dtype)
-        return jnp.einsum("bld,dv->blv", h, w, preferred_element_type=jnp.float32)
+            out = jnp.einsum("bld,vd->blv", h, w, preferred_element_type=jnp.float32)
+        else:
+            w = self.lm_head[...].astype(self.cfg.dtype)
+            out = jnp.einsum("bld,dv->blv", h, w, preferred_element_type=jnp.float32)
+        return sharding.constrain(out, ("batch", "length", "vocab"))
 
     def logits(self, x: jax.Array) -> jax.Array:
         return self.head(self.final_norm(x))

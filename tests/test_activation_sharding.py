@@ -1,0 +1,187 @@
+"""Scale without changing the math: per-block remat gives the same loss and gradients as no remat, the
+residual stream is pinned at every block boundary only while a step is traced under the activation
+rules, and a step with those constraints on a data x fsdp mesh equals the unconstrained one-device step."""
+import dataclasses
+import re
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from iclm_jax import losses, sharding
+from iclm_jax.checkpoint import to_storable
+from iclm_jax.model.transformer import REMAT_POLICIES
+from iclm_jax.train import build
+from iclm_jax.train.step import make_steps
+from tests.helpers import VOCAB, nonzero_lora_b, random_batch, tiny_base
+from tests.test_step import tiny_config
+
+MESH = {"data": 4, "fsdp": 2}
+
+
+def _config(remat="none", dropout=0.0):
+    config = tiny_config()
+    config.model.remat = remat
+    config.lora.dropout = dropout
+    return config
+
+
+def _loss_fn(config):
+    """(train state, loss(model, batch)) of the ICLM train objective, MINE critic held fixed."""
+    ts = build.train_state(config, VOCAB)
+    nonzero_lora_b(ts.model)            # fresh B = 0 would zero every LoRA A gradient
+    loss_cfg = build.loss_config(config)
+
+    def loss(model, batch):
+        return losses.total_loss(model(batch, train=True), batch, ts.critic, loss_cfg)[0]
+    return ts, loss
+
+
+def _flat(tree) -> dict:
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _eager_loss_and_grads(config):
+    """Op by op (no jit), so both sides run the very same XLA kernels: remat may then not change a bit.
+    Returns loss, gradients and the model state after the pass (router EMA, dropout RNG counts)."""
+    ts, loss = _loss_fn(config)
+    batch = {k: jnp.asarray(v) for k, v in random_batch(b=4, seed=3).items()}
+    value, grads = nnx.value_and_grad(loss)(ts.model, batch)
+    return float(value), _flat(nnx.to_pure_dict(grads)), _flat(to_storable(nnx.state(ts.model)))
+
+
+def _remat_eqns(config) -> list:
+    """The checkpoint (remat) equations in the jaxpr of the training gradient."""
+    ts, loss = _loss_fn(config)
+    graphdef, state = nnx.split(ts.model)
+    batch = {k: jnp.asarray(v) for k, v in random_batch(b=4).items()}
+    jaxpr = jax.make_jaxpr(lambda s: nnx.grad(loss)(nnx.merge(graphdef, s), batch))(state)
+    found = []
+
+    def walk(j):
+        for e in j.eqns:
+            if e.primitive.name in ("remat2", "checkpoint"):   # jax.checkpoint's primitive
+                found.append(e)
+            for sub in jax.extend.core.jaxprs_in_params(e.params):
+                walk(sub)
+    walk(jaxpr.jaxpr)
+    return found
+
+
+# keep_prob 0.5 makes dropout's x / keep_prob exact: with keep_prob 0.9 the eager reference itself
+# rounds that division in two ways (1 ulp) depending on how JAX dispatches it, remat or not.
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_remat_gives_identical_loss_gradients_and_state(dropout):
+    want_loss, want_grads, want_state = _eager_loss_and_grads(_config("none", dropout))
+    for remat in ("block", "dots"):
+        loss, grads, state = _eager_loss_and_grads(_config(remat, dropout))
+        assert loss == want_loss, remat
+        assert grads.keys() == want_grads.keys()
+        assert any(np.any(g != 0) for k, g in grads.items() if "lora_a" in k)
+        for k, g in want_grads.items():
+            np.testing.assert_array_equal(grads[k], g, err_msg=f"{remat} gradient {k}")
+        for k, v in want_state.items():     # same dropout draws and RNG counts, same router EMA update
+            np.testing.assert_array_equal(state[k], v, err_msg=f"{remat} state {k}")
+
+
+def test_remat_wraps_every_block_with_its_policy():
+    n = tiny_config().model.n_layers
+    assert _remat_eqns(_config("none")) == []
+    for remat in ("block", "dots"):
+        eqns = _remat_eqns(_config(remat))
+        # The invariant pass and the routed pass each run every block once.
+        assert len(eqns) == 2 * n, remat
+        assert all(e.params["policy"] is REMAT_POLICIES[remat] for e in eqns), remat
+
+
+def test_remat_is_validated_by_name():
+    with pytest.raises(ValueError, match="TransformerConfig.remat"):
+        dataclasses.replace(tiny_base(), remat="all")
+    from iclm_jax.config_check import ConfigError, validate
+    config = _config()
+    config.model.remat = "blocks"
+    with pytest.raises(ConfigError, match="model.remat='blocks'"):
+        validate(config, num_devices=1)
+
+
+def _constraint_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "sharding_constraint" in line or "@Sharding" in line]
+
+
+def test_block_boundaries_are_constrained_only_under_the_rules():
+    config = _config()
+    n, d = config.model.n_layers, config.model.d_model
+    mesh = sharding.make_mesh(MESH)
+    ts = nnx.eval_shape(lambda: build.train_state(config, VOCAB))
+    shard = sharding.state_shardings(nnx.state(ts), mesh)
+    _, state, step, _ = make_steps(ts, build.loss_config(config), num_domains=2, num_slots=1,
+                                   state_sharding=shard, batch_sharding=sharding.batch_sharding(mesh))
+    rows = sharding.batch_sharding(mesh)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rows) for k, v in random_batch(b=8).items()}
+    lines = _constraint_lines(step.lower(sharding.abstract_state(state, mesh), batch).as_text())
+    residual = [line for line in lines if f"tensor<8x12x{d}xf32>" in line]
+    # Forward: embedding + every block output, for the invariant and the routed pass (the backward
+    # pass adds the transposed constraints).
+    assert len(residual) >= 2 * (n + 1), lines
+    for line in residual:    # batch over data x fsdp, length and embed replicated
+        assert re.search(r'\[\{"data", "fsdp"\}, \{\}, \{\}\]|devices=\[8,1,1\]', line), line
+    assert any(f"tensor<8x12x{VOCAB}xf32>" in line for line in lines)     # the logits
+
+    # The model alone: no constraint outside the context, one per boundary inside it.
+    model = build.train_state(config, VOCAB).model
+    graphdef, params = nnx.split(model)
+    host = {k: jnp.asarray(v) for k, v in random_batch(b=8).items()}
+
+    def constraints() -> int:
+        # A fresh function per trace: jax caches traces by function, and the rules are not in its key.
+        def forward(s):
+            return nnx.merge(graphdef, s)(host, train=False).logits
+        return str(jax.make_jaxpr(forward)(params)).count("sharding_constraint")
+    assert constraints() == 0
+    with sharding.activation_sharding(mesh, sharding.DEFAULT_RULES):
+        assert constraints() >= 2 * (n + 1) + 1      # + the logits
+
+
+def _train(config, mesh, steps=2):
+    """Losses, grad norms and final state (parameters, Adam moments, router, critic); ``mesh=None``:
+    one device, no shardings, no constraints."""
+    ts = build.train_state(config, VOCAB)
+    if mesh is None:
+        _, state, step, _ = make_steps(ts, build.loss_config(config), num_domains=2, num_slots=1)
+        put = lambda b: b   # noqa: E731
+    else:
+        shard = sharding.state_shardings(nnx.state(ts), mesh)
+        _, state, step, _ = make_steps(ts, build.loss_config(config), num_domains=2, num_slots=1,
+                                       state_sharding=shard, batch_sharding=sharding.batch_sharding(mesh))
+        state = jax.device_put(state, shard)
+        put = lambda b: sharding.put_batch(b, mesh)   # noqa: E731
+    out = []
+    for s in range(steps):
+        state, metrics = step(state, put(random_batch(b=8, seed=s)))
+        out.append((float(metrics["loss"]), float(metrics["grad_norm"])))
+    return np.asarray(out), _flat(to_storable(state))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("remat", ["none", "block"])
+def test_constrained_mesh_step_equals_the_plain_one_device_step(remat):
+    def config(remat):
+        # Adam's update g / (|g| + eps) has slope 1/eps at 0: at eps 1e-8 a float32 rounding difference in
+        # a near-zero gradient (a sharded reduction sums in another order) becomes a change of up to 2 lr.
+        # eps 1e-3 bounds that slope, so the parameters compare the gradients, not their rounding.
+        c = _config(remat)
+        c.train.adam_eps = 1e-3
+        return c
+    with jax.default_device(jax.devices()[0]):
+        want, want_params = _train(config("none"), None)
+    got, params = _train(config(remat), sharding.make_mesh(MESH))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert params.keys() == want_params.keys()
+    for k, x in want_params.items():
+        if np.issubdtype(x.dtype, np.floating):
+            np.testing.assert_allclose(params[k], x, rtol=1e-5, atol=1e-5 * float(np.abs(x).max()), err_msg=k)
+        else:
+            np.testing.assert_array_equal(params[k], x, err_msg=k)
