@@ -3,18 +3,27 @@
 No weights are allocated: the train state is built with ``nnx.eval_shape``, the step is lowered for
 abstract (ShapeDtypeStruct) state and batch on a mesh of fake CPU devices and compiled; XLA's
 ``memory_analysis()`` then reports the bytes each device needs. This is how to choose a mesh for a pod
-before renting it. The step is unrolled over layers (no scan), so compiling 32 layers is slow on a small
-CPU: ``--layers=2,4`` measures two depths and extrapolates every term linearly to ``--target_layers``.
+before renting it. The step is the real one (``make_steps``: activation constraints at every block
+boundary, per-block remat from ``--remat``). Layers are unrolled (no scan), so compile time grows with
+depth, for some meshes faster than linearly; ``--layers=4,8`` compiles two depths and extrapolates every
+term linearly to ``--target_layers`` (checked against full 32-layer compiles in docs/scaling.md).
 
-    python benchmarks/aot_memory.py --devices=64 --meshes="fsdp=64;data=8,fsdp=8" --layers=2,4
+    python benchmarks/aot_memory.py --devices=64 --meshes="data=8,fsdp=8" --layers=32
+    python benchmarks/aot_memory.py --devices=64 --meshes="data=4,fsdp=16;fsdp=64" --layers=4,8
+    python benchmarks/aot_memory.py --devices=8 --meshes="fsdp=8" --batch=16 --layers=32
 
 CPU-compiled buffer sizes are a proxy for the GPU/TPU compilers' (same shapes and shardings, different
-fusion and scheduling): read them as within tens of percent, not exact.
+fusion and scheduling): read them as within tens of percent, not exact. Two XLA:CPU defaults would make
+the proxy much worse, so they are changed here (``--raw_cpu`` keeps them): XLA:CPU drops the optimization
+barriers that ``jax.checkpoint`` puts around a recomputation *before* its CSE passes, which merge the
+recomputation back into the forward pass (remat then saves nothing; GPU drops them only after scheduling),
+and its default scheduler favours concurrency over memory (it hoists every weight all-gather to the start).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import time
 
@@ -22,21 +31,31 @@ import time
 def _parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--devices", type=int, default=64, help="fake CPU devices (the mesh size)")
-    p.add_argument("--meshes", default="fsdp=64;data=8,fsdp=8;data=4,fsdp=8,tensor=2",
+    p.add_argument("--meshes", default="data=8,fsdp=8",
                    help="';'-separated meshes, each 'axis=size,...' over data,fsdp,tensor,module")
-    p.add_argument("--layers", default="2,4", help="layer counts to compile (two or more to extrapolate)")
+    p.add_argument("--layers", default="32",
+                   help="layer counts to compile; without --target_layers among them, the two deepest "
+                        "are extrapolated linearly")
     p.add_argument("--target_layers", type=int, default=32)
     p.add_argument("--batch", type=int, default=64, help="global batch (rows)")
     p.add_argument("--seq_len", type=int, default=2048)
     p.add_argument("--num_modules", type=int, default=4)
     p.add_argument("--lora_rank", type=int, default=16)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--remat", default="block", help="model.remat: none | block | dots")
+    p.add_argument("--raw_cpu", action="store_true",
+                   help="keep XLA:CPU's barrier expansion and concurrency scheduler (see the docstring)")
     return p.parse_args(argv)
+
+
+# Keep jax.checkpoint's optimization barriers through XLA:CPU's CSE, and schedule for memory.
+CPU_FLAGS = ("--xla_disable_hlo_passes=cse_barrier_expander "
+             "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED")
 
 
 ARGS = _parse_args() if __name__ == "__main__" else None
 if ARGS is not None:   # must precede the first jax import
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + ("" if ARGS.raw_cpu else " " + CPU_FLAGS)
                                + f" --xla_force_host_platform_device_count={ARGS.devices}")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -54,7 +73,8 @@ GIB = 1024 ** 3
 NUM_SLOTS = 4   # ACRE: 4 packed queries per row
 
 
-def llama7b_config(n_layers: int, *, num_modules: int = 4, lora_rank: int = 16, dtype: str = "bfloat16"):
+def llama7b_config(n_layers: int, *, num_modules: int = 4, lora_rank: int = 16, dtype: str = "bfloat16",
+                   remat: str = "block"):
     """The ICLM config for a LLaMA-2-7B-sized frozen base (acre.py defaults otherwise)."""
     import importlib.util
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -66,7 +86,7 @@ def llama7b_config(n_layers: int, *, num_modules: int = 4, lora_rank: int = 16, 
     m = c.model
     m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads = 32000, 4096, n_layers, 32, 32
     m.head_dim, m.mlp_dim, m.tie_embeddings, m.dtype = 128, 11008, False, dtype
-    m.train_base, m.num_modules, m.invariant = False, num_modules, True
+    m.train_base, m.num_modules, m.invariant, m.remat = False, num_modules, True, remat
     c.lora.rank, c.lora.alpha, c.lora.targets = lora_rank, 2.0 * lora_rank, "q,k,v,o,gate,up,down"
     return c
 
@@ -102,7 +122,9 @@ def measure(config, mesh_axes: dict, batch: int, seq_len: int) -> dict:
     out = {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
            "temp": m.temp_size_in_bytes, "alias": m.alias_size_in_bytes}
     out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
-    out.update(compile_s=time.time() - t0, state_elems=params, trainable=trainable)
+    out.update(compile_s=time.time() - t0, state_elems=params, trainable=trainable,
+               rows=batch // sharding.data_ways(mesh),
+               host_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     return out
 
 
@@ -128,24 +150,28 @@ def extrapolate(by_layers: dict[int, dict], target: int) -> dict:
 def main(args: argparse.Namespace) -> None:
     layers = [int(x) for x in args.layers.split(",")]
     print(f"# {jax.device_count()} fake {jax.devices()[0].platform} devices; batch {args.batch} x "
-          f"seq {args.seq_len}; K={args.num_modules} + invariant, LoRA r={args.lora_rank}, {args.dtype}")
-    print("| mesh | layers | argument GiB | output GiB | temp GiB | alias GiB | total GiB | compile s |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"seq {args.seq_len}; K={args.num_modules} + invariant, LoRA r={args.lora_rank}, {args.dtype}, "
+          f"remat={args.remat}; XLA:CPU {'defaults' if args.raw_cpu else CPU_FLAGS}")
+    print("| mesh | rows/device | layers | argument GiB | output GiB | temp GiB | alias GiB | total GiB "
+          "| compile s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for spec in filter(None, (s.strip() for s in args.meshes.split(";"))):
         got = {}
         for n in layers:
             r = measure(llama7b_config(n, num_modules=args.num_modules, lora_rank=args.lora_rank,
-                                       dtype=args.dtype), _mesh(spec), args.batch, args.seq_len)
+                                       dtype=args.dtype, remat=args.remat), _mesh(spec), args.batch,
+                        args.seq_len)
             got[n] = r
-            print(f"| {spec} | {n} | " + " | ".join(f"{r[k] / GIB:.2f}" for k in
+            print(f"| {spec} | {r['rows']} | {n} | " + " | ".join(f"{r[k] / GIB:.2f}" for k in
                   ("argument", "output", "temp", "alias", "total")) + f" | {r['compile_s']:.0f} |",
                   flush=True)
             if n == layers[0]:
                 print(f"<!-- {n} layers: {r['state_elems'] / 1e9:.2f}B state elements, "
-                      f"{r['trainable'] / 1e6:.1f}M trainable -->", flush=True)
+                      f"{r['trainable'] / 1e6:.1f}M trainable; host peak RSS so far "
+                      f"{r['host_gib']:.1f} GiB -->", flush=True)
         if args.target_layers not in got and len(got) >= 2:
             e = extrapolate(got, args.target_layers)
-            print(f"| {spec} | {args.target_layers} (extrapolated) | " + " | ".join(
+            print(f"| {spec} | {r['rows']} | {args.target_layers} (extrapolated) | " + " | ".join(
                 f"{e[k] / GIB:.2f}" for k in ("argument", "output", "temp", "alias", "total")) + " | - |",
                 flush=True)
 

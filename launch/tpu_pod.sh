@@ -4,7 +4,7 @@
 #
 #   TPU_NAME=iclm-v5p ZONE=us-east5-a ACCELERATOR=v5p-64 RUNTIME=v2-alpha-tpuv5 \
 #     launch/tpu_pod.sh --workdir=gs://my-bucket/runs/smol --config=experiments/configs/smollm2.py \
-#       --config.model.dtype=bfloat16 --config.mesh.data=4 --config.mesh.fsdp=8   # 32 chips
+#       --config.model.dtype=bfloat16 --config.mesh.data=1 --config.mesh.fsdp=-1   # fsdp=32 chips
 #
 # Everything after the script name goes to `python -m iclm_jax.main`. --distributed makes each worker
 # call jax.distributed.initialize() with no arguments: on a TPU VM JAX reads the slice's metadata
