@@ -8,13 +8,13 @@ from __future__ import annotations
 import os
 
 import jax
-import numpy as np
+from jax.sharding import AbstractMesh
 
 from iclm_jax.losses import MI_ESTIMATORS
 from iclm_jax.model.aggregator import AGGREGATORS
 from iclm_jax.model.iclm import ROUTER_SOURCES
 from iclm_jax.model.transformer import REMAT_POLICIES as REMAT
-from iclm_jax.sharding import DEFAULT_RULES, MESH_AXES, resolve_axes, rules_from_config
+from iclm_jax.sharding import DEFAULT_RULES, MESH_AXES, data_ways, resolve_axes, rules_from_config
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 ROUTER_UPDATES = ("ema", "gradient")
@@ -134,10 +134,9 @@ def validate(c, *, num_devices: int | None = None) -> None:
         rules = rules_from_config(c.get("rules"))
     except ValueError as e:
         errs.append(str(e))
-    where = f"the device count {n}"
+    per_slice, where = n, f"the device count {n}"
     if slices > 1 and n % slices == 0:
-        n //= slices           # the sizes are one slice's
-        where = f"the devices per slice {n}"
+        per_slice, where = n // slices, f"the devices per slice {n // slices}"   # the sizes are one slice's
     if not bad:
         sizes = [int(v) for v in mesh_axes.values()]
         fills = sizes.count(-1)
@@ -147,12 +146,10 @@ def validate(c, *, num_devices: int | None = None) -> None:
         need(fills <= 1 and all(s == -1 or s >= 1 for s in sizes), "mesh", dict(c.mesh),
              "sizes >= 1 with at most one -1")
         if fills == 0:
-            need(prod == n, "mesh", dict(c.mesh), f"sizes whose product equals {where}")
+            need(prod == per_slice, "mesh", dict(c.mesh), f"sizes whose product equals {where}")
         else:
-            need(n % prod == 0, "mesh", dict(c.mesh), f"fixed sizes dividing {where}")
-        shape = resolve_axes(mesh_axes, n)
-        if slices > 1:
-            shape["data"] = shape.get("data", 1) * slices
+            need(per_slice % prod == 0, "mesh", dict(c.mesh), f"fixed sizes dividing {where}")
+        shape = resolve_axes(dict(c.mesh), n)
         module_ways = shape.get("module", 1)
         if module_ways > 1 and dict(rules).get("module"):
             adapters = m.num_modules + int(bool(m.invariant)) + int(c.router.source == "adapter")
@@ -160,13 +157,11 @@ def validate(c, *, num_devices: int | None = None) -> None:
                  f"a divisor of the adapter stack ({adapters} = model.num_modules {m.num_modules} + invariant "
                  f"{int(bool(m.invariant))} + router adapter {int(c.router.source == 'adapter')}); "
                  "else the adapters would be replicated, not split")
-        batch = dict(rules)["batch"]
-        batch = (batch,) if isinstance(batch, str) else tuple(batch or ())
-        data_ways = int(np.prod([shape.get(a, 1) for a in batch]))
-        if data_ways >= 1:
-            need(t.batch_size % data_ways == 0, "train.batch_size", t.batch_size,
-                 f"a multiple of the batch split (rules.batch) {data_ways}")
-            need(c.eval.batch_size % data_ways == 0, "eval.batch_size", c.eval.batch_size,
-                 f"a multiple of the batch split (rules.batch) {data_ways}")
+        if all(v >= 1 for v in shape.values()):
+            ways = data_ways(AbstractMesh(tuple(shape.values()), tuple(shape)), rules)
+            need(t.batch_size % ways == 0, "train.batch_size", t.batch_size,
+                 f"a multiple of the batch split (rules.batch) {ways}")
+            need(c.eval.batch_size % ways == 0, "eval.batch_size", c.eval.batch_size,
+                 f"a multiple of the batch split (rules.batch) {ways}")
     if errs:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errs))

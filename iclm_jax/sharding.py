@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor", "module")
 BATCH_AXES = ("data", "fsdp")
@@ -55,16 +55,34 @@ def rules_from_config(rules: Mapping[str, str] | None) -> tuple[tuple[str, Any],
 
 
 def resolve_axes(axes: Mapping[str, int], num_devices: int) -> dict[str, int]:
-    """Axis sizes in MESH_AXES order with a -1 filled by the remaining devices (no device needed,
-    so config validation and make_mesh agree on the shape). ``slices`` (see make_mesh) is ignored."""
+    """The full mesh shape of ``config.mesh`` (MESH_AXES order) on ``num_devices``, with no device needed,
+    so config validation, planning and make_mesh agree on it. A -1 is filled by the remaining devices;
+    with ``slices = S > 1`` the sizes are one slice's (num_devices / S) and ``data`` is S x its size.
+    The product is not checked here (callers report a mismatch in their own terms)."""
+    slices = int(axes.get("slices", 1) or 1)
     axes = {k: v for k, v in axes.items() if k != "slices"}
     unknown = sorted(set(axes) - set(MESH_AXES))
     if unknown:
         raise ValueError(f"mesh: unknown axis names {unknown}; expected some of {MESH_AXES}")
+    if slices > 1:
+        axes = {"data": 1, **axes}
+        num_devices //= slices
     names = [a for a in MESH_AXES if a in axes]
     sizes = [int(axes[a]) for a in names]
     fixed = int(np.prod([s for s in sizes if s != -1])) if sizes else 1
-    return {a: num_devices // fixed if s == -1 else s for a, s in zip(names, sizes)}
+    shape = {a: num_devices // fixed if s == -1 else s for a, s in zip(names, sizes)}
+    if slices > 1:
+        shape["data"] *= slices
+    return shape
+
+
+def abstract_mesh(axes: Mapping[str, int], num_devices: int) -> AbstractMesh:
+    """A device-free mesh of ``config.mesh`` for ``num_devices``: the shape ``make_mesh`` builds."""
+    shape = resolve_axes(axes, num_devices)
+    if math.prod(shape.values()) != num_devices:
+        raise ValueError(f"mesh {dict(axes)} makes {shape}: {math.prod(shape.values())} devices, "
+                         f"not {num_devices}")
+    return AbstractMesh(tuple(shape.values()), tuple(shape))
 
 
 def _granules(devices: Sequence, slices: int) -> list[list]:
@@ -96,26 +114,20 @@ def make_mesh(axes: Mapping[str, int], devices: Sequence | None = None) -> Mesh:
     slices = int(axes.get("slices", 1) or 1)
     if slices < 1:
         raise ValueError(f"mesh.slices must be >= 1, got {slices}")
+    shape = resolve_axes(axes, len(devices))
     if slices == 1:
-        shape = resolve_axes(axes, len(devices))
-        sizes = list(shape.values())
-        if int(np.prod(sizes)) != len(devices):
-            raise ValueError(f"mesh {shape} needs {int(np.prod(sizes))} devices, have {len(devices)}")
-        arr = np.asarray(devices).reshape(sizes)
+        if math.prod(shape.values()) != len(devices):
+            raise ValueError(f"mesh {shape} needs {math.prod(shape.values())} devices, have {len(devices)}")
+        arr = np.asarray(devices).reshape(list(shape.values()))
     else:
         groups = _granules(devices, slices)
-        shape = resolve_axes({"data": 1, **axes}, len(groups[0]))
-        if int(np.prod(list(shape.values()))) != len(groups[0]):
-            raise ValueError(f"mesh slice shape {shape} needs {int(np.prod(list(shape.values())))} "
+        per_slice = dict(shape, data=shape["data"] // slices)
+        if math.prod(per_slice.values()) != len(groups[0]):
+            raise ValueError(f"mesh slice shape {per_slice} needs {math.prod(per_slice.values())} "
                              f"devices per slice, have {len(groups[0])} ({slices} slices)")
-        data_at = list(shape).index("data")
-        arr = np.concatenate([np.asarray(g).reshape(list(shape.values())) for g in groups], axis=data_at)
-        shape["data"] *= slices
+        arr = np.concatenate([np.asarray(g).reshape(list(per_slice.values())) for g in groups],
+                             axis=list(shape).index("data"))
     return Mesh(arr, tuple(shape), axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
-
-
-def mesh_from_config(mesh_cfg: Mapping[str, int], devices: Sequence | None = None) -> Mesh:
-    return make_mesh(dict(mesh_cfg), devices)
 
 
 def logical_to_spec(names: Sequence[str | None] | None, mesh: Mesh,
@@ -179,16 +191,20 @@ def _names_of(variable) -> tuple | None:
     return tuple(names) if names else None
 
 
+def spec_of(variable, mesh: Mesh | AbstractMesh, rules=DEFAULT_RULES) -> P:
+    """The PartitionSpec of one NNX variable (or bare array) by its logical names; unnamed arrays and
+    names of the wrong rank are replicated."""
+    value = variable.get_value() if isinstance(variable, nnx.Variable) else variable
+    names = _names_of(variable) if isinstance(variable, nnx.Variable) else None
+    if names is None or len(names) != getattr(value, "ndim", 0):
+        return P()
+    return logical_to_spec(names, mesh, rules, shape=value.shape)
+
+
 def state_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):
     """A NamedSharding for every array of an NNX state, from its variables' logical names."""
-    def one(v):
-        value = v.get_value() if isinstance(v, nnx.Variable) else v
-        names = _names_of(v) if isinstance(v, nnx.Variable) else None
-        ndim = getattr(value, "ndim", 0)
-        if names is None or len(names) != ndim:
-            return NamedSharding(mesh, P())
-        return NamedSharding(mesh, logical_to_spec(names, mesh, rules, shape=value.shape))
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(lambda v: NamedSharding(mesh, spec_of(v, mesh, rules)), state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> NamedSharding:

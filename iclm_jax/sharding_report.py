@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AbstractMesh, Mesh, PartitionSpec as P
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
 from iclm_jax import sharding
 
@@ -44,18 +44,6 @@ def _group(path: str, variable) -> str:
     return "params" if isinstance(variable, nnx.Param) else "other"
 
 
-def shard_shape(shape: Sequence[int], spec: P, mesh: Mesh | AbstractMesh) -> tuple[int, ...]:
-    """Per-device shape of an array of ``shape`` sharded by ``spec`` (ceil division: exact for the specs
-    ``logical_to_spec`` makes given a shape, which only use dividing axes; XLA pads any other)."""
-    out = []
-    for i, dim in enumerate(shape):
-        entry = spec[i] if i < len(spec) else None
-        axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
-        ways = math.prod(mesh.shape[a] for a in axes)
-        out.append(-(-int(dim) // ways))
-    return tuple(out)
-
-
 def rows(state: nnx.State, mesh: Mesh | AbstractMesh, rules=sharding.DEFAULT_RULES) -> list[Row]:
     """One Row per array of an NNX state (concrete or abstract); specs from ``sharding.logical_to_spec``."""
     out = []
@@ -72,8 +60,8 @@ def rows(state: nnx.State, mesh: Mesh | AbstractMesh, rules=sharding.DEFAULT_RUL
         names = sharding._names_of(v)
         if names is not None and len(names) != len(shape):
             names = None      # as state_shardings: a rank mismatch is replicated
-        spec = sharding.logical_to_spec(names, mesh, rules, shape=shape) if names else P()
-        size = math.prod(shard_shape(shape, spec, mesh))
+        spec = sharding.spec_of(v, mesh, rules)
+        size = math.prod(NamedSharding(mesh, spec).shard_shape(shape))
         if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
             size *= 2         # a threefry key is two uint32 words
         p = _path_str(path)
@@ -127,27 +115,11 @@ def report(state: nnx.State, mesh: Mesh | AbstractMesh, rules=sharding.DEFAULT_R
     return "\n".join(out)
 
 
-def abstract_mesh(axes: Mapping[str, int], num_devices: int) -> AbstractMesh:
-    """A device-free mesh of ``config.mesh`` (sizes, -1 = fill, ``slices``) for ``num_devices``: the
-    same shape ``sharding.make_mesh`` builds on real devices."""
-    slices = int(axes.get("slices", 1) or 1)
-    if num_devices % slices:
-        raise ValueError(f"mesh.slices={slices} does not divide {num_devices} devices")
-    per_slice = num_devices // slices
-    shape = sharding.resolve_axes(axes if slices == 1 else {"data": 1, **axes}, per_slice)
-    if math.prod(shape.values()) != per_slice:
-        raise ValueError(f"mesh {dict(axes)} needs {math.prod(shape.values())} devices per slice, "
-                         f"have {per_slice}")
-    if slices > 1:
-        shape["data"] *= slices
-    return AbstractMesh(tuple(shape.values()), tuple(shape))
-
-
 def config_report(config, vocab: int, num_devices: int) -> str:
     """The report for a run config (its ``mesh`` and ``rules``), built abstractly: no weights allocated."""
     from iclm_jax.train import build
     ts = nnx.eval_shape(lambda: build.train_state(config, vocab))
-    mesh = abstract_mesh(dict(config.mesh), num_devices)
+    mesh = sharding.abstract_mesh(dict(config.mesh), num_devices)
     return report(nnx.state(ts), mesh, sharding.rules_from_config(config.get("rules")))
 
 

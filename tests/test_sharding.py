@@ -85,7 +85,7 @@ def test_slices_build_a_hybrid_mesh_with_data_across_slices():
     with pytest.raises(ValueError, match="slices=3 does not divide the 8 devices"):
         _mesh(data=-1, slices=3)
     # the abstract mesh used for planning has the same shape
-    am = sharding_report.abstract_mesh({"fsdp": 2, "tensor": 2, "slices": 2}, 8)
+    am = sharding.abstract_mesh({"fsdp": 2, "tensor": 2, "slices": 2}, 8)
     assert dict(am.shape) == dict(mesh.shape)
 
 
