@@ -1,6 +1,8 @@
 """Small builders shared by the model/train tests (tiny sizes, float32)."""
 from __future__ import annotations
 
+import socket
+
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -57,3 +59,10 @@ def nonzero_lora_b(model, seed: int = 0, scale: float = 0.1):
         if isinstance(v, LoRAParam) and path[-1] == "lora_b":
             v[...] = jnp.asarray(rng.normal(size=v.shape) * scale, jnp.float32)
     return model
+
+
+def free_port() -> int:
+    """A localhost TCP port nobody listens on (for a jax.distributed coordinator)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,16 +1,11 @@
 """Joining the multi-process runtime fails fast and says why when a peer is missing or flags are incomplete."""
 import os
-import socket
 import subprocess
 import sys
 
+from tests.helpers import free_port
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _main(tmp_path, *flags, timeout=120):
@@ -20,7 +15,7 @@ def _main(tmp_path, *flags, timeout=120):
 
 
 def test_worker_without_coordinator_exits_2_naming_the_address(tmp_path):
-    port = _free_port()
+    port = free_port()
     r = _main(tmp_path, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--process_id=1",
               "--init_timeout_s=2")
     assert r.returncode == 2, r.stderr[-2000:]
@@ -30,7 +25,7 @@ def test_worker_without_coordinator_exits_2_naming_the_address(tmp_path):
 
 def test_coordinator_without_peers_stops_after_the_timeout_and_says_what_it_waited_for(tmp_path):
     # JAX aborts the process here (no Python error is possible); our line before joining explains it.
-    port = _free_port()
+    port = free_port()
     r = _main(tmp_path, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--process_id=0",
               "--init_timeout_s=2")
     assert r.returncode != 0

@@ -2,6 +2,7 @@
 incompatible resume configs."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +30,13 @@ def _cmd(workdir, *extra):
 
 def _env():
     return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+
+
+def _copy_run(reference_run, tmp_path):
+    """A private copy of the reference run's workdir, to damage or resume."""
+    work = tmp_path / "run"
+    shutil.copytree(reference_run, work)
+    return work
 
 
 def _run(workdir, *extra):
@@ -107,9 +115,7 @@ def test_kill9_then_resume_is_bit_identical(reference_run, tmp_path):
 @pytest.mark.slow
 def test_interrupted_save_leaves_previous_checkpoint_usable(reference_run, tmp_path):
     """A save killed mid-write leaves orbax's temporary directory behind: it is never resumed from."""
-    import shutil
-    work = tmp_path / "run"
-    shutil.copytree(reference_run, work)
+    work = _copy_run(reference_run, tmp_path)
     ckpts = work / "checkpoints"
     steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
     last = steps[-1]
@@ -131,9 +137,7 @@ def test_interrupted_save_leaves_previous_checkpoint_usable(reference_run, tmp_p
 
 @pytest.mark.slow
 def test_resume_message_names_the_finalized_step(reference_run, tmp_path):
-    import shutil
-    work = tmp_path / "run"
-    shutil.copytree(reference_run, work)
+    work = _copy_run(reference_run, tmp_path)
     ckpts = work / "checkpoints"
     shutil.rmtree(ckpts / str(STEPS))                      # keep=3: steps 12, 13, 14 exist
     os.rename(ckpts / str(STEPS - 1), ckpts / f"{STEPS - 1}.orbax-checkpoint-tmp-99")
@@ -189,7 +193,6 @@ def test_unwritable_workdir_is_refused_before_training(tmp_path):
 
 
 def test_full_disk_is_refused_before_training(tmp_path, monkeypatch):
-    import shutil
     from collections import namedtuple
 
     from iclm_jax.train import loop
@@ -201,9 +204,7 @@ def test_full_disk_is_refused_before_training(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_incompatible_resume_config_names_each_field(reference_run, tmp_path):
-    import shutil
-    work = tmp_path / "run"
-    shutil.copytree(reference_run, work)
+    work = _copy_run(reference_run, tmp_path)
     r = _run(work, "--config.model.num_modules=3", "--config.lora.rank=4")
     assert r.returncode == 2
     assert "model.num_modules: checkpoint has 2, config has 3" in r.stderr

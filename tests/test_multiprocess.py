@@ -2,7 +2,6 @@
 to one of them stops both at the same step, with one collective checkpoint that a single process restores."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,22 +10,17 @@ import jax
 import numpy as np
 import pytest
 
+from tests.helpers import free_port
 from tests.test_faults import REPO, TINY
 
 STEPS = 40
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
 def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
     from iclm_jax.train.preemption import EXIT_PREEMPTED
     work = tmp_path / "run"
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     args = [a for a in TINY if not a.startswith("--config.mesh")]
     procs = [subprocess.Popen(
@@ -79,7 +73,7 @@ def test_two_processes_match_one_process(tmp_path):
         # (as another mesh in one process does). eps=1e-3 makes such updates linear in g, so parameters
         # compare the distributed computation, not Adam's conditioning (see test_mesh_equivalence.py).
         "--config.train.adam_eps=1e-3"]
-    port = _free_port()
+    port = free_port()
     multi, single = tmp_path / "multi", tmp_path / "single"
 
     def start(work, devices, *extra):
