@@ -60,6 +60,25 @@ def generate_problems(split: str, part: str, n: int, seed: int) -> list[Problem]
     return problems
 
 
+def generate_problem(split: str, part: str, index: int, seed: int) -> Problem:
+    """Problem ``index`` of an endless stream of ``split``/``part``: a pure function of its arguments.
+
+    Each index has its own generator (a SHA-512-hashed string seed), so any problem of the stream is
+    made without the ones before it, on any machine and in any process. The evidence trial is drawn
+    per index in ``trial_kinds``' proportions (Sys: one kind per part; else half of each), with the
+    same objects, draw sizes, quotas and label checks as ``generate_problems``. The stream differs
+    from ``generate_problems``' lists (another seeding), not in distribution.
+    """
+    _check_split(split, part)
+    if index < 0:
+        raise ValueError(f"index must be >= 0, got {index}")
+    rng = random.Random(f"acre-stream/{split}/{part}/{seed}/{index}")
+    kind = rng.choice(trial_kinds(split, part, 2))
+    problem = _problem(rng, list(split_objects(split, part)), kind, _screen_off_slack(split, part))
+    validate_problems([problem], f"<generated {split}/{part} stream, seed {seed}, problem {index}>")
+    return problem
+
+
 def _ctx(light: str, objects: list[int]) -> dict:
     return {"light_state": light, "objects": list(objects)}
 
