@@ -34,6 +34,7 @@ from iclm_jax.data.render import DOMAINS, Example, PackedExample, render_problem
 from iclm_jax.data.tokenizer import Tokenizer
 
 _INT_KEYS = ("inputs", "targets", "positions", "segments", "answer_slot")
+STREAM_MIN_LEN = 2 ** 31     # longer sequences are streams: read in order, never indexed as an array
 
 
 def _empty_row(max_len: int, num_slots: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -140,13 +141,18 @@ class _Rows:
 def make_dataset(examples: Sequence, tok: Tokenizer, *, max_len: int, batch_size: int,
                  num_slots: int, seed: int, shuffle: bool, repeat: bool,
                  rows: tuple[int, int] | None = None, worker_count: int = 0,
-                 pad_last_batch: bool = False) -> grain.IterDataset:
+                 pad_last_batch: bool = False, stream: bool | None = None) -> grain.IterDataset:
     """Rows ``rows = (lo, hi)`` (default: all) of each global batch of ``batch_size`` examples (see
     the module docstring); a multi-host caller passes ``sharding.process_rows(mesh, batch_size, rules)``.
 
     Iterate it, or ``iter()`` it for a ``grain.DatasetIterator`` whose ``get_state()`` and
     ``set_state()`` checkpoint the position. ``worker_count > 0`` tokenizes in that many spawned
     worker processes (a script calling this needs the ``if __name__ == "__main__":`` guard).
+
+    ``stream=True`` (the default for sequences longer than ``STREAM_MIN_LEN``, e.g. a
+    ``stream.AcreStream``) reads ``examples`` once in order, ``batch_size`` consecutive examples per
+    global batch, with no index array: the stream is already random and endless, so it needs
+    ``shuffle=False, repeat=False`` (``seed`` is unused); rows, workers and state work as above.
     """
     if batch_size < 1 or max_len < 1 or num_slots < 1:
         raise ValueError(f"batch_size, max_len, num_slots must be >= 1, got {batch_size}, "
@@ -164,11 +170,23 @@ def make_dataset(examples: Sequence, tok: Tokenizer, *, max_len: int, batch_size
     n = len(examples)
     if n == 0:
         raise ValueError("make_dataset: no examples")
-    indices = np.arange(n, dtype=np.int64)
-    if repeat:
+    if stream is None:
+        stream = n > STREAM_MIN_LEN
+    if stream:
+        if shuffle or repeat or pad_last_batch:
+            raise ValueError("make_dataset(stream=True) reads the examples once, in order (a stream is "
+                             "already random and endless): pass shuffle=False, repeat=False, "
+                             "pad_last_batch=False")
+        ds = grain.MapDataset.range(n)
+    elif n > STREAM_MIN_LEN:
+        raise ValueError(f"make_dataset: {n} examples is too many to index (more than "
+                         f"{STREAM_MIN_LEN}); an endless source needs stream=True")
+    elif repeat:
+        indices = np.arange(n, dtype=np.int64)
         ds = grain.MapDataset.source(indices)
         ds = (ds.shuffle(seed=seed) if shuffle else ds).repeat()
     else:
+        indices = np.arange(n, dtype=np.int64)
         if shuffle:
             indices = np.random.default_rng(seed).permutation(indices)
         if pad_last_batch:
