@@ -86,6 +86,8 @@ def validate(c, *, num_devices: int | None = None) -> None:
     bad = [x for x in _split(d.eval_splits) if x not in SPLITS]
     need(not bad, "data.eval_splits", d.eval_splits, f"a comma list from {SPLITS}")
     need(d.train_problems >= 1 or bool(d.train_file), "data.train_problems", d.train_problems, ">= 1")
+    need(not (d.get("stream", False) and d.train_file), "data.stream", d.get("stream"),
+         "False with data.train_file (a stream generates fresh problems; it reads no file)")
     need(d.max_len >= 0, "data.max_len", d.max_len, ">= 0 (0 = automatic)")
     need(d.workers >= 0, "data.workers", d.workers, ">= 0")
     for f in [d.train_file] + _split(d.eval_files):

@@ -58,6 +58,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         styles="symbolic,text",    # renderings = domains (ids 0, 1)
         packed=True,               # one row per problem: 6 contexts shared by its 4 queries
         train_problems=6000,       # generated problems per rendering
+        stream=False,              # True: endless fresh train problems (train_problems: reference sample)
         eval_splits="IID,Comp,Sys",
         eval_problems=300,         # generated test problems per split and rendering
         train_file="",             # optional ACRE release JSON or evals JSONL instead of generating

@@ -9,8 +9,11 @@ import dataclasses
 import os
 
 from iclm_jax.data import acre, jsonl, pipeline, render, tokenizer as tok_lib
+from iclm_jax.data.stream import AcreStream
 
 NUM_SLOTS_PACKED = 4
+# data.stream: row lengths are measured on at least this many problems of the stream (see build).
+STREAM_LEN_SAMPLE = 2000
 
 
 def csv(s) -> list[str]:
@@ -33,6 +36,9 @@ class RunData:
     eval_sets: list[EvalSet]
     max_len: int
     num_slots: int
+    # A finite list of training examples (== train_examples unless that is an endless AcreStream:
+    # then the renderings of train_problems, its first data.train_problems problems).
+    train_sample: list | None = None
 
 
 def load_tokenizer(spec: str) -> tok_lib.Tokenizer:
@@ -66,6 +72,13 @@ def build(data_cfg, seed: int) -> RunData:
     tok = load_tokenizer(d.tokenizer)
     if d.train_file:
         train_examples, train_problems = file_examples(d.train_file, styles, packed)
+    elif d.get("stream", False):   # endless fresh problems; a finite head for references and lengths
+        kw = {k: d[k] for k in ("form", "extra_queries") if k in d}   # rendering options, if any
+        train_examples = AcreStream(d.train_split, "train", seed, styles, packed, **kw)
+        head = train_examples.problems(max(d.train_problems, STREAM_LEN_SAMPLE))
+        train_problems = head[:d.train_problems]
+        measured = train_examples.head(len(head), head)
+        train_sample = measured[:d.train_problems * train_examples.per_problem]
     else:
         train_problems = acre.generate_problems(d.train_split, "train", d.train_problems, seed)
         train_examples = pipeline.acre_examples(train_problems, styles=styles, packed=packed)
@@ -78,8 +91,14 @@ def build(data_cfg, seed: int) -> RunData:
         evals.append(EvalSet(os.path.basename(path), ex, problems))
     any_packed = any(isinstance(e, render.PackedExample) for e in train_examples[:1])
     num_slots = NUM_SLOTS_PACKED if any_packed else 1
-    longest = max(row_length(e, tok) for s in [train_examples] + [e.examples for e in evals] for e in s)
-    max_len = d.max_len or -(-(longest + 1) // 32) * 32
+    stream = isinstance(train_examples, AcreStream)
+    if not stream:
+        train_sample = measured = train_examples
+    longest = max(row_length(e, tok) for s in [measured] + [e.examples for e in evals] for e in s)
+    # A stream's rows are measured on a sample: leave room for rarer, longer problems (a text row
+    # grows by 8 tokens per object; 2000 problems' longest is within 2 objects of the maximum).
+    auto = -(-(longest + longest // 16) // 8) * 8 + 8 if stream else -(-(longest + 1) // 32) * 32
+    max_len = d.max_len or auto
     if max_len < longest:   # refuse here, not later inside a grain worker process
         raise ValueError(f"data.max_len={max_len}: the longest example needs {longest} tokens")
-    return RunData(tok, train_examples, train_problems, evals, max_len, num_slots)
+    return RunData(tok, train_examples, train_problems, evals, max_len, num_slots, train_sample)

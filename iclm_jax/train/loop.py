@@ -83,7 +83,7 @@ def train(config, workdir: str, *, quiet: bool = False) -> dict:
     t0 = time.time()
     data = sources.build(config.data, config.seed)
     if config.router.mode == "oracle":
-        unlabeled = sum(1 for e in data.train_examples if e.domain < 0)
+        unlabeled = sum(1 for e in data.train_sample if e.domain < 0)   # a stream: its head
         if unlabeled:
             raise config_check.ConfigError(
                 f"router.mode='oracle' needs a domain label on every example; {unlabeled} training "
@@ -98,10 +98,12 @@ def train(config, workdir: str, *, quiet: bool = False) -> dict:
     if not quiet:
         say(sharding_report.summary_line(run.state, run.mesh, run.rules))
     t = config.train
+    stream = bool(config.data.get("stream", False))   # an endless source is read in order, once
     ds = pipeline.make_dataset(
         data.train_examples, data.tokenizer, max_len=data.max_len,
-        batch_size=t.batch_size, num_slots=data.num_slots, seed=config.seed, shuffle=True, repeat=True,
-        rows=sharding.process_rows(run.mesh, t.batch_size, run.rules), worker_count=config.data.workers)
+        batch_size=t.batch_size, num_slots=data.num_slots, seed=config.seed, shuffle=not stream,
+        repeat=not stream, stream=stream, rows=sharding.process_rows(run.mesh, t.batch_size, run.rules),
+        worker_count=config.data.workers)
     it = iter(ds)
     mngr = checkpoint.manager(workdir, config.checkpoint.keep)
     best = (checkpoint.manager(workdir, 1, "best", config.checkpoint.best_metric)
