@@ -41,6 +41,8 @@ def run_eval_set(eval_step, state, examples, *, tok, mesh, max_len: int, num_slo
         rows["module"].append(out["module"])
         rows["query_type"].append(np.asarray(batch["query_type"]))
         rows["domain"].append(np.asarray(batch["domain"]))
+        rows["answer_ce_sum"].append(np.reshape(out["answer_ce_sum"], (1,)).astype(np.float64))
+        rows["answer_tokens"].append(np.reshape(out["answer_tokens"], (1,)).astype(np.float64))
     return {k: np.concatenate(v) for k, v in rows.items()}
 
 
@@ -49,6 +51,9 @@ def summarise(res: dict, num_modules: int) -> dict:
     correct, present = res["correct"], res["present"]
     real = present.any(1)
     out: dict = {"all": _acc(correct, present)}
+    if "answer_ce_sum" in res:      # mean CE over the set's answer content targets (EOS excluded)
+        n = float(np.sum(res["answer_tokens"]))
+        out["answer_ce"] = float(np.sum(res["answer_ce_sum"]) / n) if n else float("nan")
     qt = res["query_type"]
     for t, name in enumerate(QUERY_TYPES):
         out[name] = _acc(correct, present & (qt == t))
@@ -60,6 +65,37 @@ def summarise(res: dict, num_modules: int) -> dict:
         out[f"module_{m}_rows"] = int(sel.sum())
     out["purity"] = purity(res["module"][real], res["domain"][real])
     return out
+
+
+def answer_prior_loss(train_examples, eval_examples, tok) -> float:
+    """``answer_ce`` of the best prompt-blind predictor: the loss counterpart of the majority row.
+
+    It predicts each answer content token from the training answers' token frequencies given the
+    answer tokens before it (teacher forcing, as ``answer_ce``), ignoring the prompt; averaged over
+    the eval answers' content tokens (EOS excluded). Tokens never seen after a prefix get 1/vocab.
+    """
+    counts: dict[tuple, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+    cache: dict[str, list[int]] = {}
+
+    def answers(examples):
+        for ex in examples:
+            for a in ([a for _, a in ex.queries] if hasattr(ex, "queries") else [ex.answer]):
+                if a not in cache:
+                    cache[a] = list(tok.encode(a))
+                yield cache[a]
+
+    for ids in answers(train_examples):
+        for i, t in enumerate(ids):
+            counts[tuple(ids[:i])][t] += 1
+    floor = 1.0 / max(tok.vocab_size, 1)
+    total, n = 0.0, 0
+    for ids in answers(eval_examples):
+        for i, t in enumerate(ids):
+            c = counts.get(tuple(ids[:i]), {})
+            seen = sum(c.values())
+            total -= np.log(max(c.get(t, 0) / seen, floor) if seen else floor)
+            n += 1
+    return total / n if n else float("nan")
 
 
 def purity(assign: np.ndarray, domain: np.ndarray) -> float:

@@ -55,6 +55,135 @@ def read_metrics(workdir: str, split: str = "train") -> list[dict]:
         return [r for r in map(json.loads, f) if r.get("split") == split]
 
 
+def answer_metrics(sums: Mapping) -> dict[str, float]:
+    """Honest answer metrics from ``losses.answer_counts`` sums accumulated over a log interval.
+
+    ``answer_acc`` (queries whose answer content is all argmax-right / queries), ``answer_acc/<type>``
+    per ACRE query type, ``answer_ce`` (mean CE over answer content targets, EOS excluded), and the
+    counts behind them: ``answer_queries`` and ``answer_queries/<type>``. A ratio whose count is 0 is
+    left out (no NaN in the logs).
+    """
+    from iclm_jax.data.acre import QUERY_TYPES
+    correct = np.asarray(sums["n/answer_correct"], np.float64)
+    present = np.asarray(sums["n/answer_present"], np.float64)
+    out = {"answer_queries": float(present[0])}
+    if present[0] > 0:
+        out["answer_acc"] = float(correct[0] / present[0])
+    for t, name in enumerate(QUERY_TYPES):
+        out[f"answer_queries/{name}"] = float(present[1 + t])
+        if present[1 + t] > 0:
+            out[f"answer_acc/{name}"] = float(correct[1 + t] / present[1 + t])
+    tokens = float(sums["n/answer_tokens"])
+    if tokens > 0:
+        out["answer_ce"] = float(sums["n/answer_ce_sum"]) / tokens
+    return out
+
+
+def _records(workdir: str) -> dict[str, list[dict]]:
+    """metrics.jsonl by split, one record per step (a resumed run re-logs steps: the last wins)."""
+    by: dict[str, dict[int, dict]] = {}
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                by.setdefault(r.get("split", "train"), {})[r["step"]] = r
+    return {k: [v[s] for s in sorted(v)] for k, v in by.items()}
+
+
+def last_time_s(workdir: str, up_to_step: int) -> float:
+    """The largest ``time_s`` logged at or before ``up_to_step`` (0 if none): a resumed run's clock."""
+    recs = [r for rows in _records(workdir).values() for r in rows
+            if r["step"] <= up_to_step and "time_s" in r]
+    return max((float(r["time_s"]) for r in recs), default=0.0)
+
+
+def plot_learning_curve(workdir: str) -> list[str]:
+    """Answer accuracy and answer CE versus training time -> learning_curve.png, answer_loss.png.
+
+    Curves: ``train`` (the interval answer_acc / answer_ce of the train logs) and ``eval/<set>``
+    (``all`` / ``answer_ce`` of each eval set). The x axis is minutes (``time_s``), or steps for a
+    metrics file without times. With a ``references.json`` in the workdir (``{"<set>": {"majority":
+    {"all": ..}, "object_count": {..}}, "majority_loss": x or {"<set>": x}}``) the references are
+    dashed horizontal lines.
+    """
+    if jax.process_index() != 0:
+        return []
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = _records(workdir)
+    if not recs:
+        return []
+    refs = {}
+    ref_path = os.path.join(workdir, "references.json")
+    if os.path.exists(ref_path):
+        with open(ref_path) as f:
+            refs = json.load(f)
+    timed = all("time_s" in r for rows in recs.values() for r in rows)
+    xlabel = "minutes" if timed else "step"
+
+    def xs(rows):
+        return np.array([r["time_s"] / 60 if timed else r["step"] for r in rows], dtype=float)
+
+    def ys(rows, key):
+        return np.array([r.get(key, np.nan) for r in rows], dtype=float)
+
+    evals = sorted(k for k in recs if k.startswith("eval/"))
+    colors = {name: f"C{i}" for i, name in enumerate(evals)}
+    written = []
+
+    def finish(fig, ax, name, ylabel, ylim=None):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if ylim:
+            ax.set_ylim(*ylim)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        path = os.path.join(workdir, name)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = recs.get("train", [])
+    if any("answer_acc" in r for r in train):
+        ax.plot(xs(train), ys(train, "answer_acc"), color="0.45", lw=1, label="train (interval)")
+    for split in evals:
+        ax.plot(xs(recs[split]), ys(recs[split], "all"), "o-", ms=3, color=colors[split], label=split)
+    for name, preds in refs.items():
+        if not isinstance(preds, dict):
+            continue
+        color = colors.get(f"eval/{name}", "0.2")
+        for pred, style in (("majority", "--"), ("object_count", ":")):
+            val = preds.get(pred, {}).get("all") if isinstance(preds.get(pred), dict) else None
+            if val is not None and np.isfinite(val):
+                ax.axhline(val, ls=style, lw=1, color=color, label=f"{name}: {pred} {val:.2f}")
+    ax.set_title("Answer accuracy (exact match of the answer, EOS excluded)")
+    finish(fig, ax, "learning_curve.png", "answer accuracy", (0, 1))
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if any("answer_ce" in r for r in train):
+        ax.plot(xs(train), ys(train, "answer_ce"), color="0.45", lw=1, label="train (interval)")
+    for split in evals:
+        if any("answer_ce" in r for r in recs[split]):
+            ax.plot(xs(recs[split]), ys(recs[split], "answer_ce"), "o-", ms=3, color=colors[split],
+                    label=split)
+    ml = refs.get("majority_loss")
+    for name, val in (ml.items() if isinstance(ml, dict) else [("", ml)] if ml is not None else []):
+        if val is not None and np.isfinite(val):
+            ax.axhline(val, ls="--", lw=1, color=colors.get(f"eval/{name}", "0.2"),
+                       label=f"{name + ': ' if name else ''}majority loss {val:.3f}")
+    ax.set_title("Answer cross-entropy (content tokens, EOS excluded)")
+    finish(fig, ax, "answer_loss.png", "answer CE (nats/token)")
+    return written
+
+
 def plot_training(workdir: str) -> list[str]:
     """loss terms, MI and routing fractions over steps -> PNG files in the workdir."""
     if jax.process_index() != 0:
@@ -72,7 +201,8 @@ def plot_training(workdir: str) -> list[str]:
         return np.array([r.get(key, np.nan) for r in rows], dtype=float)
 
     written = []
-    panels = [("loss.png", "Loss terms", ["loss", "ce", "vq", "aux"]),
+    panels = [("loss.png", "Loss terms (ce: objective, with EOS; answer_ce: answer content only)",
+               ["loss", "ce", "answer_ce", "vq", "aux"]),
               ("mi.png", "Mutual information (invariant; specific)", ["mi", "mine_critic_bound"]),
               ("routing.png", "Routing", sorted(k for k in rows[-1] if k.startswith("route_fraction/"))
                + ["router_perplexity", "route_purity"])]

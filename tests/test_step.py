@@ -59,7 +59,8 @@ def test_train_step_compiles_once_and_updates_everything():
         state, metrics = train_step(state, random_batch(seed=s))
     assert train_step._cache_size() == 1
     for k in ("loss", "ce", "vq", "mi", "aux", "grad_norm", "router_perplexity", "mine_critic_bound",
-              "route_fraction", "route_domain_counts"):
+              "route_fraction", "route_domain_counts", "answer_ce", "answer_acc", "n/answer_correct",
+              "n/answer_present", "n/answer_ce_sum", "n/answer_tokens"):
         assert k in metrics and np.isfinite(np.asarray(metrics[k])).all(), k
     after = pure(state)
     assert float(after["mine_ema"]) != 0.0                     # MINE moving average initialised
@@ -122,8 +123,16 @@ def test_eval_step_reports_exact_match_per_slot():
     assert np.asarray(out["present"]).all()
     logits = np.asarray(nnx.merge(graphdef, state).model(batch).logits)
     hit = logits.argmax(-1) == batch["targets"]
-    want = [hit[i][batch["loss_mask"][i] > 0].all() for i in range(16)]
+    # Exact match of the answer content: every answer target but the last of the row (the end token)
+    content = [np.flatnonzero(batch["loss_mask"][i] > 0)[:-1] for i in range(16)]
+    want = [hit[i][content[i]].all() for i in range(16)]
     np.testing.assert_array_equal(np.asarray(out["correct"])[:, 0], want)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    ce = [-logp[i, t, batch["targets"][i, t]] for i in range(16) for t in content[i]]
+    np.testing.assert_allclose(float(out["answer_ce"]), np.mean(ce), rtol=1e-4)
+    np.testing.assert_allclose(float(out["answer_ce_sum"]), np.sum(ce), rtol=1e-4)
+    assert float(out["answer_tokens"]) == len(ce) == 16
 
 
 def test_weight_decay_spares_norms_and_the_gradient_codebook():

@@ -74,9 +74,11 @@ def _eval_step(graphdef, state, batch, *, loss_cfg: losses.LossConfig, num_slots
     ts: TrainState = nnx.merge(graphdef, state)
     out = ts.model(batch, train=False)
     _, metrics = losses.total_loss(out, batch, ts.critic, loss_cfg)
-    correct, present = losses.slot_correct(out.logits, batch, num_slots)
+    correct, present = losses.slot_correct(out.logits, batch, num_slots)     # content tokens, not EOS
+    # Sums (not means) so the eval loop can average answer CE exactly over a whole eval set.
     return {"correct": correct, "present": present, "module": out.route.index,
-            "loss": metrics["ce"], "mi": metrics["mi"]}
+            "loss": metrics["ce"], "mi": metrics["mi"], "answer_ce": metrics["answer_ce"],
+            "answer_ce_sum": metrics["n/answer_ce_sum"], "answer_tokens": metrics["n/answer_tokens"]}
 
 
 def _global_norm(tree) -> jax.Array:
