@@ -71,27 +71,29 @@ def answer_prior_loss(train_examples, eval_examples, tok) -> float:
     """``answer_ce`` of the best prompt-blind predictor: the loss counterpart of the majority row.
 
     It predicts each answer content token from the training answers' token frequencies given the
-    answer tokens before it (teacher forcing, as ``answer_ce``), ignoring the prompt; averaged over
-    the eval answers' content tokens (EOS excluded). Tokens never seen after a prefix get 1/vocab.
+    example's rendering domain (the answer words differ per domain, and any model sees the domain)
+    and the answer tokens before it (teacher forcing, as ``answer_ce``), ignoring the rest of the
+    prompt; averaged over the eval answers' content tokens (EOS excluded). On ACRE it is the entropy
+    of the training label frequencies. Tokens never seen after a prefix get probability 1/vocab.
     """
     counts: dict[tuple, dict[int, int]] = defaultdict(lambda: defaultdict(int))
-    cache: dict[str, list[int]] = {}
+    cache: dict[str, tuple] = {}
 
     def answers(examples):
         for ex in examples:
             for a in ([a for _, a in ex.queries] if hasattr(ex, "queries") else [ex.answer]):
                 if a not in cache:
-                    cache[a] = list(tok.encode(a))
-                yield cache[a]
+                    cache[a] = tuple(tok.encode(a))
+                yield ex.domain, cache[a]
 
-    for ids in answers(train_examples):
+    for dom, ids in answers(train_examples):
         for i, t in enumerate(ids):
-            counts[tuple(ids[:i])][t] += 1
+            counts[(dom, ids[:i])][t] += 1
     floor = 1.0 / max(tok.vocab_size, 1)
     total, n = 0.0, 0
-    for ids in answers(eval_examples):
+    for dom, ids in answers(eval_examples):
         for i, t in enumerate(ids):
-            c = counts.get(tuple(ids[:i]), {})
+            c = counts.get((dom, ids[:i]), {})
             seen = sum(c.values())
             total -= np.log(max(c.get(t, 0) / seen, floor) if seen else floor)
             n += 1

@@ -127,3 +127,24 @@ def test_answer_metrics_accumulate_over_steps_without_nan():
     m = report.answer_metrics(sums)
     assert "answer_acc/screen_off" not in m and m["answer_queries/screen_off"] == 0
     assert all(np.isfinite(v) for v in m.values())
+
+
+def test_answer_prior_loss_is_the_label_entropy_per_domain():
+    from iclm_jax.data.render import Example
+    from iclm_jax.evaluate import answer_prior_loss
+
+    class Tok:                         # one token per word
+        vocab_size = 100
+
+        ids = {"on": 1, "off": 2, "0": 3, "2": 4, "maybe": 5}
+
+        def encode(self, s):
+            return [self.ids[w] for w in s.split()]
+
+    train = ([Example("p", "on", 1)] * 3 + [Example("p", "off", 1)] + [Example("p", "2", 0)] * 2
+             + [Example("p", "0", 0)] * 2)
+    ev = [Example("q", "on", 1), Example("q", "off", 1), Example("q", "0", 0), Example("q", "2", 0)]
+    want = -(np.log(3 / 4) + np.log(1 / 4) + np.log(1 / 2) + np.log(1 / 2)) / 4
+    assert answer_prior_loss(train, ev, Tok()) == pytest.approx(want)
+    # an answer never seen in training gets 1/vocab
+    assert answer_prior_loss(train, [Example("q", "maybe", 1)], Tok()) == pytest.approx(np.log(100))
