@@ -33,12 +33,25 @@ def test_cli_train_then_eval(tmp_path):
         assert 0.0 <= res["all"] <= 1.0
         assert 0.0 <= res["purity"] <= 1.0
         assert set(summary["reference"][split]) == {"majority", "object_count"}
-    for png in ("loss.png", "mi.png", "routing.png"):
+    for png in ("loss.png", "mi.png", "routing.png", "learning_curve.png", "answer_loss.png"):
         assert (work / png).stat().st_size > 1000
     lines = (work / "metrics.jsonl").read_text().splitlines()
     train_rows = [json.loads(x) for x in lines if '"split": "train"' in x]
     assert [r["step"] for r in train_rows] == [4, 8, 12]
     assert all("tokens_per_s" in r and "mi" in r and "vq" in r for r in train_rows)
+    for r in train_rows:       # honest answer metrics over each log interval (4 steps of 8 rows)
+        assert 0.0 <= r["answer_acc"] <= 1.0 and r["answer_ce"] > 0 and r["answer_queries"] >= 32
+        typed = sum(r[f"answer_queries/{t}"] for t in ("direct", "indirect", "screen_off", "potential"))
+        assert 0 < typed <= r["answer_queries"]
+        assert not any(k.startswith("n/") or k == "answer_token_acc" for k in r)
+    times = [r["time_s"] for r in train_rows]
+    assert times == sorted(times) and times[0] > 0
+    eval_rows = [json.loads(x) for x in lines if '"split": "eval/' in x]
+    assert {r["split"] for r in eval_rows} == {"eval/IID", "eval/Comp", "eval/Sys"}
+    assert all(r["time_s"] >= times[-1] and r["answer_ce"] > 0 for r in eval_rows)
+    refs = json.loads((work / "references.json").read_text())
+    assert set(refs) == {"IID", "Comp", "Sys", "majority_loss"}
+    assert all(v > 0 for v in refs["majority_loss"].values())
     assert any(f.startswith("events") for f in os.listdir(work / "tb"))
     assert (work / "tokenizer" / "tokenizer.json").exists()
 

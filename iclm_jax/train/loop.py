@@ -143,12 +143,20 @@ def train(config, workdir: str, *, quiet: bool = False) -> dict:
     bar = tqdm(total=t.steps, initial=start, desc="train", disable=quiet or not is_main,
                dynamic_ncols=True)
     tokens, tok_t0, last, step = [], time.time(), {}, start
+    interval = []       # per-step answer count sums (losses.answer_counts), summed when logging
     train_t0 = time.time()
+    # time_s in metrics.jsonl: seconds of training (setup excluded), continued across resumes.
+    time_offset = report.last_time_s(workdir, start) if start else 0.0
+
+    def clock() -> float:
+        return time_offset + time.time() - train_t0
+
     try:
         for step in range(start + 1, t.steps + 1):
             batch = next(it)
             run.state, metrics = run.train_step(run.state, sharding.put_batch(batch, run.mesh, run.rules))
             tokens.append(metrics["tokens"])  # of the GLOBAL batch (ours is a block); read when logging
+            interval.append({k: v for k, v in metrics.items() if k.startswith("n/")})
             if t.nonfinite == "stop" and not bool(metrics["finite"]):
                 bad = [k for k in FINITE_TERMS if not bool(metrics[f"finite/{k}"])]
                 raise NonFiniteError(
@@ -156,20 +164,26 @@ def train(config, workdir: str, *, quiet: bool = False) -> dict:
                     f"(last good checkpoint: {mngr.latest_step()}). Lower train.lr or set "
                     "train.nonfinite='skip' to skip such steps.")
             if step % t.log_every == 0 or step == t.steps:
-                last = jax.device_get(metrics)
+                last = {k: v for k, v in jax.device_get(metrics).items()
+                        if not k.startswith("n/") and k not in ("answer_acc", "answer_ce")}
+                # Answer metrics over the whole log interval, not just its last step.
+                sums = jax.tree.map(lambda *xs: np.sum(xs, axis=0), *jax.device_get(interval))
+                last.update(report.answer_metrics(sums))
+                interval = []
                 now = time.time()
+                last["time_s"] = clock()
                 last["tokens_per_s"] = int(np.sum(jax.device_get(tokens), dtype=np.int64)) / max(
                     now - tok_t0, 1e-9)
                 last["skipped_steps"] = int(nnx.to_pure_dict(run.state)["skipped"])
                 tokens, tok_t0 = [], now
                 writer.write(step, {k: v for k, v in last.items() if not k.startswith("finite")})
-                bar.set_postfix(loss=f"{last['loss']:.3f}", mi=f"{last['mi']:.3f}",
-                                tok_s=f"{last['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last.get('answer_acc', float('nan')):.2f}",
+                                mi=f"{last['mi']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
             bar.update(1)
             if config.checkpoint.every and step % config.checkpoint.every == 0:
                 save(step)
             if config.eval.every and step % config.eval.every == 0 and step < t.steps:
-                _evaluate_all(run, data, writer, step, best, config)
+                _evaluate_all(run, data, writer, step, best, config, clock())
             if watcher.should_stop(step, mngr):
                 save(step, force=True)
                 mngr.wait_until_finished()
@@ -181,7 +195,7 @@ def train(config, workdir: str, *, quiet: bool = False) -> dict:
         bar.close()
         if mngr.latest_step() != step:
             save(step)
-        results = _evaluate_all(run, data, writer, step, best, config)
+        results = _evaluate_all(run, data, writer, step, best, config, clock())
     finally:
         watcher.close()
         mngr.wait_until_finished()
@@ -196,9 +210,17 @@ def train(config, workdir: str, *, quiet: bool = False) -> dict:
     for es in data.eval_sets:
         if es.problems is not None and ref_predictors:
             refs[es.name] = {k: score_reference(p, es.problems) for k, p in ref_predictors.items()}
-    plots = report.plot_training(workdir)
+    majority_loss = {}
+    if is_main:
+        sample = data.train_sample if data.train_sample is not None else data.train_examples
+        majority_loss = {es.name: evaluate.answer_prior_loss(sample, es.examples, data.tokenizer)
+                         for es in data.eval_sets}
+        with open(os.path.join(workdir, "references.json"), "w") as f:    # read by plot_learning_curve
+            json.dump({**refs, "majority_loss": majority_loss}, f, indent=2)
+    plots = report.plot_training(workdir) + report.plot_learning_curve(workdir)
     summary = {"steps": step, "resumed_from": start, "setup_s": setup_s, "train_s": train_s,
-               "final_train": _floats(last), "eval": results, "reference": refs, "plots": plots}
+               "final_train": _floats(last), "eval": results, "reference": refs,
+               "majority_loss": majority_loss, "plots": plots}
     if is_main:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, default=float)
@@ -212,11 +234,13 @@ def train(config, workdir: str, *, quiet: bool = False) -> dict:
     return summary
 
 
-def _evaluate_all(run: Run, data, writer, step: int, best, config) -> dict:
+def _evaluate_all(run: Run, data, writer, step: int, best, config, time_s: float | None = None) -> dict:
+    """Evaluate every eval set; each metrics.jsonl record carries ``time_s`` (training seconds at ``step``)."""
     results = {}
     for es in data.eval_sets:
         results[es.name] = run.evaluate(es.examples)
-        writer.write(step, _eval_scalars(results[es.name]), prefix=f"eval/{es.name}")
+        extra = {} if time_s is None else {"time_s": time_s}
+        writer.write(step, {**_eval_scalars(results[es.name]), **extra}, prefix=f"eval/{es.name}")
     if best is not None:
         name = config.checkpoint.best_metric
         split, _, key = name.partition("/")
