@@ -87,8 +87,11 @@ def _records(workdir: str) -> dict[str, list[dict]]:
         return {}
     with open(path) as f:
         for line in f:
-            if line.strip():
+            try:
                 r = json.loads(line)
+            except json.JSONDecodeError:     # blank, or cut short by a killed run
+                continue
+            if isinstance(r, dict) and "step" in r:
                 by.setdefault(r.get("split", "train"), {})[r["step"]] = r
     return {k: [v[s] for s in sorted(v)] for k, v in by.items()}
 

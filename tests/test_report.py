@@ -55,6 +55,8 @@ def test_plot_learning_curve_without_metrics_writes_nothing(tmp_path):
 
 def test_records_dedupe_and_resume_clock(tmp_path):
     _write_metrics(tmp_path / "metrics.jsonl", resumed=True)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('\n{"step": 110, "split": "train", "time_s": 9')     # a line cut short by a kill
     recs = report._records(str(tmp_path))
     assert set(recs) == {"train", "eval/IID", "eval/Sys"}
     train = recs["train"]
