@@ -126,3 +126,41 @@ def test_render_cli(tmp_path, packed):
     one = render_problem(PROBLEM, "text", packed)
     expected = [one, one] if packed else one + one
     assert [type(e)(**{**e.__dict__, "source": ""}) for e in loaded] == expected
+
+
+# The compact form (CPU protocol) of the same verbatim problem: a light word before every object.
+COMPACT_SYMBOLIC_PREFIX = ("on o36 on o24 |\noff o24 |\non o36 |\non o47 on o39 on o22 on o28 on o38 |\n"
+                           "off o38 off o25 off o22 off o28 |\noff o28 off o22 |\n")
+COMPACT_TEXT_FIRST_LINE = "on blue sphere rubber on brown cylinder rubber |"
+
+
+def test_compact_exact():
+    sym = render_problem(PROBLEM, "symbolic", packed=True, form="compact")
+    assert sym.prefix == COMPACT_SYMBOLIC_PREFIX
+    assert sym.queries == (("o38", " off"), ("o39", " undetermined"), ("o24 o22", " off"),
+                           ("o24 o38", " off"))
+    txt = render_problem(PROBLEM, "text", packed=True, form="compact")
+    assert txt.prefix.splitlines()[0] == COMPACT_TEXT_FIRST_LINE
+    assert txt.queries[0] == ("green sphere rubber", " off")
+    assert [q.answer for q in render_problem(PROBLEM, "text", packed=False, form="compact")] == \
+        [" off", " undetermined", " off", " off"]
+    with pytest.raises(ValueError, match="form"):
+        render_problem(PROBLEM, "text", packed=True, form="tiny")
+
+
+def test_extra_queries_follow_the_rule():
+    """Every context object asked alone, first-seen order, labels by the rule, types as the generator's."""
+    ex = render_problem(PROBLEM, "symbolic", packed=True, form="compact", extra_queries=True)
+    seen = list(dict.fromkeys(o for panel in PROBLEM[:6] for o in panel["objects"]))
+    assert [q for q, _ in ex.queries[4:]] == [f"o{o}" for o in seen]
+    assert ex.labels[4:] == tuple(acre.derive_label(PROBLEM[:6], [o]) for o in seen)
+    # 36 alone in an "on" panel: direct/on; 24 off and in an "on" panel: screen_off; 47, 39 potential
+    types = dict(zip(seen, ex.query_types[4:]))
+    assert types[36] == 0 and ex.labels[4 + seen.index(36)] == 2
+    assert types[24] == 2 and types[47] == types[39] == 3
+    assert len(seen) <= render.MAX_EXTRA_QUERIES
+    for problem in acre.generate_problems("IID", "train", 200, seed=4):
+        n = len(render_problem(problem, "text", packed=True, form="compact", extra_queries=True).queries)
+        assert 4 < n <= 4 + render.MAX_EXTRA_QUERIES
+    with pytest.raises(ValueError, match="packed"):
+        render_problem(PROBLEM, "text", packed=False, extra_queries=True)

@@ -70,18 +70,20 @@ def test_acre_word_tokenizer_covers_every_split():
         for part in ("train", "val", "test"):
             for problem in acre.generate_problems(split, part, 30, seed=i):
                 for style in render.DOMAINS:
-                    for ex in render.render_problem(problem, style, packed=False):
-                        ids = tok.encode(ex.prompt) + tok.encode(ex.answer)
-                        assert unk not in ids, (split, part, style, ex.prompt)
-                        seen.update(ids)
+                    for form in render.FORMS:
+                        for ex in render.render_problem(problem, style, packed=False, form=form):
+                            ids = tok.encode(ex.prompt) + tok.encode(ex.answer)
+                            assert unk not in ids, (split, part, style, form, ex.prompt)
+                            seen.update(ids)
     every_object = [{"light_state": "on", "objects": list(range(48))}] * 6 + \
         [{"light_state": "no", "objects": list(range(48)), "label": lab, "type": "direct"}
          for lab in (0, 1, 2, 2)]
     for style in render.DOMAINS:
-        for ex in render.render_problem(every_object, style, packed=False):
-            ids = tok.encode(ex.prompt) + tok.encode(ex.answer)
-            assert unk not in ids
-            seen.update(ids)
+        for form in render.FORMS:
+            for ex in render.render_problem(every_object, style, packed=False, form=form):
+                ids = tok.encode(ex.prompt) + tok.encode(ex.answer)
+                assert unk not in ids
+                seen.update(ids)
     assert seen == set(range(4, tok.vocab_size))        # and no word in the vocabulary is unused
 
 

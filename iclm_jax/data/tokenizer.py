@@ -136,15 +136,17 @@ def build_word_tokenizer(texts: Iterable[str]) -> Tokenizer:
 
 
 def acre_vocabulary_texts() -> list[str]:
-    """Lines holding every word of both ACRE renderings: instructions, objects, lights, answers."""
+    """Lines holding every word of both ACRE renderings in both forms: instructions, objects, lights,
+    answers."""
     from iclm_jax.data import acre, render
     texts = list(render.INSTRUCTIONS.values())
     objs = list(range(48))
     for style in render.DOMAINS:
-        for light in ("on", "off"):
-            texts.append(render._context_line({"light_state": light, "objects": objs}, style))
-        texts.append(render._query_line({"objects": objs}, style))
-        texts += [render.answer_text(lab, style) for lab in range(len(acre.LABELS))]
+        for form in render.FORMS:
+            for light in ("on", "off"):
+                texts.append(render._context_line({"light_state": light, "objects": objs}, style, form))
+            texts.append(render._query_line({"objects": objs}, style, form))
+            texts += [render.answer_text(lab, style, form) for lab in range(len(acre.LABELS))]
     return texts
 
 
