@@ -21,6 +21,7 @@ ROUTER_UPDATES = ("ema", "gradient")
 ROUTER_MODES = ("hard", "soft", "gumbel", "oracle")
 DTYPES = ("float32", "bfloat16", "float16")
 STYLES = ("symbolic", "text")
+FORMS = ("full", "compact")     # render.FORMS (data imports stay out of config checks)
 SPLITS = ("IID", "Comp", "Sys", "CompHeldout")
 
 
@@ -78,6 +79,7 @@ def validate(c, *, num_devices: int | None = None) -> None:
     need(mi.critic_lr > 0, "mi.critic_lr", mi.critic_lr, "> 0")
     need(0.0 < mi.ema_decay < 1.0, "mi.ema_decay", mi.ema_decay, "in (0, 1)")
     need(c.loss.aux_weight >= 0, "loss.aux_weight", c.loss.aux_weight, ">= 0")
+    need(c.loss.get("context_weight", 0.0) >= 0, "loss.context_weight", c.loss.get("context_weight"), ">= 0")
 
     need(d.task in ("acre", "jsonl"), "data.task", d.task, "'acre' or 'jsonl'")
     bad = [x for x in _split(d.styles) if x not in STYLES]
@@ -86,6 +88,10 @@ def validate(c, *, num_devices: int | None = None) -> None:
     bad = [x for x in _split(d.eval_splits) if x not in SPLITS]
     need(not bad, "data.eval_splits", d.eval_splits, f"a comma list from {SPLITS}")
     need(d.train_problems >= 1 or bool(d.train_file), "data.train_problems", d.train_problems, ">= 1")
+    need(d.get("form", "full") in FORMS, "data.form", d.get("form"), f"one of {FORMS}")
+    need(d.get("val_problems", 0) >= 0, "data.val_problems", d.get("val_problems"), ">= 0 (0 = none)")
+    need(not d.get("extra_queries", False) or bool(d.packed), "data.extra_queries",
+         d.get("extra_queries"), "False unless data.packed=True (extra queries share a packed row)")
     need(not (d.get("stream", False) and d.train_file), "data.stream", d.get("stream"),
          "False with data.train_file (a stream generates fresh problems; it reads no file)")
     need(d.max_len >= 0, "data.max_len", d.max_len, ">= 0 (0 = automatic)")

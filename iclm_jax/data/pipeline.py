@@ -233,12 +233,14 @@ def mixture(datasets: Sequence[Sequence], weights: Sequence[float], seed: int,
     return out
 
 
-def acre_examples(problems, styles: Sequence[str] = DOMAINS, packed: bool = True) -> list:
-    """Each problem in each style (domain-labelled), problem-major; ``source`` names each."""
+def acre_examples(problems, styles: Sequence[str] = DOMAINS, packed: bool = True, form: str = "full",
+                  extra_queries: bool = False) -> list:
+    """Each problem in each style (domain-labelled), problem-major; ``source`` names each.
+    ``form`` and ``extra_queries``: see ``render.render_problem``."""
     out = []
     for i, problem in enumerate(problems):
         for style in styles:
-            r = render_problem(problem, style, packed)
+            r = render_problem(problem, style, packed, form, extra_queries)
             if packed:
                 out.append(dataclasses.replace(r, source=f"problem {i} {style}"))
             else:

@@ -14,6 +14,7 @@ from iclm_jax.data.stream import AcreStream
 NUM_SLOTS_PACKED = 4
 # data.stream: row lengths are measured on at least this many problems of the stream (see build).
 STREAM_LEN_SAMPLE = 2000
+VAL_SET = "val"     # name of the generated validation set (data.val_problems) in results and logs
 
 
 def csv(s) -> list[str]:
@@ -49,11 +50,12 @@ def load_tokenizer(spec: str) -> tok_lib.Tokenizer:
     return tok_lib.load_tokenizer(spec)
 
 
-def file_examples(path: str, styles, packed: bool):
+def file_examples(path: str, styles, packed: bool, form: str = "full", extra_queries: bool = False):
     if path.endswith(".jsonl"):
         return jsonl.load_jsonl(path), None
     problems = acre.load_problems(path)
-    return pipeline.acre_examples(problems, styles=styles, packed=packed), problems
+    return pipeline.acre_examples(problems, styles=styles, packed=packed, form=form,
+                                  extra_queries=extra_queries), problems
 
 
 def row_length(ex, tok: tok_lib.Tokenizer) -> int:
@@ -69,9 +71,11 @@ def build(data_cfg, seed: int) -> RunData:
     d = data_cfg
     styles = tuple(csv(d.styles))
     packed = bool(d.packed)
+    form = d.get("form", "full")                 # older runs' stored configs have neither field
+    extra = bool(d.get("extra_queries", False))  # training rows only; evaluation asks the 4 queries
     tok = load_tokenizer(d.tokenizer)
     if d.train_file:
-        train_examples, train_problems = file_examples(d.train_file, styles, packed)
+        train_examples, train_problems = file_examples(d.train_file, styles, packed, form, extra)
     elif d.get("stream", False):   # endless fresh problems; a finite head for references and lengths
         kw = {k: d[k] for k in ("form", "extra_queries") if k in d}   # rendering options, if any
         train_examples = AcreStream(d.train_split, "train", seed, styles, packed, **kw)
@@ -81,16 +85,22 @@ def build(data_cfg, seed: int) -> RunData:
         train_sample = measured[:d.train_problems * train_examples.per_problem]
     else:
         train_problems = acre.generate_problems(d.train_split, "train", d.train_problems, seed)
-        train_examples = pipeline.acre_examples(train_problems, styles=styles, packed=packed)
+        train_examples = pipeline.acre_examples(train_problems, styles=styles, packed=packed, form=form,
+                                                extra_queries=extra)
     evals = []
+    if d.get("val_problems", 0):   # generated validation problems of the training split: select on these
+        problems = acre.generate_problems(d.train_split, "val", d.val_problems, seed + 999)
+        evals.append(EvalSet(VAL_SET, pipeline.acre_examples(problems, styles=styles, packed=packed,
+                                                             form=form), problems))
     for i, split in enumerate(csv(d.eval_splits)):
         problems = acre.generate_problems(split, "test", d.eval_problems, seed + 1000 + i)
-        evals.append(EvalSet(split, pipeline.acre_examples(problems, styles=styles, packed=packed), problems))
+        evals.append(EvalSet(split, pipeline.acre_examples(problems, styles=styles, packed=packed,
+                                                           form=form), problems))
     for path in csv(d.eval_files):
-        ex, problems = file_examples(path, styles, packed)
+        ex, problems = file_examples(path, styles, packed, form)
         evals.append(EvalSet(os.path.basename(path), ex, problems))
     any_packed = any(isinstance(e, render.PackedExample) for e in train_examples[:1])
-    num_slots = NUM_SLOTS_PACKED if any_packed else 1
+    num_slots = (NUM_SLOTS_PACKED + (render.MAX_EXTRA_QUERIES if extra else 0)) if any_packed else 1
     stream = isinstance(train_examples, AcreStream)
     if not stream:
         train_sample = measured = train_examples

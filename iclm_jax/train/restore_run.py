@@ -18,7 +18,8 @@ class LoadedRun(Run):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--data {path}: no such file")
         d = self.config.data
-        examples, problems = sources.file_examples(path, tuple(sources.csv(d.styles)), bool(d.packed))
+        examples, problems = sources.file_examples(path, tuple(sources.csv(d.styles)), bool(d.packed),
+                                                   d.get("form", "full"))
         need = max(sources.row_length(e, self.data.tokenizer) for e in examples) + 1
         if need > self.data.max_len:
             self.data.max_len = -(-need // 32) * 32
