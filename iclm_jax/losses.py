@@ -26,11 +26,12 @@ class LossConfig:
     mi_weight: float = 0.1
     mi_reverse: bool = False      # plugin only: the official code's KL(product || joint)
     aux_weight: float = 0.0
+    context_weight: float = 0.0   # next-token CE on the prompt (contexts and query objects)
 
     def __post_init__(self):
         if self.mi_estimator not in MI_ESTIMATORS:
             raise ValueError(f"mi.estimator={self.mi_estimator!r}: expected one of {MI_ESTIMATORS}")
-        for name in ("routing_weight", "mi_weight", "aux_weight"):
+        for name in ("routing_weight", "mi_weight", "aux_weight", "context_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: expected >= 0")
 
@@ -54,6 +55,17 @@ def content_mask(batch: dict) -> jax.Array:
     slots = batch["answer_slot"]
     nxt = jnp.concatenate([slots[:, 1:], jnp.full_like(slots[:, :1], -1)], axis=1)
     return (batch["loss_mask"] > 0) & (slots >= 0) & (nxt == slots)
+
+
+def context_mask(batch: dict) -> jax.Array:
+    """[B, L] bool: prompt positions whose target is the next prompt token of the same segment.
+
+    Excludes answers (loss_mask), padding, and a packed prefix's last position (its next token opens
+    a query segment): what an auxiliary language-model loss on the prompt may read.
+    """
+    seg = batch["segments"]
+    nxt = jnp.concatenate([seg[:, 1:], jnp.zeros_like(seg[:, :1])], axis=1)
+    return (batch["prompt_mask"] > 0) & (batch["loss_mask"] == 0) & (seg > 0) & (nxt == seg)
 
 
 def slot_correct(logits: jax.Array, batch: dict, num_slots: int, *, include_eos: bool = False
@@ -115,9 +127,13 @@ def total_loss(out: ICLMOutput, batch: dict, critic, cfg: LossConfig) -> tuple[j
     # would reward the model for fooling the critic, so only positive dependence is penalised.
     mi_penalty = jnp.maximum(mi, 0.0)
     loss = ce + cfg.routing_weight * vq + cfg.mi_weight * mi_penalty + cfg.aux_weight * aux
+    context = jnp.zeros((), jnp.float32)
+    if cfg.context_weight > 0:
+        context = answer_ce(out.logits, batch["targets"], context_mask(batch).astype(jnp.float32))
+        loss = loss + cfg.context_weight * context
     # Honest metrics: the EOS targets (easy) are left out of answer_ce and answer_acc.
     counts = answer_counts(out.logits, batch)
-    metrics = {"loss": loss, "ce": ce, "vq": vq, "mi": mi, "aux": aux,
+    metrics = {"loss": loss, "ce": ce, "vq": vq, "mi": mi, "aux": aux, "context_ce": context,
                "answer_ce": counts["n/answer_ce_sum"] / jnp.maximum(counts["n/answer_tokens"], 1.0),
                "answer_acc": counts["n/answer_correct"][0] / jnp.maximum(counts["n/answer_present"][0], 1.0),
                "router_perplexity": out.route.perplexity, **counts}

@@ -148,3 +148,26 @@ def test_answer_prior_loss_is_the_label_entropy_per_domain():
     assert answer_prior_loss(train, ev, Tok()) == pytest.approx(want)
     # an answer never seen in training gets 1/vocab
     assert answer_prior_loss(train, [Example("q", "maybe", 1)], Tok()) == pytest.approx(np.log(100))
+
+
+def test_context_mask_on_a_packed_row():
+    """The auxiliary LM loss reads exactly the prompt tokens whose next token is a prompt token of the
+    same segment: inside the contexts and inside each query, never an answer, the prefix's last
+    position (its next token opens a query) or padding. Reference: the row's own token lists."""
+    from iclm_jax.data import acre, pipeline, render, tokenizer
+    tok = tokenizer.acre_word_tokenizer()
+    problem = acre.generate_problems("IID", "train", 1, seed=0)[0]
+    ex = render.render_problem(problem, "symbolic", packed=True, form="compact")
+    row = pipeline.tokenize_example(ex, tok, 96, 4)
+    prefix = [tok.bos_id] + tok.encode(ex.prefix)
+    want = np.zeros(96, bool)
+    want[:len(prefix) - 1] = True                      # prefix token -> next prefix token
+    at = len(prefix)
+    for q, a in ex.queries:
+        nq, na = len(tok.encode(q)), len(tok.encode(a))
+        want[at:at + nq - 1] = True                    # query object -> next query object
+        at += nq + na                                  # last query token -> answer: not context
+    got = np.asarray(losses.context_mask({k: jnp.asarray(v)[None] for k, v in row.items()}))[0]
+    assert np.array_equal(got, want)
+    # and the targets it reads are the row's next tokens
+    assert np.array_equal(row["targets"][:len(prefix) - 1], prefix[1:])

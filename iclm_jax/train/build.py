@@ -36,7 +36,8 @@ def model_config(config, vocab_size: int) -> ICLMConfig:
 def loss_config(config) -> LossConfig:
     return LossConfig(routing_weight=config.router.weight, mi_estimator=config.mi.estimator,
                       mi_weight=config.mi.weight, mi_reverse=config.mi.reverse,
-                      aux_weight=config.loss.aux_weight)
+                      aux_weight=config.loss.aux_weight,
+                      context_weight=config.loss.get("context_weight", 0.0))   # older stored configs lack it
 
 
 def train_state(config, vocab_size: int, *, seed: int | None = None) -> TrainState:

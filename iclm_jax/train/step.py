@@ -20,7 +20,7 @@ from iclm_jax.model.iclm import param_filter
 from iclm_jax.train.state import TrainState
 
 
-FINITE_TERMS = ("ce", "vq", "mi", "aux", "grad_norm")
+FINITE_TERMS = ("ce", "vq", "mi", "aux", "context_ce", "grad_norm")
 
 
 def _train_step(graphdef, state, batch, *, loss_cfg: losses.LossConfig, num_domains: int,
