@@ -148,8 +148,10 @@ def train(config, workdir: str, *, quiet: bool = False) -> dict:
     # time_s in metrics.jsonl: seconds of training (setup excluded), continued across resumes.
     time_offset = report.last_time_s(workdir, start) if start else 0.0
 
+    eval_s = 0.0        # periodic evaluation time, kept out of the training clock and time limit
+
     def clock() -> float:
-        return time_offset + time.time() - train_t0
+        return time_offset + time.time() - train_t0 - eval_s
 
     try:
         for step in range(start + 1, t.steps + 1):
@@ -183,15 +185,20 @@ def train(config, workdir: str, *, quiet: bool = False) -> dict:
             if config.checkpoint.every and step % config.checkpoint.every == 0:
                 save(step)
             if config.eval.every and step % config.eval.every == 0 and step < t.steps:
-                _evaluate_all(run, data, writer, step, best, config, clock())
+                e0 = time.time()
+                _evaluate_all(run, data, writer, step, best, config, clock(),
+                              only=sources.csv(config.eval.get("during", "")))
+                eval_s += time.time() - e0
+                tok_t0 += time.time() - e0      # tokens/s counts training time only
             if watcher.should_stop(step, mngr):
                 save(step, force=True)
                 mngr.wait_until_finished()
                 say(f"preemption notice: saved step {step}, exiting with status {EXIT_PREEMPTED}")
                 raise Preempted(step)
-            if t.time_limit_s and time.time() - train_t0 > t.time_limit_s:
+            if t.time_limit_s and time.time() - train_t0 - eval_s > t.time_limit_s:
                 break
-        train_s = time.time() - train_t0
+        train_s = time.time() - train_t0 - eval_s
+        wall_s = time.time() - train_t0
         bar.close()
         if mngr.latest_step() != step:
             save(step)
@@ -219,6 +226,7 @@ def train(config, workdir: str, *, quiet: bool = False) -> dict:
             json.dump({**refs, "majority_loss": majority_loss}, f, indent=2)
     plots = report.plot_training(workdir) + report.plot_learning_curve(workdir)
     summary = {"steps": step, "resumed_from": start, "setup_s": setup_s, "train_s": train_s,
+               "train_wall_s": wall_s,
                "final_train": _floats(last), "eval": results, "reference": refs,
                "majority_loss": majority_loss, "plots": plots}
     if is_main:
@@ -229,15 +237,22 @@ def train(config, workdir: str, *, quiet: bool = False) -> dict:
             print(evaluate.results_table(results, refs))
             print()
             print(evaluate.modules_table(results, run.num_modules))
-            print(f"\ntrained steps {start + 1}..{step} in {train_s:.0f}s (setup {setup_s:.0f}s, "
+            print(f"\ntrained steps {start + 1}..{step} in {train_s:.0f}s (+ {wall_s - train_s:.0f}s of "
+                  f"periodic evaluation; setup {setup_s:.0f}s, "
                   f"{last.get('tokens_per_s', 0):.0f} tokens/s at the end); workdir {workdir}")
     return summary
 
 
-def _evaluate_all(run: Run, data, writer, step: int, best, config, time_s: float | None = None) -> dict:
-    """Evaluate every eval set; each metrics.jsonl record carries ``time_s`` (training seconds at ``step``)."""
+def _evaluate_all(run: Run, data, writer, step: int, best, config, time_s: float | None = None,
+                  only: list[str] | None = None) -> dict:
+    """Evaluate every eval set (or those named in ``only``, when any of them exists); each metrics.jsonl
+    record carries ``time_s`` (training seconds at ``step``)."""
     results = {}
-    for es in data.eval_sets:
+    sets = [es for es in data.eval_sets if es.name in (only or ())] or data.eval_sets
+    if best is not None:    # the best-checkpoint metric needs its set
+        sets += [es for es in data.eval_sets
+                 if es.name == config.checkpoint.best_metric.partition("/")[0] and es not in sets]
+    for es in sets:
         results[es.name] = run.evaluate(es.examples)
         extra = {} if time_s is None else {"time_s": time_s}
         writer.write(step, {**_eval_scalars(results[es.name]), **extra}, prefix=f"eval/{es.name}")
