@@ -6,8 +6,10 @@
     get_config("plugin")    # the paper's plug-in MI estimator instead of MINE
     get_config("oracle")    # perfect router: route by the known rendering domain
     get_config("paper")     # paper-like objective: gradient VQ, router adapter, MI on all modules, aux heads
+    get_config("cpu")       # the CPU learning recipe: compact rendering, extra queries, streamed data
 
-Variants combine with commas: get_config("baseline,text") trains on the text rendering only.
+Variants combine with commas: get_config("baseline,text") trains on the text rendering only, and
+get_config("cpu,baseline,symbolic") is the single-module CPU recipe on the symbolic rendering.
 Every field is overridable from the command line, e.g. --config.train.steps=20.
 """
 import ml_collections
@@ -50,13 +52,19 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         reverse=False,             # plugin: the official code's KL direction
         critic_hidden=64, critic_depth=2, critic_lr=1e-3, ema_decay=0.99, clip=20.0,
     )
-    c.loss = dict(aux_weight=0.0)  # CE of each module's own head (paper: invariant + routed specific)
+    c.loss = dict(
+        aux_weight=0.0,            # CE of each module's own head (paper: invariant + routed specific)
+        context_weight=0.0,        # auxiliary next-token CE on the prompt (contexts, query objects)
+    )
 
     c.data = dict(
         task="acre",
         train_split="IID",         # ACRE split whose train part is generated for training
         styles="symbolic,text",    # renderings = domains (ids 0, 1)
         packed=True,               # one row per problem: 6 contexts shared by its 4 queries
+        form="full",               # full: the paper's renderings | compact: no preamble, one line per panel
+        extra_queries=False,       # training rows also ask about every context object alone (packed only)
+        val_problems=0,            # generated validation problems (train split, "val" part); 0 = none
         train_problems=6000,       # generated problems per rendering
         stream=False,              # True: endless fresh train problems (train_problems: reference sample)
         eval_splits="IID,Comp,Sys",
@@ -75,7 +83,9 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         log_every=20, time_limit_s=0.0,   # 0 = no limit; else stop training after this many seconds
         nonfinite="stop",          # a NaN/Inf loss term or gradient: stop (naming step and term) | skip
     )
-    c.eval = dict(every=0, batch_size=32)   # every=0: evaluate at the end only
+    # every=0: evaluate at the end only. Every `every` steps only the sets named in `during` are evaluated
+    # ("val" = the generated validation set of data.val_problems; "" or no such set: all of them).
+    c.eval = dict(every=0, batch_size=32, during="val")
     c.checkpoint = dict(
         every=0,                   # save every N steps (0: at the end only); a run always resumes
         keep=3,                    # from the latest finalized checkpoint in its workdir
@@ -132,6 +142,27 @@ def _symbolic(c):
     c.data.styles = "symbolic"
 
 
-_VARIANTS = {"demo": lambda c: None, "baseline": _baseline, "no_invariant": _no_invariant,
+def _cpu(c):
+    """The CPU learning recipe (issue `learn`): what makes a from-scratch model learn the blicket rule
+    on 2 cores within the hour. Measured alternatives are in experiments/results/learnability.md."""
+    d = c.data
+    d.form = "compact"        # no preamble; a light word before every object (a previous-token
+    #                           pattern tells an object its panel's light); ~3x fewer tokens
+    d.extra_queries = True    # every context object asked alone too: ~3x the answers per row
+    d.stream = True           # fresh problems every step, never a repeat (index-seeded, resumable)
+    d.val_problems = 500      # generated IID *validation* problems: select recipes on these only
+    d.eval_problems = 500
+    c.loss.context_weight = 0.5   # next-token CE on the contexts trains that light-reading pattern
+    m = c.model
+    m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.head_dim, m.mlp_dim = 64, 4, 2, 2, 32, 192
+    t = c.train
+    t.batch_size, t.lr, t.warmup_steps, t.final_lr_fraction, t.b2 = 32, 3e-3, 200, 0.1, 0.98
+    t.steps, t.time_limit_s = 30000, 3600.0   # whichever comes first; time excludes periodic eval
+    t.log_every = 50
+    c.eval.every = 500
+    c.checkpoint.every = 2000
+
+
+_VARIANTS = {"demo": lambda c: None, "cpu": _cpu, "baseline": _baseline, "no_invariant": _no_invariant,
              "plugin": _plugin, "oracle": _oracle, "paper": _paper, "text": _text,
              "symbolic": _symbolic}
