@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/python -m iclm_jax.demo --workdir=runs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 clean:
 	rm -rf $(VENV) runs .jax_cache
