@@ -70,7 +70,7 @@ def free_port() -> int:
 
 def cpu_recipe_config(steps: int, **data):
     """``experiments/configs/acre.py:cpu,baseline,symbolic`` (the CPU learning recipe) shrunk for a test:
-    ``steps`` steps, validation every steps/3, 100 validation and 20 IID test problems, one device."""
+    ``steps`` steps, validation every steps/3, 100 validation and 20 IID test problems."""
     from tests.test_step import acre_cfg
     c = acre_cfg.get_config("cpu,baseline,symbolic")
     c.train.steps, c.train.warmup_steps, c.train.log_every = steps, steps // 10, steps // 3
@@ -78,7 +78,7 @@ def cpu_recipe_config(steps: int, **data):
     c.eval.every, c.checkpoint.every = steps // 3, 0
     c.data.val_problems, c.data.eval_problems, c.data.eval_splits = 100, 20, "IID"
     c.data.train_problems = 200            # the stream's finite head: references and row lengths
-    c.mesh.data = 1
+    # the mesh stays data=-1: every (fake) device of the test process
     for k, v in data.items():
         c.data[k] = v
     return c
