@@ -103,6 +103,16 @@ def last_time_s(workdir: str, up_to_step: int) -> float:
     return max((float(r["time_s"]) for r in recs), default=0.0)
 
 
+def _pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend; None off process 0 (only it writes plots)."""
+    if jax.process_index() != 0:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def plot_learning_curve(workdir: str) -> list[str]:
     """Answer accuracy and answer CE versus training time -> learning_curve.png, answer_loss.png.
 
@@ -112,11 +122,9 @@ def plot_learning_curve(workdir: str) -> list[str]:
     {"all": ..}, "object_count": {..}}, "majority_loss": x or {"<set>": x}}``) the references are
     dashed horizontal lines.
     """
-    if jax.process_index() != 0:
+    plt = _pyplot()
+    if plt is None:
         return []
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     recs = _records(workdir)
     if not recs:
@@ -189,11 +197,9 @@ def plot_learning_curve(workdir: str) -> list[str]:
 
 def plot_training(workdir: str) -> list[str]:
     """loss terms, MI and routing fractions over steps -> PNG files in the workdir."""
-    if jax.process_index() != 0:
+    plt = _pyplot()
+    if plt is None:
         return []
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     rows = read_metrics(workdir)
     if not rows:
