@@ -77,8 +77,8 @@ def build(data_cfg, seed: int) -> RunData:
     if d.train_file:
         train_examples, train_problems = file_examples(d.train_file, styles, packed, form, extra)
     elif d.get("stream", False):   # endless fresh problems; a finite head for references and lengths
-        kw = {k: d[k] for k in ("form", "extra_queries") if k in d}   # rendering options, if any
-        train_examples = AcreStream(d.train_split, "train", seed, styles, packed, **kw)
+        train_examples = AcreStream(d.train_split, "train", seed, styles, packed, form=form,
+                                    extra_queries=extra)
         head = train_examples.problems(max(d.train_problems, STREAM_LEN_SAMPLE))
         train_problems = head[:d.train_problems]
         measured = train_examples.head(len(head), head)
