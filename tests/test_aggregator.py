@@ -66,3 +66,23 @@ def test_concat_head_is_trainable_and_changes_output():
         return (a(base, x_inv, x_spec) ** 2).mean()
     g = nnx.grad(f)(agg)
     assert float(jax.numpy.abs(g["kernel"][...]).sum()) > 0
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_derive_from_a_replaced_base_equals_building_on_it(tied):
+    """Replacing the base's weights after construction (a pretrained load) and re-deriving gives the head
+    built on the new base, whose output is again the mean of the new base-head logits."""
+    base, x_inv, x_spec = _base_and_states(tied)
+    agg = Aggregator(base, "concat", rngs=nnx.Rngs(1))
+    new, _, _ = _base_and_states(tied)
+    rng = np.random.default_rng(5)
+    new.norm.weight[...] = rng.uniform(1.5, 2.1, 16).astype(np.float32)
+    head = new.embedding if tied else new.lm_head
+    head[...] = rng.normal(size=head.shape).astype(np.float32)
+    want = 0.5 * (np.asarray(new.logits(x_inv)) + np.asarray(new.logits(x_spec)))
+    assert not np.allclose(np.asarray(agg(new, x_inv, x_spec)), want, atol=1e-3)   # stale head
+    agg.derive_from(new)
+    np.testing.assert_allclose(np.asarray(agg(new, x_inv, x_spec)), want, atol=1e-5, rtol=1e-5)
+    fresh = Aggregator(new, "concat", rngs=nnx.Rngs(1))
+    np.testing.assert_array_equal(np.asarray(agg.kernel[...]), np.asarray(fresh.kernel[...]))
+    np.testing.assert_array_equal(np.asarray(agg.scale[...]), np.asarray(fresh.scale[...]))

@@ -6,6 +6,10 @@ mean of the two modules' base-head logits (scale = the base final-norm weight, h
 starts from the pretrained behaviour. The norm is applied per half (a grouped RMSNorm over the concatenation)
 because a joint RMS over 2d would make that exact initialisation impossible.
 
+That head is *derived* from the base: ``concat_head(base)`` is the one rule, applied at construction and
+again by ``Aggregator.derive_from(base)`` whenever the base is replaced (pretrained weights loaded after
+construction), so a pretrained base gets the head it would have had if it had been there from the start.
+
 ``logits`` and ``probs`` mix the base head's outputs with ``invariant_weight``; weight 0 is the
 no-invariant ablation.
 """
@@ -40,10 +44,16 @@ class Aggregator(nnx.Module):
         self.eps = cfg.norm_eps
         self.dtype = cfg.dtype
         if kind == "concat":
-            g = base.norm.weight[...]
-            w = _head_matrix(base)                                   # [d, V]
-            self.scale = nnx.Param(jnp.concatenate([g, g]), out_sharding=("embed",))
-            self.kernel = nnx.Param(0.5 * jnp.concatenate([w, w], axis=0), out_sharding=("embed", "vocab"))
+            scale, kernel = concat_head(base)
+            self.scale = nnx.Param(scale, out_sharding=("embed",))
+            self.kernel = nnx.Param(kernel, out_sharding=("embed", "vocab"))
+
+    def derive_from(self, base: Transformer) -> None:
+        """Reset the parameters derived from the base (the concat head) to ``concat_head(base)``."""
+        if self.kind == "concat":
+            scale, kernel = concat_head(base)
+            self.scale[...] = scale
+            self.kernel[...] = kernel
 
     def __call__(self, base: Transformer, x_inv: jax.Array, x_spec: jax.Array) -> jax.Array:
         w = self.invariant_weight
@@ -63,6 +73,14 @@ class Aggregator(nnx.Module):
         if w == 1.0:
             return lp_inv
         return jnp.logaddexp(jnp.log(w) + lp_inv, jnp.log1p(-w) + lp_spec)
+
+
+def concat_head(base: Transformer) -> tuple[jax.Array, jax.Array]:
+    """(scale [2d], kernel [2d, V]) of the concat head whose output is the mean of the two modules'
+    base-head logits: scale = [g; g] (g the base final-norm weight), kernel = ½[W; W]."""
+    g = base.norm.weight[...]
+    w = _head_matrix(base)                                   # [d, V]
+    return jnp.concatenate([g, g]), 0.5 * jnp.concatenate([w, w], axis=0)
 
 
 def _head_matrix(base: Transformer) -> jax.Array:

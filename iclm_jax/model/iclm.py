@@ -89,6 +89,14 @@ class ICLM(nnx.Module):
         self.aggregator = (Aggregator(self.base, cfg.aggregator, cfg.invariant_weight, rngs=rngs)
                            if cfg.invariant else None)
 
+    def derive_heads(self) -> None:
+        """Re-derive every head parameter that is a function of the base (the concat head) from the
+        current base: call after replacing the base's weights (e.g. loading a pretrained model), so the
+        heads are those the new base would have had at construction. The logits/probs aggregators and
+        the auxiliary heads use the base head itself and hold nothing to derive."""
+        if self.aggregator is not None:
+            self.aggregator.derive_from(self.base)
+
     # ------------------------------------------------------------------ passes
     def hidden(self, batch: dict[str, jax.Array], adapter: jax.Array, *, train: bool) -> jax.Array:
         """Pre-final-norm last hidden state of the base with a per-row adapter."""

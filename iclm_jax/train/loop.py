@@ -68,6 +68,15 @@ class Run:
                                     num_slots=self.data.num_slots, batch_size=self.config.eval.batch_size)
         return evaluate.summarise(res, self.num_modules)
 
+    def derive_heads(self) -> None:
+        """``ICLM.derive_heads`` on the placed state, in its shardings: after the base was replaced, the
+        heads derived from it (the concat head) become what the new base gives at construction."""
+        def derive(state):
+            ts = nnx.merge(self.graphdef, state)
+            ts.model.derive_heads()
+            return nnx.state(ts)
+        self.state = jax.jit(derive, out_shardings=self.state_sharding, donate_argnums=0)(self.state)
+
     def state_bytes(self) -> int:
         return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(checkpoint.to_storable(self.state)))
 
@@ -123,12 +132,10 @@ def train(config, workdir: str, *, quiet: bool = False) -> dict:
         if data_state is not None:
             it.set_state(checkpoint.from_jsonable(data_state))
         say(f"resuming from step {start}: the latest finalized checkpoint in {mngr.directory}")
-    elif config.init_from:
-        run.state = _init_from(run, config.init_from)
-        say(f"initialised parameters from {config.init_from}")
-    elif config.model.get("init"):
-        _load_pretrained_base(run, config)
-        say(f"loaded the pretrained base {config.model.init}")
+    else:
+        started = start_fresh(run, config)
+        if started:
+            say(started)
 
     if is_main and latest is None:      # a fresh run (re)writes its config; a resumed one keeps it
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -267,6 +274,18 @@ def _evaluate_all(run: Run, data, writer, step: int, best, config, time_s: float
     return results
 
 
+def start_fresh(run: Run, config) -> str:
+    """A new run's starting parameters: another run's (``init_from``), else a pretrained base
+    (``model.init``, with the heads derived from it), else the random init. Returns what it did."""
+    if config.init_from:
+        run.state = _init_from(run, config.init_from)
+        return f"initialised parameters from {config.init_from}"
+    if config.model.get("init"):
+        _load_pretrained_base(run, config)
+        return f"loaded the pretrained base {config.model.init}"
+    return ""
+
+
 def _init_from(run: Run, other: str):
     """Parameters (model only) of another run's latest checkpoint; optimiser etc. start fresh."""
     mngr = checkpoint.manager(other)
@@ -299,6 +318,7 @@ def _load_pretrained_base(run: Run, config) -> None:
     base = run.state["model"]["base"]
     hf.load_into(base, weights)
     run.state["model"]["base"] = base
+    run.derive_heads()
 
 
 def _prepare_workdir(config, workdir: str) -> dict | None:
