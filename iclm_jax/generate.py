@@ -6,8 +6,9 @@ prompt, so a row keeps its specific module for the whole continuation — then b
 module (per-row adapter). Each new token then costs one step of every active module over its own
 cache. The active modules' rows are stacked on the batch axis of one ``KVCache`` (rows ``s*B..``
 belong to module stream ``s``), so a decode step is one pass over the base weights, which is what
-bounds decoding speed. Next-token logits are the aggregator applied to the streams' last hidden
-states, exactly as ``ICLM.__call__`` computes them for the last position.
+bounds decoding speed. Next-token logits are ``ICLM.heads`` applied to the streams' last hidden
+states only (never a [B, L, vocab] prefill tensor), exactly as ``ICLM.__call__`` computes them for the
+last position.
 
 Prompts are right-padded (the ``KVCache`` convention: RoPE position = slot). The prompt width and
 the number of new tokens are rounded up to multiples of ``pad_multiple`` and ``max_new_tokens`` is a
@@ -216,7 +217,7 @@ def _prefill(model: ICLM, inputs, lengths, domain, module: jax.Array | None, max
             x_spec = specs[0]
         else:   # soft routing: the same weighted sum as ICLM.__call__
             x_spec = sum(weights[:, m, None, None] * specs[m] for m in range(cfg.num_modules))
-        return model.aggregator(base, xs[0], x_spec) if cfg.invariant else base.logits(x_spec)
+        return model.heads(xs[0] if cfg.invariant else None, x_spec, aux=False)["logits"]
 
     last = jnp.concatenate([x[jnp.arange(b), lengths - 1][:, None] for x, _ in outs], axis=0)
     cache = KVCache.concat([c for _, c in outs])

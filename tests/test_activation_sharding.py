@@ -36,7 +36,7 @@ def _loss_fn(config):
     loss_cfg = build.loss_config(config)
 
     def loss(model, batch):
-        return losses.total_loss(model(batch, train=True), batch, ts.critic, loss_cfg)[0]
+        return losses.model_loss(model, batch, ts.critic, loss_cfg, train=True)[0]
     return ts, loss
 
 

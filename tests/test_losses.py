@@ -38,6 +38,14 @@ def _batch_and_logits(seed=0):
     return batch, logits
 
 
+def _stats(batch, logits, chunk=3):
+    """The library's per-position statistics of given logits: the "hidden state" is the logits
+    themselves and the head the identity, read at every answer target (3 chunks of 3 + a padded one)."""
+    read = jnp.asarray(batch["loss_mask"] > 0)
+    return losses.read_stats(lambda x_inv, x: {"logits": x}, None, jnp.asarray(logits),
+                             jnp.asarray(batch["targets"]), read, chunk)
+
+
 def _reference(batch, logits):
     """NumPy: content = every answer target of a slot but its LAST position (found by index, not by
     the next-position rule the library uses); exact match per slot on content only."""
@@ -76,12 +84,13 @@ def test_content_mask_leaves_out_the_final_target_of_each_slot():
 def test_slot_correct_ignores_eos_predictions(seed):
     batch, logits = _batch_and_logits(seed)
     ref = _reference(batch, logits)
-    correct, present = losses.slot_correct(jnp.asarray(logits), batch, 2)
+    hit = _stats(batch, logits).hit
+    correct, present = losses.slot_correct(hit, batch, 2)
     np.testing.assert_array_equal(np.asarray(present), ref["present"])
     np.testing.assert_array_equal(np.asarray(correct), ref["correct"])
     # by construction: right answers with a wrong EOS count, wrong answers with a right EOS do not
     np.testing.assert_array_equal(np.asarray(correct), [[True, False], [True, True], [False, False]])
-    old, _ = losses.slot_correct(jnp.asarray(logits), batch, 2, include_eos=True)
+    old, _ = losses.slot_correct(hit, batch, 2, include_eos=True)
     np.testing.assert_array_equal(np.asarray(old), ref["correct_with_eos"])
 
 
@@ -89,10 +98,10 @@ def test_slot_correct_ignores_eos_predictions(seed):
 def test_total_loss_reports_answer_content_metrics_and_keeps_the_objective(seed):
     batch, logits = _batch_and_logits(seed)
     ref = _reference(batch, logits)
-    out = SimpleNamespace(logits=jnp.asarray(logits), aux_logits={}, pooled_inv=None,
+    out = SimpleNamespace(pooled_inv=None,
                           route=SimpleNamespace(vq_loss=jnp.zeros(()), perplexity=jnp.ones(())))
     cfg = losses.LossConfig(mi_estimator="none", routing_weight=0.0, mi_weight=0.0)
-    loss, m = losses.total_loss(out, batch, None, cfg)
+    loss, m = losses.total_loss(out, _stats(batch, logits), batch, None, cfg)
     np.testing.assert_allclose(float(m["ce"]), ref["ce_all"], rtol=1e-5)     # objective: with EOS
     np.testing.assert_allclose(float(loss), ref["ce_all"], rtol=1e-5)
     np.testing.assert_allclose(float(m["answer_ce"]), ref["answer_ce"], rtol=1e-5)
@@ -110,7 +119,7 @@ def test_total_loss_reports_answer_content_metrics_and_keeps_the_objective(seed)
 def test_answer_metrics_accumulate_over_steps_without_nan():
     a, b = _batch_and_logits(0), _batch_and_logits(4)
     refs = [_reference(*x) for x in (a, b)]
-    counts = [losses.answer_counts(jnp.asarray(lg), bt) for bt, lg in (a, b)]
+    counts = [losses.answer_counts(_stats(bt, lg), bt) for bt, lg in (a, b)]
     sums = {k: np.sum([np.asarray(c[k]) for c in counts], axis=0) for k in counts[0]}
     m = report.answer_metrics(sums)
     all_correct = np.concatenate([r["correct"][r["present"]] for r in refs])

@@ -61,7 +61,7 @@ def _grads(mesh):
     def grads(state, batch):
         with sharding.activation_sharding(mesh):
             t = nnx.merge(graphdef, state)
-            fn = lambda model, critic: losses.total_loss(model(batch, train=True), batch, critic, loss_cfg)[0]
+            fn = lambda model, critic: losses.model_loss(model, batch, critic, loss_cfg, train=True)[0]
             g = nnx.grad(fn, argnums=nnx.DiffState(0, param_filter(t.train_base)))(t.model, t.critic)
             return nnx.to_pure_dict(g)
     return jax.tree.map(np.asarray, jax.jit(grads)(state, sharding.put_batch(random_batch(b=8), mesh)))

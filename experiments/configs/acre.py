@@ -55,6 +55,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.loss = dict(
         aux_weight=0.0,            # CE of each module's own head (paper: invariant + routed specific)
         context_weight=0.0,        # auxiliary next-token CE on the prompt (contexts, query objects)
+        logit_chunk=64,            # positions per LM-head call: logits exist only where a loss reads them
     )
 
     c.data = dict(

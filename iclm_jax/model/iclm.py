@@ -69,6 +69,16 @@ class ICLMConfig:
         return self.num_modules > 1 or self.router.get("mode", "hard") == "oracle"
 
 
+class ICLMHidden(NamedTuple):
+    """The forward pass up to the heads: what the losses read, so logits are computed only where needed."""
+    x_inv: jax.Array | None           # [B, L, d] pre-final-norm invariant hidden state (None: no invariant)
+    x_spec: jax.Array                 # [B, L, d] pre-final-norm routed specific hidden state
+    route: RouteOut                   # routing decision and VQ loss
+    pooled_inv: jax.Array | None      # [B, d] prompt-pooled invariant representation
+    pooled_spec: jax.Array            # [B, d] prompt-pooled routed specific representation
+    pooled_all: jax.Array | None      # [K, B, d] every specific module (mi_apply_to="all")
+
+
 class ICLMOutput(NamedTuple):
     logits: jax.Array                 # [B, L, V] float32 aggregated next-token logits (or log-probs)
     route: RouteOut                   # routing decision and VQ loss
@@ -125,7 +135,8 @@ class ICLM(nnx.Module):
         return self.router(e, domain=batch.get("domain"), train=train, valid=valid)
 
     # ------------------------------------------------------------------ forward
-    def __call__(self, batch: dict[str, jax.Array], *, train: bool = False) -> ICLMOutput:
+    def forward(self, batch: dict[str, jax.Array], *, train: bool = False) -> ICLMHidden:
+        """Everything but the heads: hidden states, routing and pooled representations."""
         cfg = self.cfg
         b = batch["inputs"].shape[0]
         x_inv = None
@@ -150,21 +161,36 @@ class ICLM(nnx.Module):
                 x_spec = x_spec * gate[:, :, None]
 
         x_spec = sharding.constrain(x_spec, RESIDUAL)   # the aggregator's inputs keep the batch split
+        return ICLMHidden(
+            x_inv=x_inv, x_spec=x_spec, route=route,
+            pooled_inv=self.pooled(x_inv, batch) if cfg.invariant else None,
+            pooled_spec=self.pooled(x_spec, batch), pooled_all=pooled_all)
+
+    def heads(self, x_inv: jax.Array | None, x_spec: jax.Array, *, aux: bool = True
+              ) -> dict[str, jax.Array]:
+        """Float32 logits [B, T, V] of hidden states [B, T, d] at any T positions (all, or a gathered
+        subset): ``"logits"`` the aggregated output, plus (``aux`` and ``cfg.aux_heads``) each module's
+        own base-head logits as ``"specific"`` / ``"invariant"``."""
+        cfg = self.cfg
         if cfg.invariant:
             logits = self.aggregator(self.base, x_inv, x_spec)
         else:
             logits = self.base.logits(x_spec)
-        logits = sharding.constrain(logits, ("batch", "length", "vocab"))
-
-        aux = {}
-        if cfg.aux_heads:
-            aux["specific"] = self.base.logits(x_spec)
+        out = {"logits": sharding.constrain(logits, ("batch", "length", "vocab"))}
+        if aux and cfg.aux_heads:
+            out["specific"] = self.base.logits(x_spec)
             if cfg.invariant:
-                aux["invariant"] = self.base.logits(x_inv)
-        return ICLMOutput(
-            logits=logits, route=route,
-            pooled_inv=self.pooled(x_inv, batch) if cfg.invariant else None,
-            pooled_spec=self.pooled(x_spec, batch), pooled_all=pooled_all, aux_logits=aux)
+                out["invariant"] = self.base.logits(x_inv)
+        return out
+
+    def __call__(self, batch: dict[str, jax.Array], *, train: bool = False) -> ICLMOutput:
+        """The forward pass with logits at every position (training reads them only where a loss
+        does: ``forward`` then ``heads`` on the gathered positions, see ``losses.read_stats``)."""
+        h = self.forward(batch, train=train)
+        heads = self.heads(h.x_inv, h.x_spec)
+        logits = heads.pop("logits")
+        return ICLMOutput(logits=logits, route=h.route, pooled_inv=h.pooled_inv, pooled_spec=h.pooled_spec,
+                          pooled_all=h.pooled_all, aux_logits=heads)
 
     def module_logits(self, batch, module: int) -> jax.Array:
         """Logits of one module alone (its adapter on the base head): per-module evaluation/export."""

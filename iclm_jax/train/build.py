@@ -37,7 +37,8 @@ def loss_config(config) -> LossConfig:
     return LossConfig(routing_weight=config.router.weight, mi_estimator=config.mi.estimator,
                       mi_weight=config.mi.weight, mi_reverse=config.mi.reverse,
                       aux_weight=config.loss.aux_weight,
-                      context_weight=config.loss.get("context_weight", 0.0))   # older stored configs lack it
+                      context_weight=config.loss.get("context_weight", 0.0),   # older stored configs lack it
+                      logit_chunk=config.loss.get("logit_chunk", 64))
 
 
 def train_state(config, vocab_size: int, *, seed: int | None = None) -> TrainState:

@@ -7,6 +7,7 @@ the Flax performance guide). Model and critic are updated in the same compiled s
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -29,8 +30,7 @@ def _train_step(graphdef, state, batch, *, loss_cfg: losses.LossConfig, num_doma
     wrt = param_filter(ts.train_base)
 
     def loss_fn(model, critic):
-        out = model(batch, train=True)
-        loss, metrics = losses.total_loss(out, batch, critic, loss_cfg)
+        loss, metrics, out, _ = losses.model_loss(model, batch, critic, loss_cfg, train=True)
         return loss, (metrics, out)
 
     grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=True)
@@ -72,9 +72,12 @@ def _train_step(graphdef, state, batch, *, loss_cfg: losses.LossConfig, num_doma
 
 def _eval_step(graphdef, state, batch, *, loss_cfg: losses.LossConfig, num_slots: int):
     ts: TrainState = nnx.merge(graphdef, state)
-    out = ts.model(batch, train=False)
-    _, metrics = losses.total_loss(out, batch, ts.critic, loss_cfg)
-    correct, present = losses.slot_correct(out.logits, batch, num_slots)     # content tokens, not EOS
+    out = ts.model.forward(batch, train=False)
+    # Eval reports answer metrics only: no context CE, no auxiliary heads, so logits at answers only.
+    loss_cfg = dataclasses.replace(loss_cfg, context_weight=0.0, aux_weight=0.0)
+    stats = losses.model_stats(ts.model, out, batch, loss_cfg, aux=False)
+    _, metrics = losses.total_loss(out, stats, batch, ts.critic, loss_cfg)
+    correct, present = losses.slot_correct(stats.hit, batch, num_slots)     # content tokens, not EOS
     # Sums (not means) so the eval loop can average answer CE exactly over a whole eval set.
     return {"correct": correct, "present": present, "module": out.route.index,
             "loss": metrics["ce"], "mi": metrics["mi"], "answer_ce": metrics["answer_ce"],
