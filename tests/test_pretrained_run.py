@@ -108,7 +108,7 @@ def test_heads_derived_from_a_pretrained_base_start_at_its_logits(tmp_path):
     config.model.train_base = True          # the head must follow the base whether or not it trains
     run = _run_of(config, tmp_path / "a")
     assert "pretrained base" in start_fresh(run, config)
-    np.testing.assert_allclose(_step0_logits(run, ids), want, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(_step0_logits(run, ids), want, atol=1e-4, rtol=0)   # import parity
     mngr = checkpoint.manager(str(tmp_path / "a"))
     checkpoint.save(mngr, 0, run.state, {"step": 0})
     mngr.wait_until_finished()
@@ -119,4 +119,4 @@ def test_heads_derived_from_a_pretrained_base_start_at_its_logits(tmp_path):
     other.init_from = str(tmp_path / "a")
     run_b = _run_of(other, tmp_path / "b")
     assert "initialised parameters" in start_fresh(run_b, other)
-    np.testing.assert_allclose(_step0_logits(run_b, ids), want, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(_step0_logits(run_b, ids), want, atol=1e-4, rtol=0)
