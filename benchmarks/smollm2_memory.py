@@ -40,7 +40,11 @@ def _parse_args(argv=None) -> argparse.Namespace:
 ARGS = _parse_args() if __name__ == "__main__" else None
 if ARGS is not None:   # before the first jax import
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1"
+    # As aot_memory.py: keep jax.checkpoint's barriers through XLA:CPU's CSE (else model.remat saves
+    # nothing on the CPU) and schedule for memory.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1"
+                               " --xla_disable_hlo_passes=cse_barrier_expander"
+                               " --xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED")
     sys.path.insert(0, ROOT)
 
 import ast  # noqa: E402

@@ -29,6 +29,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     m.rope_theta, m.norm_eps, m.tie_embeddings = 100000.0, 1e-5, True
     m.dtype = "float32"            # CPU; use "bfloat16" compute on GPU/TPU (params stay float32)
     m.train_base = False           # frozen pretrained base: adapters, router and aggregator train
+    # Recompute each block in the backward pass (memory only, same values): without it the activations
+    # of 30 layers x 2 module passes need ~1.5 GiB per layer at 16 x 352 tokens (~46 GiB, the OOM);
+    # with it, benchmarks/smollm2_memory.py (XLA memory analysis) gives a few GiB for the whole step.
+    m.remat = "block"
 
     # A pretrained base needs small updates: rank 16 on every projection (~4.9M adapter parameters
     # per module), PEFT's usual alpha = 2 * rank, a LoRA-sized learning rate, no decay on adapters.
