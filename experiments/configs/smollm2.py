@@ -31,7 +31,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     m.train_base = False           # frozen pretrained base: adapters, router and aggregator train
     # Recompute each block in the backward pass (memory only, same values): without it the activations
     # of 30 layers x 2 module passes need ~1.5 GiB per layer at 16 x 352 tokens (~46 GiB, the OOM);
-    # with it, benchmarks/smollm2_memory.py (XLA memory analysis) gives a few GiB for the whole step.
+    # with it, ~0.4 GiB per layer (XLA:CPU memory analysis, 2 and 4 layers; ~13 GiB extrapolated to 30).
     m.remat = "block"
 
     # A pretrained base needs small updates: rank 16 on every projection (~4.9M adapter parameters
