@@ -66,9 +66,9 @@ def custom_config(model: ICLM, tokenizer=None) -> dict:
 def custom_tensors(model: ICLM) -> dict[str, np.ndarray]:
     """Every tensor ``ICLMForCausalLM`` loads, by its state-dict name."""
     base, cfg = model.base, model.cfg
-    t = {"embed_tokens": _np(base.embedding[...]), "norm.weight": _np(base.norm.weight[...])}
+    t = {"embed_tokens.weight": _np(base.embedding[...]), "norm.weight": _np(base.norm.weight[...])}
     if not cfg.base.tie_embeddings:
-        t["lm_head"] = _np(base.lm_head[...]).T.copy()
+        t["lm_head.weight"] = _np(base.lm_head[...]).T.copy()
     for i, layer in enumerate(base.layers):
         p = f"layers.{i}."
         t[p + "input_layernorm.weight"] = _np(layer.attn_norm.weight[...])
