@@ -108,7 +108,8 @@ def test_moved_export_loads_its_own_base(exported, tok, tmp_path, monkeypatch):
     model, _ = exported
     orig = ex.export_model(model, tok, str(tmp_path / "orig"), custom=False)
     moved = tmp_path / "elsewhere" / "export"
-    shutil.move(orig, str(moved))
+    moved.parent.mkdir()
+    os.rename(orig, moved)
     assert not os.path.exists(orig)
     batch = _batch(tok.vocab_size, seed=3)
     name, slot = "specific_1", 1
