@@ -259,21 +259,30 @@ def test_cli_exports_a_trained_run(tmp_path):
 
 
 @pytest.fixture
-def read_only_dir(tmp_path):
+def read_only_dir(tmp_path, monkeypatch):
     """A directory that refuses new entries: mode 555, plus the immutable attribute for root (whom
-    modes do not bind); skips if neither holds here."""
+    modes do not bind). Where neither holds (root without CAP_LINUX_IMMUTABLE), creating an entry in
+    it fails as the kernel would refuse it (EACCES from the export's probe, ``tempfile.mkdtemp``)."""
     d = tmp_path / "ro"
     d.mkdir()
     d.chmod(0o555)
     immutable = os.geteuid() == 0 and shutil.which("chattr") is not None and subprocess.run(
         ["chattr", "+i", str(d)], capture_output=True).returncode == 0
     try:
-        try:
-            (d / "probe").mkdir()
-        except OSError:
-            yield d
-        else:
-            pytest.skip("cannot make a read-only directory here")
+        (d / "probe").mkdir()
+    except OSError:
+        pass
+    else:
+        (d / "probe").rmdir()
+        real = ex.tempfile.mkdtemp
+
+        def refuse(*args, dir=None, **kwargs):
+            if dir is not None and os.path.samefile(dir, d):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(d))
+            return real(*args, dir=dir, **kwargs)
+        monkeypatch.setattr(ex.tempfile, "mkdtemp", refuse)
+    try:
+        yield d
     finally:
         if immutable:
             subprocess.run(["chattr", "-i", str(d)], check=True)
