@@ -1,17 +1,22 @@
 """Export to Hugging Face formats: merged modules and PEFT adapters match the JAX model's logits."""
+import errno
 import json
 import os
+import shutil
+import subprocess
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from flax import nnx
-from peft import PeftModel
+from peft import AutoPeftModelForCausalLM, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import iclm_jax  # noqa: F401  (eager sharding off before any construction)
-from iclm_jax.data.tokenizer import acre_word_tokenizer
+from iclm_jax.data import acre, render
+from iclm_jax.data.pipeline import tokenize_example
+from iclm_jax.data.tokenizer import Tokenizer, acre_word_tokenizer
 from iclm_jax.hf import load_hf_weights
 from iclm_jax.hf import export as ex
 from iclm_jax.hf.weights import base_params
@@ -54,7 +59,7 @@ def exported(tmp_path_factory, tok):
     model = _trained_ish(tiny_iclm(num_modules=2, router_source="adapter", lora_rank=4,
                                    lora_alpha=8.0, base_kw=dict(vocab_size=tok.vocab_size)))
     out = str(tmp_path_factory.mktemp("export") / "out")
-    ex.export_model(model, tok, out, custom=False)
+    ex.export_model(model, tok, out)
     return model, out
 
 
@@ -67,7 +72,7 @@ def test_layout(exported):
                                           "router": 3}
     with open(os.path.join(out, "adapters", "invariant", "adapter_config.json")) as f:
         acfg = json.load(f)
-    assert acfg["base_model_name_or_path"] == os.path.join(out, "base")
+    assert acfg["base_model_name_or_path"] == "../../base"    # test_moved_export_loads_its_own_base
     assert (acfg["r"], acfg["lora_alpha"]) == (4, 8.0)
     assert acfg["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                       "up_proj", "down_proj"]
@@ -98,12 +103,65 @@ def test_peft_adapters_match_module_logits(exported, tok):
         np.testing.assert_allclose(_torch_logits(hf, batch), ours, atol=TOL, rtol=0, err_msg=name)
 
 
-def test_tokenizer_loads_with_autotokenizer(exported, tok):
+def test_moved_export_loads_its_own_base(exported, tok, tmp_path, monkeypatch):
+    """An export moved elsewhere (the original gone) loads its adapters on its own base."""
+    model, _ = exported
+    orig = ex.export_model(model, tok, str(tmp_path / "orig"), custom=False)
+    moved = tmp_path / "elsewhere" / "export"
+    moved.parent.mkdir()
+    os.rename(orig, moved)
+    assert not os.path.exists(orig)
+    batch = _batch(tok.vocab_size, seed=3)
+    name, slot = "specific_1", 1
+    adir = moved / "adapters" / name
+    ours = np.asarray(model.module_logits(batch, slot))
+    # the documented way, from any directory: load the base, then the adapter onto it
+    base = AutoModelForCausalLM.from_pretrained(str(moved / "base"))
+    hf = PeftModel.from_pretrained(base, str(adir)).eval()
+    np.testing.assert_allclose(_torch_logits(hf, batch), ours, atol=TOL, rtol=0)
+    # AutoPeftModel reads base_model_name_or_path itself, against the current directory: it finds
+    # the moved base when started inside the adapter directory
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")            # peft would ask the Hub for a tokenizer
+    monkeypatch.chdir(adir)
+    hf = AutoPeftModelForCausalLM.from_pretrained(str(adir)).eval()
+    np.testing.assert_allclose(_torch_logits(hf, batch), ours, atol=TOL, rtol=0)
+
+
+def _training_prompt_ids(tok) -> tuple[str, list[int]]:
+    """A rendered ACRE prompt and the input ids the pipeline trains on for it ([bos] prompt)."""
+    example = render.render_problem(acre.generate_problems("IID", "train", 1, seed=4)[0], "text",
+                                    packed=False)[0]
+    row = tokenize_example(example, tok, 512, 1)
+    return example.prompt, row["inputs"][:int(row["prompt_mask"].sum())].tolist()
+
+
+def test_autotokenizer_gives_the_training_ids(exported, tok):
+    """AutoTokenizer(prompt) == the pipeline's ids (BOS first) in every exported directory, all of
+    which hold the same tokenizer files."""
     _, out = exported
-    hf_tok = AutoTokenizer.from_pretrained(os.path.join(out, "modules", "invariant"))
-    text = "on off undetermined"
-    assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
-    assert hf_tok.eos_token_id == tok.eos_id and hf_tok.pad_token_id == tok.pad_id
+    prompt, train_ids = _training_prompt_ids(tok)
+    assert train_ids[0] == tok.bos_id and len(train_ids) > 20
+    dirs = [out, os.path.join(out, "base"), os.path.join(out, "modules", "invariant")]
+    for d in dirs:
+        hf_tok = AutoTokenizer.from_pretrained(d)
+        assert hf_tok(prompt)["input_ids"] == train_ids, d
+        assert hf_tok(prompt, add_special_tokens=False)["input_ids"] == train_ids[1:], d
+        assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == \
+            (tok.bos_id, tok.eos_id, tok.pad_id), d
+        assert hf_tok.unk_token == "<unk>", d
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
+        texts = {open(os.path.join(d, name)).read() for d in dirs}
+        assert len(texts) == 1, name
+
+
+def test_tokenizer_without_bos_adds_nothing(tmp_path, tok):
+    """A tokenizer with no BOS (SmolLM2's): training rows start with the prompt, and so does
+    AutoTokenizer's encoding."""
+    no_bos = Tokenizer(tok.tk, pad_id=tok.pad_id, eos_id=tok.eos_id, bos_id=None)
+    ex.save_tokenizer(no_bos, str(tmp_path))
+    prompt, train_ids = _training_prompt_ids(no_bos)
+    assert train_ids == tok.encode(prompt)
+    assert AutoTokenizer.from_pretrained(str(tmp_path))(prompt)["input_ids"] == train_ids
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -133,7 +191,7 @@ def test_refuses_non_empty_out_without_force(tmp_path, tok):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="--force"):
+    with pytest.raises(ex.OutputError, match="--force"):
         ex.export_model(model, tok, str(out), custom=False)
     assert os.listdir(out) == ["keep.txt"]
     assert sorted(os.listdir(tmp_path)) == ["out"]
@@ -198,3 +256,92 @@ def test_cli_exports_a_trained_run(tmp_path):
         hf = AutoModelForCausalLM.from_pretrained(os.path.join(out, "modules", name)).eval()
         np.testing.assert_allclose(_torch_logits(hf, batch), np.asarray(model.module_logits(batch, slot)),
                                    atol=TOL, rtol=0, err_msg=name)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path, monkeypatch):
+    """A directory that refuses new entries: mode 555, plus the immutable attribute for root (whom
+    modes do not bind). Where neither holds (root without CAP_LINUX_IMMUTABLE), creating an entry in
+    it fails as the kernel would refuse it (EACCES from the export's probe, ``tempfile.mkdtemp``)."""
+    d = tmp_path / "ro"
+    d.mkdir()
+    d.chmod(0o555)
+    immutable = os.geteuid() == 0 and shutil.which("chattr") is not None and subprocess.run(
+        ["chattr", "+i", str(d)], capture_output=True).returncode == 0
+    try:
+        (d / "probe").mkdir()
+    except OSError:
+        pass
+    else:
+        (d / "probe").rmdir()
+        real = ex.tempfile.mkdtemp
+
+        def refuse(*args, dir=None, **kwargs):
+            if dir is not None and os.path.samefile(dir, d):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(d))
+            return real(*args, dir=dir, **kwargs)
+        monkeypatch.setattr(ex.tempfile, "mkdtemp", refuse)
+    try:
+        yield d
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(d)], check=True)
+        d.chmod(0o755)
+
+
+@pytest.mark.parametrize("problem", ["parent_is_file", "out_is_file", "non_empty", "unwritable"])
+def test_cli_checks_out_before_loading(problem, tmp_path, capsys, monkeypatch, request):
+    """Each --out problem: exit 2 and one line naming the path, before the checkpoint is loaded."""
+    monkeypatch.setattr(ex, "_load_run", lambda workdir: pytest.fail("checkpoint loaded first"))
+    out = tmp_path / "out"
+    if problem == "parent_is_file":
+        (tmp_path / "f").write_text("x")
+        out, words = tmp_path / "f" / "sub" / "out", [f"{tmp_path / 'f'} is a file"]
+    elif problem == "out_is_file":
+        out.write_text("x")
+        words = ["exists and is not a directory"]
+    elif problem == "non_empty":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+        words = ["not empty", "--force"]
+    else:
+        ro = request.getfixturevalue("read_only_dir")
+        out, words = ro / "out", [f"cannot create a directory in {ro}"]
+    assert ex.main(["--workdir", str(tmp_path / "run"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"iclm-export: --out {out}: "), err
+    assert all(w in err for w in words), err
+
+
+@pytest.mark.parametrize("where", ["safetensors", "json"])
+def test_cli_disk_full_is_one_line(where, tmp_path, capsys, monkeypatch, tok):
+    """A full disk while writing (simulated ENOSPC): exit 2, one line, nothing left behind."""
+    from safetensors import SafetensorError
+    import safetensors.numpy
+    model = tiny_iclm(num_modules=2, base_kw=dict(vocab_size=tok.vocab_size))
+    monkeypatch.setattr(ex, "_load_run", lambda workdir: (model, tok, 16))
+    if where == "safetensors":      # what safetensors raises on a full disk: not an OSError
+        def full(tensors, path, metadata=None):
+            raise SafetensorError(f"Error while serializing: I/O error: No space left on device "
+                                  f"(os error 28) at path \"{path}.tmp\"")
+        monkeypatch.setattr(safetensors.numpy, "save_file", full)
+        file = "base/model.safetensors"
+    else:
+        def full(path, obj):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        monkeypatch.setattr(ex, "_write_json", full)
+        file = "base/config.json"
+    out = tmp_path / "out"
+    assert ex.main(["--workdir", str(tmp_path / "run"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"iclm-export: --out {out}: cannot write {file} (No space left on device); "
+                   f"nothing was written\n")
+    assert os.listdir(tmp_path) == []                 # no DIR, no temporary directory
+
+
+def test_safetensors_io_error_is_an_oserror(tmp_path):
+    """A real I/O error of safetensors (a missing directory) is an OSError naming the file."""
+    path = str(tmp_path / "missing" / "model.safetensors")
+    with pytest.raises(FileNotFoundError) as e:
+        ex.save_weights({"w": np.zeros(3, np.float32)}, str(tmp_path / "missing"))
+    assert e.value.filename == path and e.value.errno == errno.ENOENT

@@ -41,6 +41,9 @@ p.add_argument("--noq", type=int, default=0)
 p.add_argument("--ctx", type=float, default=0.0)   # must stay < 1 (answers are the weight-1 targets)
 p.add_argument("--kv", type=int, default=0)
 p.add_argument("--val_n", type=int, default=600)
+p.add_argument("--kmin", type=int, default=6)     # training problems keep k ~ U{kmin..6} of their 6 panels
+p.add_argument("--seed", type=int, default=0)
+p.add_argument("--init", default="0.02")   # base kernels' init std: a number, or "lecun" (1/sqrt(fan_in))
 a = p.parse_args()
 
 # vocab
@@ -54,7 +57,8 @@ ANS = {0: V["off"], 1: V["undetermined"], 2: V["on"]}
 def encode(problem, extra_ok=False):
     """-> inputs, targets, positions, segments, mask, qtypes, labels"""
     toks = [V["<bos>"]]
-    for pnl in problem[:6]:
+    nc = _nctx(problem)
+    for pnl in problem[:nc]:
         lt = V[pnl["light_state"]]
         objs = [OBJ0 + o for o in pnl["objects"]]
         if a.enc == "light_first":
@@ -78,14 +82,14 @@ def encode(problem, extra_ok=False):
     tgt[:n - 1] = toks[1:]; cmsk = np.zeros(L, np.float32); cmsk[:n - 1] = 1.0
     at = n
     qt, lab = [], []
-    queries = list(problem[6:])
+    queries = list(problem[nc:])
     if extra_ok:
         seen = []
-        for c in problem[:6]:
+        for c in problem[:nc]:
             for o in c["objects"]:
                 if o not in seen: seen.append(o)
         for o in seen:
-            queries.append({"objects": [o], "label": acre.derive_label(problem[:6], [o]), "type": "direct"})
+            queries.append({"objects": [o], "label": acre.derive_label(problem[:nc], [o]), "type": "direct"})
     for j, q in enumerate(queries):
         qtok = [OBJ0 + o for o in q["objects"]] + ([] if a.noq else [V["?"]])
         m = len(qtok)
@@ -100,6 +104,21 @@ def encode(problem, extra_ok=False):
     return inp, tgt, pos, seg, msk + a.ctx * cmsk, np.array(qt), np.array(lab)
 
 
+def truncate(problem, rng):
+    """Keep k ~ U{kmin..6} of the 6 context panels (in order) and relabel the queries by the rule."""
+    k = int(rng.integers(a.kmin, 7))
+    if k == 6:
+        return problem
+    keep = sorted(rng.choice(6, size=k, replace=False))
+    ctx = [problem[i] for i in keep]
+    qs = [dict(q, label=acre.derive_label(ctx, q["objects"])) for q in problem[6:]]
+    return ctx + qs
+
+
+def _nctx(problem):
+    return sum("label" not in p for p in problem)
+
+
 def batchify(problems, extra_ok=False):
     cols = list(zip(*[encode(pr, extra_ok) for pr in problems]))
     return [np.stack(c) for c in cols]
@@ -108,7 +127,16 @@ def batchify(problems, extra_ok=False):
 cfg = TransformerConfig(vocab_size=VOCAB, d_model=a.d, n_layers=a.layers, n_heads=a.heads,
                         n_kv_heads=a.kv or a.heads, head_dim=a.d // a.heads, mlp_dim=a.d * 3,
                         tie_embeddings=True)
-model = Transformer(cfg, None, rngs=nnx.Rngs(0))
+model = Transformer(cfg, None, rngs=nnx.Rngs(a.seed))
+if a.init != "0.02":   # rescale the 0.02-std kernels (2-D, or stacked per layer) to the asked std
+    st = nnx.state(model, nnx.Param)
+    def _rescale(path, x):
+        if x.ndim != 2 or "embedding" in str(path):
+            return x
+        std = 1 / np.sqrt(x.shape[0]) if a.init == "lecun" else float(a.init)
+        return x * (std / 0.02)
+    st = jax.tree_util.tree_map_with_path(_rescale, st)
+    nnx.update(model, st)
 nparams = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 sched = optax.warmup_cosine_decay_schedule(0, a.lr, a.warmup, a.steps, a.lr * 0.1)
 tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, b1=0.9, b2=0.98, weight_decay=a.wd))
@@ -145,8 +173,9 @@ def eval_step(params, b):
 q = queue.Queue(maxsize=8)
 def producer():
     s = 0
+    rng = np.random.default_rng(a.seed)
     while True:
-        probs = gen.generate_problems("IID", "train", a.batch, 10_000 + s)
+        probs = [truncate(pr, rng) for pr in gen.generate_problems("IID", "train", a.batch, 10_000 + s)]
         q.put(batchify(probs, bool(a.extra))); s += 1
 threading.Thread(target=producer, daemon=True).start()
 

@@ -9,7 +9,10 @@ Layout of ``DIR`` (``python -m iclm_jax.hf.export --workdir RUN --out DIR [--for
 
 ``<name>``: ``specific_0..K-1``, ``invariant`` and ``router`` (when those adapter slots exist).
 Everything is written into a temporary directory beside ``DIR`` and renamed at the end, so an error
-never leaves a half-written ``DIR``; a non-empty ``DIR`` is refused unless ``force``.
+never leaves a half-written ``DIR``; a non-empty ``DIR`` is refused unless ``force``. Every problem
+with ``DIR`` (a file on its path, no permission, a full disk) is an ``OutputError`` of one line
+naming the path, found before the checkpoint is loaded where it can be.
+Adapters name their base relatively (``../../base``), so a moved or copied export uses its own base.
 Our kernels are [in, out]; torch Linear weights are [out, in], hence the transposes.
 """
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -29,10 +33,12 @@ from iclm_jax.hf.import_hf import _LAYER_NAMES, _TOP_NAMES
 from iclm_jax.hf.weights import base_params
 from iclm_jax.model.transformer import TransformerConfig
 
-__all__ = ["export", "export_model", "hf_config", "ours_to_hf", "module_names", "base_weights",
-           "merged_weights", "peft_weights", "save_weights", "main"]
+__all__ = ["export", "export_model", "check_out", "OutputError", "ADAPTER_BASE", "hf_config",
+           "ours_to_hf", "module_names", "base_weights", "merged_weights", "peft_weights",
+           "save_weights", "save_tokenizer", "main"]
 
 DEFAULT_SHARD_BYTES = 2 * 2**30
+ADAPTER_BASE = "../../base"     # adapters/<name>/adapter_config.json: the base, from that directory
 _OURS_TO_HF_LAYER = {ours: (hf, t) for hf, (ours, t) in _LAYER_NAMES.items()}
 _OURS_TO_HF_TOP = {ours: (hf, t) for hf, (ours, t) in _TOP_NAMES.items()}
 _PEFT_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
@@ -123,14 +129,29 @@ def to_hf_names(weights: Mapping[str, np.ndarray], tie: bool) -> dict[str, np.nd
     return out
 
 
+class OutputError(Exception):
+    """The export directory cannot be written: one line naming the path and the problem."""
+
+
+def _save_file(tensors: Mapping[str, np.ndarray], path: str) -> None:
+    """safetensors' ``save_file``; its I/O errors (a full disk) become the OSError they are."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import save_file
+    try:
+        save_file(dict(tensors), path, metadata={"format": "pt"})
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), path) from None
+
+
 def save_weights(tensors: Mapping[str, np.ndarray], directory: str, *,
                  shard_bytes: int = DEFAULT_SHARD_BYTES, stem: str = "model") -> None:
     """``stem.safetensors``, or shards + ``stem.safetensors.index.json`` above ``shard_bytes``."""
-    from safetensors.numpy import save_file
-    meta = {"format": "pt"}
     total = sum(a.nbytes for a in tensors.values())
     if total <= shard_bytes:
-        save_file(dict(tensors), os.path.join(directory, f"{stem}.safetensors"), metadata=meta)
+        _save_file(tensors, os.path.join(directory, f"{stem}.safetensors"))
         return
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
@@ -144,7 +165,7 @@ def save_weights(tensors: Mapping[str, np.ndarray], directory: str, *,
     weight_map = {}
     for k, shard in enumerate(shards):
         file = f"{stem}-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(directory, file), metadata=meta)
+        _save_file(shard, os.path.join(directory, file))
         weight_map.update({name: file for name in shard})
     _write_json(os.path.join(directory, f"{stem}.safetensors.index.json"),
                 {"metadata": {"total_size": total}, "weight_map": weight_map})
@@ -157,20 +178,35 @@ def _write_json(path: str, obj: Any) -> None:
 
 
 def save_tokenizer(tokenizer, directory: str) -> None:
-    """tokenizer.json (+ our special_tokens.json) and the files AutoTokenizer needs."""
-    tokenizer.save(directory)
-    tok = tokenizer.tk.id_to_token
-    special = {"eos_token": tok(tokenizer.eos_id), "pad_token": tok(tokenizer.pad_id)}
+    """tokenizer.json (+ our special_tokens.json) and the files AutoTokenizer needs.
+
+    Every training row starts with BOS when the tokenizer has one (``data.pipeline``), so the
+    exported tokenizer.json adds it (a post-processor; ``add_bos_token`` says the same to
+    transformers): ``AutoTokenizer(text)`` gives the ids training used, ``add_special_tokens=False``
+    the bare text. EOS is never added: it ends answers, not prompts. The same files go into every
+    directory of an export (base, modules, adapters' base, the whole-ICLM root).
+    """
+    from tokenizers import Tokenizer as _Tk
+    from tokenizers.processors import TemplateProcessing
+
+    from iclm_jax.data.tokenizer import Tokenizer
+    tk = _Tk.from_str(tokenizer.tk.to_str())       # a copy: the caller's tokenizer is unchanged
+    name = tk.id_to_token
+    special = {"eos_token": name(tokenizer.eos_id), "pad_token": name(tokenizer.pad_id)}
     if tokenizer.bos_id is not None:
-        special["bos_token"] = tok(tokenizer.bos_id)
-    unk = getattr(tokenizer.tk.model, "unk_token", None)
-    if unk is not None and tokenizer.token_to_id(unk) is not None:
+        bos = special["bos_token"] = name(tokenizer.bos_id)
+        tk.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1",
+                                               special_tokens=[(bos, tokenizer.bos_id)])
+    unk = getattr(tk.model, "unk_token", None)
+    if unk is not None and tk.token_to_id(unk) is not None:
         special["unk_token"] = unk
+    Tokenizer(tk, pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id,
+              bos_id=tokenizer.bos_id).save(directory)
     _write_json(os.path.join(directory, "special_tokens_map.json"), special)
     _write_json(os.path.join(directory, "tokenizer_config.json"), {
         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30,
-        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-        **special})
+        "add_bos_token": tokenizer.bos_id is not None, "add_eos_token": False,
+        "clean_up_tokenization_spaces": False, **special})
 
 
 def save_llama(weights: Mapping[str, np.ndarray], cfg: TransformerConfig, tokenizer,
@@ -194,23 +230,44 @@ def module_names(icfg) -> dict[str, int]:
     return names
 
 
-def _adapter_config(icfg, base_path: str) -> dict:
+def _adapter_config(icfg) -> dict:
     targets = [_PEFT_TARGETS[t] for t in _PEFT_TARGETS if t in tuple(icfg.lora_targets)]
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": icfg.lora_rank,
             "lora_alpha": icfg.lora_alpha, "lora_dropout": icfg.lora_dropout,
             "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
             "use_rslora": False, "use_dora": False, "init_lora_weights": True,
             "inference_mode": True, "modules_to_save": None, "layers_to_transform": None,
-            "base_model_name_or_path": base_path, "revision": None}
+            "base_model_name_or_path": ADAPTER_BASE, "revision": None}
 
 
-def _check_out(out: str, force: bool) -> None:
-    if os.path.exists(out):
-        if not os.path.isdir(out):
-            raise FileExistsError(f"--out {out}: exists and is not a directory")
-        if os.listdir(out) and not force:
-            raise FileExistsError(f"--out {out}: directory exists and is not empty; pass --force "
-                                  f"to replace it")
+def check_out(out: str, force: bool) -> str:
+    """Absolute ``out`` if an export can be written there, else ``OutputError`` (one line).
+
+    Cheap, so it runs before the checkpoint is loaded: ``out`` must not be a file, nor a non-empty
+    directory unless ``force``; its nearest existing ancestor must be a directory in which a new
+    directory can be created (tried: permissions alone do not tell, e.g. for root or a read-only
+    file system).
+    """
+    final = os.path.abspath(out)
+    if os.path.lexists(final) and not os.path.isdir(final):
+        raise OutputError(f"--out {final}: exists and is not a directory")
+    try:
+        if os.path.isdir(final) and os.listdir(final) and not force:
+            raise OutputError(f"--out {final}: directory exists and is not empty; pass --force to "
+                              f"replace it")
+    except OSError as e:
+        raise OutputError(f"--out {final}: cannot read it ({e.strerror})") from None
+    existing = os.path.dirname(final)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise OutputError(f"--out {final}: {existing} is a file, not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".iclm-export-probe-", dir=existing))
+    except OSError as e:
+        raise OutputError(f"--out {final}: cannot create a directory in {existing} "
+                          f"({e.strerror})") from None
+    return final
 
 
 def _write_all(model, tokenizer, tmp: str, final: str, *, shard_bytes: int, max_positions: int,
@@ -220,13 +277,12 @@ def _write_all(model, tokenizer, tmp: str, final: str, *, shard_bytes: int, max_
     kw = dict(shard_bytes=shard_bytes, max_positions=max_positions)
     plain = base_weights(base)
     save_llama(plain, cfg, tokenizer, os.path.join(tmp, "base"), **kw)
-    base_path = os.path.join(final, "base")
     for name, slot in module_names(icfg).items():
         save_llama(merged_weights(base, slot, plain), cfg, tokenizer,
                    os.path.join(tmp, "modules", name), **kw)
         adir = os.path.join(tmp, "adapters", name)
         os.makedirs(adir)
-        _write_json(os.path.join(adir, "adapter_config.json"), _adapter_config(icfg, base_path))
+        _write_json(os.path.join(adir, "adapter_config.json"), _adapter_config(icfg))
         save_weights(peft_weights(base, slot), adir, shard_bytes=1 << 62, stem="adapter_model")
     if custom:
         try:
@@ -245,22 +301,38 @@ def export_model(model, tokenizer, out: str, *, force: bool = False,
 
     ``custom``: also write the whole ICLM as a transformers custom model (needs ``export_custom``).
     """
-    final = os.path.abspath(out)
-    _check_out(final, force)
+    final = check_out(out, force)
     parent = os.path.dirname(final)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
+    except OSError as e:
+        raise OutputError(f"--out {final}: cannot create {e.filename or parent} "
+                          f"({e.strerror})") from None
     try:
         _write_all(model, tokenizer, tmp, final, shard_bytes=shard_bytes,
                    max_positions=max_positions, custom=custom)
-        _check_out(final, force)                 # something may have appeared meanwhile
+        check_out(final, force)                  # something may have appeared meanwhile
         old = None
         if os.path.isdir(final):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-", dir=parent)
             os.rename(final, os.path.join(old, "x"))
-        os.rename(tmp, final)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if old is not None:                  # put the replaced export back
+                os.rename(os.path.join(old, "x"), final)
+                os.rmdir(old)
+            raise
         if old is not None:
             shutil.rmtree(old)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        where = str(e.filename or "the export")
+        if where.startswith(tmp + os.sep):
+            where = os.path.relpath(where, tmp)
+        raise OutputError(f"--out {final}: cannot write {where} ({e.strerror or e}); nothing was "
+                          f"written") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -270,13 +342,19 @@ def export_model(model, tokenizer, out: str, *, force: bool = False,
 def export(workdir: str, out: str, *, force: bool = False,
            shard_bytes: int = DEFAULT_SHARD_BYTES, custom: bool = True) -> str:
     """Export the latest checkpoint of the run in ``workdir`` to ``out`` (see module docstring)."""
+    final = check_out(out, force)             # before the checkpoint load (seconds to minutes)
+    model, tokenizer, max_len = _load_run(workdir)
+    return export_model(model, tokenizer, final, force=force, shard_bytes=shard_bytes,
+                        max_positions=max(4096, max_len), custom=custom)
+
+
+def _load_run(workdir: str):
+    """(ICLM, tokenizer, max_len) of the latest checkpoint of the run in ``workdir``."""
     from flax import nnx
 
     from iclm_jax.train.restore_run import load
     run = load(workdir)
-    model = nnx.merge(run.graphdef, run.state).model
-    return export_model(model, run.data.tokenizer, out, force=force, shard_bytes=shard_bytes,
-                        max_positions=max(4096, int(run.data.max_len)), custom=custom)
+    return nnx.merge(run.graphdef, run.state).model, run.data.tokenizer, int(run.data.max_len)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         path = export(args.workdir, args.out, force=args.force, shard_bytes=args.shard_bytes)
-    except (FileExistsError, FileNotFoundError) as e:
+    except (OutputError, FileNotFoundError) as e:
         print(f"iclm-export: {e}", file=sys.stderr)
         return 2
     print(f"exported {args.workdir} -> {path}")

@@ -2,9 +2,10 @@
 
 ``write_custom_model`` writes ``config.json`` (with ``auto_map``), ``modeling_iclm.py`` (a copy of
 ``iclm_jax/hf/modeling_iclm.py``, which needs only torch + transformers), ``model.safetensors`` and the
-tokenizer files. Tensor layout: base weights under the usual Llama names in torch layout ([out, in]),
-LoRA stacks in our layout (``lora_A`` [M, in, r], ``lora_B`` [M, r, out], M adapter slots), router
-and aggregator tensors as ``router_*`` / ``aggregator_*``. Nothing here imports torch.
+tokenizer files (the same as every module directory's: ``export.save_tokenizer``). Tensor layout:
+base weights under the usual Llama names in torch layout ([out, in]), LoRA stacks in our layout
+(``lora_A`` [M, in, r], ``lora_B`` [M, r, out], M adapter slots), router and aggregator tensors as
+``router_*`` / ``aggregator_*``. Nothing here imports torch.
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import shutil
 import warnings
 
 import numpy as np
-from safetensors.numpy import save_file
 
+from iclm_jax.hf.export import save_tokenizer, save_weights
 from iclm_jax.model.iclm import ICLM
 
 _TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "modeling_iclm.py")
@@ -66,9 +67,9 @@ def custom_config(model: ICLM, tokenizer=None) -> dict:
 def custom_tensors(model: ICLM) -> dict[str, np.ndarray]:
     """Every tensor ``ICLMForCausalLM`` loads, by its state-dict name."""
     base, cfg = model.base, model.cfg
-    t = {"embed_tokens": _np(base.embedding[...]), "norm.weight": _np(base.norm.weight[...])}
+    t = {"embed_tokens.weight": _np(base.embedding[...]), "norm.weight": _np(base.norm.weight[...])}
     if not cfg.base.tie_embeddings:
-        t["lm_head"] = _np(base.lm_head[...]).T.copy()
+        t["lm_head.weight"] = _np(base.lm_head[...]).T.copy()
     for i, layer in enumerate(base.layers):
         p = f"layers.{i}."
         t[p + "input_layernorm.weight"] = _np(layer.attn_norm.weight[...])
@@ -93,20 +94,6 @@ def custom_tensors(model: ICLM) -> dict[str, np.ndarray]:
     return t
 
 
-def _tokenizer_files(tokenizer, out_dir: str) -> None:
-    """Our ``tokenizer.json`` + ``special_tokens.json``, and a ``tokenizer_config.json`` so that
-    ``AutoTokenizer`` loads it as a fast tokenizer with the same special tokens."""
-    tokenizer.save(out_dir)
-    tk = tokenizer.tk
-    conf = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
-    for name, i in (("pad_token", tokenizer.pad_id), ("eos_token", tokenizer.eos_id),
-                    ("bos_token", tokenizer.bos_id)):
-        if i is not None:
-            conf[name] = tk.id_to_token(i)
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        json.dump(conf, f, indent=2)
-
-
 def write_custom_model(model: ICLM, tokenizer, out_dir: str, shard_bytes: int | None = None) -> None:
     """Write ``model`` (+ ``tokenizer``, may be None) into ``out_dir`` as a custom transformers model."""
     if tokenizer is not None and tokenizer.vocab_size > model.cfg.base.vocab_size:
@@ -116,11 +103,7 @@ def write_custom_model(model: ICLM, tokenizer, out_dir: str, shard_bytes: int | 
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(custom_config(model, tokenizer), f, indent=2)
     shutil.copyfile(_TEMPLATE, os.path.join(out_dir, "modeling_iclm.py"))
-    if shard_bytes is None:
-        save_file(custom_tensors(model), os.path.join(out_dir, "model.safetensors"),
-                  metadata={"format": "pt"})
-    else:   # shards + model.safetensors.index.json above the threshold, like the module exports
-        from iclm_jax.hf.export import save_weights
-        save_weights(custom_tensors(model), out_dir, shard_bytes=shard_bytes)
+    # shards + model.safetensors.index.json above shard_bytes, like the module exports
+    save_weights(custom_tensors(model), out_dir, shard_bytes=shard_bytes or 1 << 62)
     if tokenizer is not None:
-        _tokenizer_files(tokenizer, out_dir)
+        save_tokenizer(tokenizer, out_dir)

@@ -13,6 +13,10 @@ module for the continuation, as ``iclm_jax.generate`` does. There is no KV cache
 the whole sequence (``use_cache=False`` is forced), which is simple and exact, not fast.
 Batched prompts of different lengths must be LEFT-padded with an ``attention_mask`` (the transformers
 convention); RoPE positions come from the mask so each row matches its unpadded run.
+
+Dtypes: float32 (the checkpoint's), or ``dtype=torch.bfloat16`` / ``torch.float16`` at load time. As
+in transformers' Llama, norms, RoPE angles and the attention softmax run in float32 and return the
+model's dtype; routing and the log-prob mixture run in float32 throughout; logits come back float32.
 """
 from __future__ import annotations
 
@@ -64,8 +68,9 @@ class ICLMConfig(PretrainedConfig):
 
 
 def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    x = x.float()
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    """RMS-normalised ``x``, computed in float32 and returned in ``x``'s dtype (as Llama's)."""
+    f = x.float()
+    return (f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -104,13 +109,13 @@ class LoRALinear(nn.Module):
 
 
 def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate-half RoPE; x [B, L, H, D], positions [B, L]."""
+    """Rotate-half RoPE; x [B, L, H, D], positions [B, L]; float32 angles, cos/sin in x's dtype."""
     d = x.shape[-1]
     inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d))
     freqs = positions.float()[..., None] * inv
     emb = torch.cat([freqs, freqs], -1)[:, :, None, :]
     x1, x2 = x[..., : d // 2], x[..., d // 2:]
-    return x * emb.cos() + torch.cat([-x2, x1], -1) * emb.sin()
+    return x * emb.cos().to(x.dtype) + torch.cat([-x2, x1], -1) * emb.sin().to(x.dtype)
 
 
 class Block(nn.Module):
@@ -140,8 +145,9 @@ class Block(nn.Module):
         v = self.v_proj(a, adapter).view(b, n, hkv, hd)
         qg = q.view(b, n, hkv, h // hkv, hd)
         scores = torch.einsum("bqhgd,bkhd->bhgqk", qg, k) * hd ** -0.5
-        scores = scores.masked_fill(~mask[:, None, None], torch.finfo(torch.float32).min)
-        out = torch.einsum("bhgqk,bkhd->bqhgd", scores.softmax(-1), v).reshape(b, n, h * hd)
+        scores = scores.float().masked_fill(~mask[:, None, None], torch.finfo(torch.float32).min)
+        probs = scores.softmax(-1).to(v.dtype)          # softmax in float32, as Llama's
+        out = torch.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(b, n, h * hd)
         x = x + self.o_proj(out, adapter)
         a = self.post_attention_layernorm(x)
         g = F.silu(self.gate_proj(a, adapter)) * self.up_proj(a, adapter)
@@ -163,11 +169,11 @@ class ICLMForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         cfg = config
         d, v = cfg.hidden_size, cfg.vocab_size
-        self.embed_tokens = nn.Parameter(torch.zeros(v, d))
+        self.embed_tokens = nn.Embedding(v, d)
         self.layers = nn.ModuleList([Block(cfg) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(d, cfg.rms_norm_eps)
         if not cfg.tie_embeddings:
-            self.lm_head = nn.Parameter(torch.zeros(v, d))
+            self.lm_head = nn.Linear(d, v, bias=False)
         if cfg.use_router:
             c = cfg.router_proj_dim or d
             self.router_codebook = nn.Parameter(torch.zeros(cfg.num_modules, c))
@@ -184,26 +190,37 @@ class ICLMForCausalLM(PreTrainedModel, GenerationMixin):
     def _init_weights(self, module):   # every tensor comes from the checkpoint
         pass
 
-    def get_input_embeddings(self):
-        return None
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
 
-    def get_output_embeddings(self):
-        return None
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def get_output_embeddings(self) -> Optional[nn.Linear]:
+        """The untied ``lm_head``, if the logits come from it; None when the embeddings are tied
+        (logits use ``embed_tokens.weight``) or a concat aggregator makes the logits."""
+        cfg = self.config
+        if cfg.tie_embeddings or (cfg.invariant and cfg.aggregator == "concat"):
+            return None
+        return self.lm_head
 
     # ------------------------------------------------------------------ passes
     def hidden(self, ids, positions, mask, adapter) -> torch.Tensor:
         """Pre-final-norm hidden state [B, L, d] with adapter slot ``adapter`` [B] (-1: base only)."""
-        x = self.embed_tokens[ids]
+        x = self.embed_tokens(ids)
         for layer in self.layers:
             x = layer(x, positions, mask, adapter)
         return x
 
     def base_logits(self, x: torch.Tensor) -> torch.Tensor:
         w = self.embed_tokens if self.config.tie_embeddings else self.lm_head
-        return self.norm(x) @ w.T
+        return self.norm(x) @ w.weight.T
 
     def route(self, x_inv, pool_mask, ids, positions, mask) -> torch.Tensor:
-        """Nearest code of the prompt-pooled, final-normed router hidden state -> int64 [B]."""
+        """Nearest code of the prompt-pooled, final-normed router hidden state -> int64 [B].
+
+        Pooling and distances run in float32 whatever the model's dtype: a bf16 distance would
+        round near-ties to a different module than the float32 model picks."""
         cfg, b = self.config, ids.shape[0]
         if not cfg.use_router:
             return torch.zeros(b, dtype=torch.long, device=ids.device)
@@ -213,16 +230,17 @@ class ICLMForCausalLM(PreTrainedModel, GenerationMixin):
             slot = -1 if cfg.router_source == "base" else cfg.router_slot
             x = self.hidden(ids, positions, mask, torch.full((b,), slot, device=ids.device))
         m = pool_mask.float()
-        s = torch.einsum("bld,bl->bd", self.norm(x), m)
+        h = _rms(x.float(), cfg.rms_norm_eps) * self.norm.weight.float()
+        s = torch.einsum("bld,bl->bd", h, m)
         n = m.sum(1, keepdim=True)
         e = torch.where(n > 0, s / n.clamp(min=1.0), torch.zeros_like(s))
         if cfg.router_center:
-            e = e - self.router_mean
+            e = e - self.router_mean.float()
         if cfg.router_normalize:
             e = e * torch.rsqrt((e * e).sum(-1, keepdim=True) + 1e-12)
         if cfg.router_proj_dim:
-            e = e @ self.router_proj
-        dist = (e[:, None, :] - self.router_codebook[None]).pow(2).sum(-1)
+            e = e @ self.router_proj.float()
+        dist = (e[:, None, :] - self.router_codebook.float()[None]).pow(2).sum(-1)
         return dist.argmin(1)
 
     def aggregate(self, x_inv, x_spec) -> torch.Tensor:
@@ -237,7 +255,7 @@ class ICLMForCausalLM(PreTrainedModel, GenerationMixin):
         l_inv, l_spec = self.base_logits(x_inv), self.base_logits(x_spec)
         if cfg.aggregator == "logits":
             return w * l_inv + (1.0 - w) * l_spec
-        lp_inv, lp_spec = l_inv.log_softmax(-1), l_spec.log_softmax(-1)
+        lp_inv, lp_spec = l_inv.float().log_softmax(-1), l_spec.float().log_softmax(-1)
         if w == 0.0:
             return lp_spec
         if w == 1.0:
