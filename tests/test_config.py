@@ -15,7 +15,7 @@ BAD = [
     ("model.num_modules", 0), ("lora.rank", 0), ("lora.rank", 10_000), ("router.source", "oracle"),
     ("router.mode", "top2"), ("router.update", "sgd"), ("model.aggregator", "sum"),
     ("mi.estimator", "infonce"), ("mi.weight", -1.0), ("router.weight", -0.5), ("loss.aux_weight", -1.0),
-    ("model.n_kv_heads", 3), ("train.warmup_steps", 10_000), ("train.batch_size", 0), ("train.lr", 0.0),
+    ("model.n_kv_heads", 3), ("train.warmup_steps", -1), ("train.batch_size", 0), ("train.lr", 0.0),
     ("data.styles", "image"), ("data.eval_splits", "OOD"), ("data.tokenizer", "/nonexistent/tok"),
     ("model.dtype", "int8"), ("lora.targets", "q,ffn"), ("lora.dropout", 1.0), ("train.grad_accum", 0),
     ("model.invariant_weight", 2.0), ("router.ema_decay", 1.0), ("train.nonfinite", "ignore"),
@@ -80,3 +80,24 @@ def test_init_from_must_be_a_run_directory(tmp_path):
     c.init_from = str(tmp_path)
     with pytest.raises(ConfigError, match="init_from"):
         validate(c, num_devices=1)
+
+
+def test_warmup_longer_than_the_run_is_scaled_to_a_tenth_of_it():
+    """--config.train.steps=20 alone must run: the config's warmup (25) becomes 20 // 10 = 2 steps."""
+    import jax.numpy as jnp
+    import optax
+    from iclm_jax.train.optim import make_optimizer
+    config = acre_cfg.get_config()
+    config.train.steps = 20
+    validate(config, num_devices=1)
+    # With a constant gradient, Adam's bias-corrected step is exactly lr_t per element (eps aside), so
+    # the parameter moves by the schedule's value: 0 at step 0, lr/2 at step 1, lr from step 2 on.
+    params = {"w": jnp.zeros((2,))}
+    tx = make_optimizer(lr=1.0, steps=20, warmup_steps=25, grad_clip=0.0, weight_decay=0.0, eps=1e-12)
+    state, moves = tx.init(params), []
+    for _ in range(3):
+        updates, state = tx.update({"w": jnp.ones((2,))}, state, params)
+        new = optax.apply_updates(params, updates)
+        moves.append(float(params["w"][0] - new["w"][0]))
+        params = new
+    assert moves == pytest.approx([0.0, 0.5, 1.0], abs=1e-6)

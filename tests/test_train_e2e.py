@@ -10,7 +10,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.model.d_model=16", "--config.model.n_layers=1", "--config.model.n_heads=2",
         "--config.model.n_kv_heads=1", "--config.model.head_dim=8", "--config.model.mlp_dim=32",
         "--config.lora.rank=2", "--config.mi.critic_hidden=16", "--config.train.steps=12",
-        "--config.train.warmup_steps=2", "--config.train.log_every=4", "--config.train.batch_size=8",
+        "--config.train.log_every=4", "--config.train.batch_size=8",
         "--config.eval.batch_size=8", "--config.data.train_problems=40", "--config.data.eval_problems=8",
         "--config.mesh.data=1"]
 
@@ -26,6 +26,8 @@ def test_cli_train_then_eval(tmp_path):
     work = tmp_path / "run"
     r = _run(["-m", "iclm_jax.main", f"--workdir={work}", "--quiet", *TINY])
     assert r.returncode == 0, r.stderr[-3000:]
+    # The config's warmup (25) exceeds the 12 steps: the run warms up over a tenth of them and says so.
+    assert "train.warmup_steps=25 exceeds train.steps=12: warming up over 1 steps" in r.stderr
     summary = json.loads((work / "summary.json").read_text())
     assert summary["steps"] == 12
     assert set(summary["eval"]) == {"IID", "Comp", "Sys"}

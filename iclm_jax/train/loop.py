@@ -22,6 +22,7 @@ from iclm_jax import checkpoint, config_check, evaluate, report, sharding, shard
 from iclm_jax.data import pipeline, sources
 from iclm_jax.data.reference import fit_reference, score_reference
 from iclm_jax.train import build
+from iclm_jax.train.optim import effective_warmup
 from iclm_jax.train.preemption import EXIT_PREEMPTED, PreemptionWatcher
 from iclm_jax.train.step import FINITE_TERMS, make_steps
 
@@ -88,6 +89,10 @@ def train(config, workdir: str, *, quiet: bool = False) -> dict:
     stored_config = _prepare_workdir(config, workdir)
     # Resume and preemption notices go to stderr even with quiet (which hides the bar and tables).
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if is_main else (lambda *a: None)
+    if config.train.warmup_steps > config.train.steps:
+        say(f"train.warmup_steps={config.train.warmup_steps} exceeds train.steps={config.train.steps}: "
+            f"warming up over {effective_warmup(config.train.warmup_steps, config.train.steps)} steps "
+            "(a tenth of the run)")
 
     t0 = time.time()
     data = sources.build(config.data, config.seed)

@@ -5,6 +5,12 @@ import jax
 import optax
 
 
+def effective_warmup(warmup_steps: int, steps: int) -> int:
+    """The warmup a run uses: ``warmup_steps``, or a tenth of ``steps`` when it would not fit in the run
+    (so ``--config.train.steps=20`` works without a second flag; the loop says so in one line)."""
+    return warmup_steps if warmup_steps <= steps else steps // 10
+
+
 def make_schedule(lr: float, steps: int, warmup_steps: int, final_lr_fraction: float = 0.1):
     """Linear warmup to ``lr`` then cosine decay to ``final_lr_fraction · lr`` at ``steps``."""
     return optax.warmup_cosine_decay_schedule(
@@ -24,7 +30,7 @@ def make_optimizer(*, lr: float, steps: int, warmup_steps: int, weight_decay: fl
                    grad_clip: float = 1.0, b1: float = 0.9, b2: float = 0.95,
                    grad_accum: int = 1, final_lr_fraction: float = 0.1,
                    eps: float = 1e-8) -> optax.GradientTransformation:
-    schedule = make_schedule(lr, steps, warmup_steps, final_lr_fraction)
+    schedule = make_schedule(lr, steps, effective_warmup(warmup_steps, steps), final_lr_fraction)
     parts = []
     if grad_clip > 0:
         parts.append(optax.clip_by_global_norm(grad_clip))
