@@ -34,7 +34,7 @@ class LossConfig:
     mi_reverse: bool = False      # plugin only: the official code's KL(product || joint)
     aux_weight: float = 0.0
     context_weight: float = 0.0   # next-token CE on the prompt (contexts and query objects)
-    logit_chunk: int = 64         # positions per head call in read_stats (memory, not semantics); 0 = all
+    logit_chunk: int = 64         # positions per head call in read_stats (memory, not semantics)
 
     def __post_init__(self):
         if self.mi_estimator not in MI_ESTIMATORS:
@@ -42,8 +42,8 @@ class LossConfig:
         for name in ("routing_weight", "mi_weight", "aux_weight", "context_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: expected >= 0")
-        if not isinstance(self.logit_chunk, int) or self.logit_chunk < 0:
-            raise ValueError(f"logit_chunk={self.logit_chunk!r}: expected an int >= 0 (0 = no chunks)")
+        if not isinstance(self.logit_chunk, int) or self.logit_chunk < 1:
+            raise ValueError(f"logit_chunk={self.logit_chunk!r}: expected an int >= 1")
 
 
 class TokenStats(NamedTuple):
@@ -84,11 +84,7 @@ def read_stats(heads: Callable, x_inv: jax.Array | None, x_spec: jax.Array, targ
                read: jax.Array, chunk: int) -> TokenStats:
     """Per-position CE / argmax hits of ``heads`` (``ICLM.heads``) on hidden states [B, L, d], computed
     only at ``read`` positions [B, L]: see the module docstring. Equals the same statistics of the full
-    logits at every read position. ``chunk=0``: one head call over every position, no gather or scan
-    (faster where the logits are small: a word-level vocabulary of ~100 on the CPU recipes)."""
-    if chunk == 0:
-        ce, hit, aux = _chunk_stats(heads, x_inv, x_spec, targets, read)
-        return TokenStats(ce=ce, hit=hit, aux_ce=aux)
+    logits at every read position."""
     b, length = read.shape
     c = min(chunk, length)
     n = -(-length // c)
