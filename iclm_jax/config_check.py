@@ -81,7 +81,7 @@ def validate(c, *, num_devices: int | None = None) -> None:
     need(c.loss.aux_weight >= 0, "loss.aux_weight", c.loss.aux_weight, ">= 0")
     need(c.loss.get("context_weight", 0.0) >= 0, "loss.context_weight", c.loss.get("context_weight"), ">= 0")
     chunk = c.loss.get("logit_chunk", 64)
-    need(isinstance(chunk, int) and chunk >= 0, "loss.logit_chunk", chunk, "an int >= 0 (0 = no chunks)")
+    need(isinstance(chunk, int) and chunk >= 1, "loss.logit_chunk", chunk, "an int >= 1")
 
     need(d.task in ("acre", "jsonl"), "data.task", d.task, "'acre' or 'jsonl'")
     bad = [x for x in _split(d.styles) if x not in STYLES]
