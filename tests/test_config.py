@@ -6,7 +6,7 @@ from tests.test_step import acre_cfg
 
 
 @pytest.mark.parametrize("arg", ["demo", "baseline", "no_invariant", "plugin", "oracle", "paper",
-                                 "baseline,text", "symbolic", "cpu", "cpu,baseline,symbolic"])
+                                 "baseline,text", "symbolic", "cpu", "cpu,baseline,symbolic", "cpu,short"])
 def test_variants_validate(arg):
     validate(acre_cfg.get_config(arg), num_devices=1)
 

@@ -7,6 +7,7 @@
     get_config("oracle")    # perfect router: route by the known rendering domain
     get_config("paper")     # paper-like objective: gradient VQ, router adapter, MI on all modules, aux heads
     get_config("cpu")       # the CPU learning recipe: compact rendering, extra queries, streamed data
+    get_config("cpu,short") # `make demo`: the ICLM with the cpu recipe's data and loss, cut to ~5 minutes
 
 Variants combine with commas: get_config("baseline,text") trains on the text rendering only, and
 get_config("cpu,baseline,symbolic") is the single-module CPU recipe on the symbolic rendering.
@@ -169,6 +170,16 @@ def _cpu(c):
     c.checkpoint.every = 2000
 
 
-_VARIANTS = {"demo": lambda c: None, "cpu": _cpu, "baseline": _baseline, "no_invariant": _no_invariant,
+def _short(c):
+    """`make demo` (with "cpu"): batch 8 (the batch that leaves the plateau after the fewest problems,
+    learnability.md) and 500 steps, ~2.5 minutes of ICLM steps on 2 cores; evaluated at the end only.
+    Too short to leave the plateau: the README says what it shows."""
+    c.train.batch_size, c.train.steps, c.train.warmup_steps, c.train.time_limit_s = 8, 500, 50, 0.0
+    c.train.log_every = 25
+    c.eval.every, c.checkpoint.every = 0, 0
+    c.data.val_problems, c.data.eval_problems = 0, 300
+
+
+_VARIANTS = {"demo": lambda c: None, "cpu": _cpu, "short": _short, "baseline": _baseline, "no_invariant": _no_invariant,
              "plugin": _plugin, "oracle": _oracle, "paper": _paper, "text": _text,
              "symbolic": _symbolic}
