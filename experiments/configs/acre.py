@@ -1,6 +1,6 @@
 """ICLM on ACRE (text + symbolic renderings as the two domains).
 
-    get_config()            # "demo": the tiny from-scratch CPU ICLM that `make demo` trains (K = 2)
+    get_config()            # "demo": the tiny from-scratch CPU ICLM (K = 2) the tests build on
     get_config("baseline")  # one LoRA module, no router, no invariant module, no MI (same code, K = 1)
     get_config("no_invariant")   # K modules + router, invariant_weight 0 ablation
     get_config("plugin")    # the paper's plug-in MI estimator instead of MINE
