@@ -89,10 +89,10 @@ def train(config, workdir: str, *, quiet: bool = False) -> dict:
     stored_config = _prepare_workdir(config, workdir)
     # Resume and preemption notices go to stderr even with quiet (which hides the bar and tables).
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if is_main else (lambda *a: None)
-    if config.train.warmup_steps > config.train.steps:
+    warmup = effective_warmup(config.train.warmup_steps, config.train.steps)
+    if warmup != config.train.warmup_steps:
         say(f"train.warmup_steps={config.train.warmup_steps} exceeds train.steps={config.train.steps}: "
-            f"warming up over {effective_warmup(config.train.warmup_steps, config.train.steps)} steps "
-            "(a tenth of the run)")
+            f"warming up over {warmup} steps (a tenth of the run)")
 
     t0 = time.time()
     data = sources.build(config.data, config.seed)

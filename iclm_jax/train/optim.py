@@ -12,9 +12,11 @@ def effective_warmup(warmup_steps: int, steps: int) -> int:
 
 
 def make_schedule(lr: float, steps: int, warmup_steps: int, final_lr_fraction: float = 0.1):
-    """Linear warmup to ``lr`` then cosine decay to ``final_lr_fraction · lr`` at ``steps``."""
+    """Linear warmup to ``lr`` (over ``effective_warmup`` steps) then cosine decay to
+    ``final_lr_fraction · lr`` at ``steps``."""
+    warmup_steps = max(effective_warmup(warmup_steps, steps), 0)
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=lr, warmup_steps=max(warmup_steps, 0),
+        init_value=0.0, peak_value=lr, warmup_steps=warmup_steps,
         decay_steps=max(steps, warmup_steps + 1), end_value=lr * final_lr_fraction)
 
 
@@ -30,7 +32,7 @@ def make_optimizer(*, lr: float, steps: int, warmup_steps: int, weight_decay: fl
                    grad_clip: float = 1.0, b1: float = 0.9, b2: float = 0.95,
                    grad_accum: int = 1, final_lr_fraction: float = 0.1,
                    eps: float = 1e-8) -> optax.GradientTransformation:
-    schedule = make_schedule(lr, steps, effective_warmup(warmup_steps, steps), final_lr_fraction)
+    schedule = make_schedule(lr, steps, warmup_steps, final_lr_fraction)
     parts = []
     if grad_clip > 0:
         parts.append(optax.clip_by_global_norm(grad_clip))
