@@ -22,8 +22,10 @@ STRUCTURAL_FIELDS = (
     "model.head_dim", "model.mlp_dim", "model.tie_embeddings", "model.num_modules", "model.invariant",
     "model.aggregator", "model.train_base", "lora.rank", "lora.targets", "router.source",
     "router.update", "router.proj_dim", "router.center", "mi.estimator", "mi.critic_hidden",
-    "mi.critic_depth", "data.tokenizer", "train.grad_accum", "seed",
+    "mi.critic_depth", "data.tokenizer", "train.grad_accum", "seed", "model.canon",
 )
+# Values a field takes in a stored config written before the field existed.
+_ABSENT_MEANS = {"model.canon": 0}
 
 
 def _is_key(x) -> bool:
@@ -97,7 +99,8 @@ def config_mismatch(stored: dict, current: dict) -> list[str]:
     """Structural fields whose values differ between a checkpoint's config and the current one."""
     diffs = []
     for field in STRUCTURAL_FIELDS:
-        a, b = _get(stored, field), _get(current, field)
+        a, b = (_ABSENT_MEANS.get(field) if v is None else v
+                for v in (_get(stored, field), _get(current, field)))
         if a != b:
             diffs.append(f"{field}: checkpoint has {a!r}, config has {b!r}")
     return diffs

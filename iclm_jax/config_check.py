@@ -50,6 +50,8 @@ def validate(c, *, num_devices: int | None = None) -> None:
     need(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "> 0")
     need(m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {DTYPES}")
     need(m.get("remat", "none") in REMAT, "model.remat", m.get("remat"), f"one of {REMAT}")
+    canon = m.get("canon", 0)
+    need(isinstance(canon, int) and canon >= 0, "model.canon", canon, "an integer >= 0 (0 = no canon layer)")
     need(m.num_modules >= 1, "model.num_modules", m.num_modules, "an integer >= 1")
     need(m.aggregator in AGGREGATORS, "model.aggregator", m.aggregator, f"one of {AGGREGATORS}")
     need(0.0 <= m.invariant_weight <= 1.0, "model.invariant_weight", m.invariant_weight, "in [0, 1]")
@@ -127,6 +129,8 @@ def validate(c, *, num_devices: int | None = None) -> None:
         ok = m.init == "smollm2" or m.init.endswith(".gguf") and os.path.isfile(m.init) or \
             os.path.isfile(os.path.join(m.init, "config.json"))
         need(ok, "model.init", m.init, "'smollm2', a .gguf file or a Hugging Face dir with config.json")
+        need(not m.get("canon", 0), "model.canon", m.get("canon"),
+             f"0 with model.init={m.init!r}: a pretrained Llama base has no canon layer")
     if c.init_from:
         need(os.path.isdir(os.path.join(c.init_from, "checkpoints")), "init_from", c.init_from,
              "a run directory holding checkpoints/")

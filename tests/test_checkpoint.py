@@ -66,3 +66,10 @@ def test_config_mismatch_lists_each_structural_field():
     assert "model.num_modules: checkpoint has 2, config has 4" in diffs
     assert "lora.rank: checkpoint has 8, config has 4" in diffs
     assert not any(d.startswith("model.d_model") for d in diffs)
+
+
+def test_a_field_newer_than_the_stored_config_counts_as_its_old_meaning():
+    old = {"model": {"d_model": 64}}                       # written before model.canon existed
+    assert checkpoint.config_mismatch(old, {"model": {"d_model": 64, "canon": 0}}) == []
+    assert checkpoint.config_mismatch(old, {"model": {"d_model": 64, "canon": 4}}) == [
+        "model.canon: checkpoint has 0, config has 4"]

@@ -6,7 +6,8 @@ from tests.test_step import acre_cfg
 
 
 @pytest.mark.parametrize("arg", ["demo", "baseline", "no_invariant", "plugin", "oracle", "paper",
-                                 "baseline,text", "symbolic", "cpu", "cpu,baseline,symbolic", "cpu,short"])
+                                 "baseline,text", "symbolic", "cpu", "cpu,baseline,symbolic", "cpu,short",
+                                 "cpu,baseline,symbolic,short"])
 def test_variants_validate(arg):
     validate(acre_cfg.get_config(arg), num_devices=1)
 
@@ -22,7 +23,7 @@ BAD = [
     ("checkpoint.best_metric", "OOD/all"), ("checkpoint.keep", 0), ("data.train_split", "Val"),
     ("data.max_len", -1), ("data.train_file", "/nonexistent.json"), ("model.rope_theta", 0.0),
     ("mi.apply_to", "some"), ("mi.critic_lr", 0.0), ("router.temperature", 0.0), ("train.adam_eps", 0.0),
-    ("rules.embed", "fsdp,model"), ("mesh.slices", 0),
+    ("rules.embed", "fsdp,model"), ("mesh.slices", 0), ("model.canon", -1),
 ]
 
 
@@ -73,6 +74,13 @@ def test_all_errors_reported_together():
     with pytest.raises(ConfigError) as e:
         validate(c, num_devices=1)
     assert "model.num_modules" in str(e.value) and "train.lr" in str(e.value)
+
+
+def test_a_pretrained_base_refuses_a_canon_layer():
+    c = acre_cfg.get_config("cpu")
+    c.model.init = "smollm2"
+    with pytest.raises(ConfigError, match=r"model\.canon=4: expected 0 with model\.init='smollm2'"):
+        validate(c, num_devices=1)
 
 
 def test_init_from_must_be_a_run_directory(tmp_path):

@@ -73,7 +73,8 @@ def _check_against_reference(model, domain=None, module=None):
     dict(num_modules=2),                                                       # invariant + concat
     dict(num_modules=1, invariant=False),                                      # single-module baseline
     dict(num_modules=3, router={"mode": "soft"}, router_source="adapter", aggregator="probs"),
-], ids=["k2-concat", "k1-baseline", "soft-adapter-probs"])
+    dict(num_modules=2, base_kw=dict(canon=3)),     # the cache keeps token ids for the canon layer
+], ids=["k2-concat", "k1-baseline", "soft-adapter-probs", "k2-canon"])
 def test_greedy_cached_equals_full_recompute(kw):
     _check_against_reference(nonzero_lora_b(tiny_iclm(**kw)))
 

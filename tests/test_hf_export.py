@@ -201,6 +201,14 @@ def test_refuses_non_empty_out_without_force(tmp_path, tok):
     assert sorted(os.listdir(tmp_path)) == ["out"]            # no temp or old dir left behind
 
 
+def test_canon_layer_is_refused_by_name_and_nothing_written(tmp_path, tok):
+    model = tiny_iclm(num_modules=1, invariant=False, router_source="base",
+                      base_kw=dict(vocab_size=tok.vocab_size, canon=4))
+    with pytest.raises(ex.NotExportable, match=r"model\.canon=4: .*no transformers Llama counterpart"):
+        ex.export_model(model, tok, str(tmp_path / "out"))
+    assert os.listdir(tmp_path) == []
+
+
 def test_error_leaves_no_partial_out(tmp_path, tok, monkeypatch):
     """A failure mid-export leaves neither DIR nor the temporary directory (and keeps an old DIR)."""
     model = tiny_iclm(num_modules=2, base_kw=dict(vocab_size=tok.vocab_size))

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from iclm_jax.model.transformer import Transformer, TransformerConfig, attention_mask
+from iclm_jax.model.transformer import Transformer, TransformerConfig, attention_mask, canon_mix
 
 VOCAB, D, LAYERS, HEADS, HEAD_DIM, MLP = 64, 32, 2, 4, 16, 48
 
@@ -91,9 +91,10 @@ def test_logits_match_transformers_llama(tie, kv_heads, theta):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
-@pytest.fixture(scope="module")
-def model() -> Transformer:
-    m = Transformer(small_cfg(), None, rngs=nnx.Rngs(3))
+@pytest.fixture(scope="module", params=[0, 3], ids=["llama", "canon3"])
+def model(request) -> Transformer:
+    """The Llama decoder, and the same with a width-3 canon layer: the mask semantics hold for both."""
+    m = Transformer(small_cfg(canon=request.param), None, rngs=nnx.Rngs(3))
     for layer in m.layers:  # larger weights than the 0.02 init so positions really interact
         for name in ("q", "k", "v", "o"):
             lin = getattr(layer, name)
@@ -160,6 +161,35 @@ def test_packed_queries_match_each_query_alone(model):
     assert np.abs(changed[:, 5:8] - packed[:, 5:8]).max() > 1e-3
 
 
+def test_canon_mix_is_a_causal_convolution_over_each_query_and_its_prefix():
+    """NumPy reference: token t of an unpacked row gets sum_i w[i] * x[t - i] (zero before the row);
+    in a packed row every query token gets what its unpacked row gives it, and padding gets nothing."""
+    rng = np.random.default_rng(7)
+    k, d = 3, 5
+    w = rng.normal(size=(k, d)).astype(np.float32)
+
+    def reference(x):   # x [L, d], one unpacked row
+        return x + sum(w[i] * np.concatenate([np.zeros((i, d), np.float32), x[:len(x) - i]]) for i in range(k))
+
+    prefix, q1, q2 = (rng.normal(size=(n, d)).astype(np.float32) for n in (4, 1, 3))
+    x = np.concatenate([prefix, q1, q2, np.full((2, d), 9.0, np.float32)])[None]
+    seg = np.array([[1] * 4 + [2] + [3] * 3 + [0] * 2])
+    pos = np.array([[0, 1, 2, 3, 4, 4, 5, 6, 0, 0]])
+    got = np.asarray(canon_mix(jnp.asarray(x), jnp.asarray(w), jnp.asarray(pos), jnp.asarray(seg)))[0]
+    np.testing.assert_allclose(got[:4], reference(prefix), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got[4:5], reference(np.concatenate([prefix, q1]))[4:], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got[5:8], reference(np.concatenate([prefix, q2]))[4:], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got[8:], x[0, 8:] * (1 + w[0]), rtol=1e-6)   # padding: no other token
+
+
+def test_canon_layer_is_a_parameter_only_when_asked():
+    plain = Transformer(small_cfg(), None, rngs=nnx.Rngs(0))
+    canon = Transformer(small_cfg(canon=4), None, rngs=nnx.Rngs(0))
+    assert plain.canon is None and "canon" not in nnx.to_pure_dict(nnx.state(plain, nnx.Param))
+    assert canon.canon[...].shape == (4, D) and canon.canon.get_metadata("out_sharding") == (None, "embed")
+    assert np.abs(np.asarray(canon.canon[...])).max() <= 0.5   # U(+-1/sqrt(K))
+
+
 def test_param_logical_names():
     m = Transformer(small_cfg(), None, rngs=nnx.Rngs(0))
     names = lambda v: v.get_metadata("out_sharding")  # noqa: E731
@@ -175,7 +205,7 @@ def test_param_logical_names():
 @pytest.mark.parametrize(
     "field,value",
     [("vocab_size", 0), ("d_model", -1), ("n_layers", 0), ("n_heads", 0), ("head_dim", 7),
-     ("mlp_dim", 0), ("rope_theta", 0.0), ("norm_eps", 0.0), ("n_kv_heads", 3)],
+     ("mlp_dim", 0), ("rope_theta", 0.0), ("norm_eps", 0.0), ("n_kv_heads", 3), ("canon", -1)],
 )
 def test_config_validation_names_field(field, value):
     with pytest.raises(ValueError, match=field):

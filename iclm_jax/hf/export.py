@@ -33,9 +33,9 @@ from iclm_jax.hf.import_hf import _LAYER_NAMES, _TOP_NAMES
 from iclm_jax.hf.weights import base_params
 from iclm_jax.model.transformer import TransformerConfig
 
-__all__ = ["export", "export_model", "check_out", "OutputError", "ADAPTER_BASE", "hf_config",
-           "ours_to_hf", "module_names", "base_weights", "merged_weights", "peft_weights",
-           "save_weights", "save_tokenizer", "main"]
+__all__ = ["export", "export_model", "check_out", "check_exportable", "OutputError", "NotExportable",
+           "ADAPTER_BASE", "hf_config", "ours_to_hf", "module_names", "base_weights", "merged_weights",
+           "peft_weights", "save_weights", "save_tokenizer", "main"]
 
 DEFAULT_SHARD_BYTES = 2 * 2**30
 ADAPTER_BASE = "../../base"     # adapters/<name>/adapter_config.json: the base, from that directory
@@ -131,6 +131,16 @@ def to_hf_names(weights: Mapping[str, np.ndarray], tie: bool) -> dict[str, np.nd
 
 class OutputError(Exception):
     """The export directory cannot be written: one line naming the path and the problem."""
+
+
+class NotExportable(Exception):
+    """The model has a part no transformers class computes: one line naming the config field."""
+
+
+def check_exportable(cfg: TransformerConfig) -> None:
+    if cfg.canon:
+        raise NotExportable(f"model.canon={cfg.canon}: a canon layer on the embeddings has no transformers "
+                            f"Llama counterpart, so this run cannot be exported (model.canon=0 runs can)")
 
 
 def _save_file(tensors: Mapping[str, np.ndarray], path: str) -> None:
@@ -301,6 +311,7 @@ def export_model(model, tokenizer, out: str, *, force: bool = False,
 
     ``custom``: also write the whole ICLM as a transformers custom model (needs ``export_custom``).
     """
+    check_exportable(model.base.cfg)
     final = check_out(out, force)
     parent = os.path.dirname(final)
     try:
@@ -367,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         path = export(args.workdir, args.out, force=args.force, shard_bytes=args.shard_bytes)
-    except (OutputError, FileNotFoundError) as e:
+    except (OutputError, NotExportable, FileNotFoundError) as e:
         print(f"iclm-export: {e}", file=sys.stderr)
         return 2
     print(f"exported {args.workdir} -> {path}")

@@ -9,6 +9,10 @@ shards whole heads. Query head h uses kv head h // (n_heads / n_kv_heads), as tr
 ``repeat_kv``. The residual stream stays float32; matmuls run in ``cfg.dtype``; norms, RoPE
 tables and softmax are float32.
 
+One optional departure from Llama, off by default: ``cfg.canon = K`` adds a canon layer on the token
+embeddings (``canon_mix``: each token also carries its K-1 predecessors), which the CPU recipe uses;
+a model with it has no transformers counterpart and is not exported.
+
 Incremental decoding: ``init_cache`` + ``extend`` run new tokens against a ``KVCache`` of the
 earlier ones (same layers and weights as ``__call__``, which is unchanged); see ``generate.py``.
 
@@ -51,6 +55,7 @@ class TransformerConfig:
     tie_embeddings: bool = False
     dtype: Any = jnp.float32  # compute dtype; params are always float32
     remat: str = "none"       # REMAT_POLICIES key; memory only, not part of the saved state's structure
+    canon: int = 0            # K > 0: a canon layer of width K on the token embeddings (``canon_mix``)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim"):
@@ -68,6 +73,8 @@ class TransformerConfig:
             raise ValueError(f"TransformerConfig.rope_theta must be > 0, got {self.rope_theta!r}")
         if not self.norm_eps > 0:
             raise ValueError(f"TransformerConfig.norm_eps must be > 0, got {self.norm_eps!r}")
+        if not isinstance(self.canon, int) or isinstance(self.canon, bool) or self.canon < 0:
+            raise ValueError(f"TransformerConfig.canon must be an int >= 0, got {self.canon!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"TransformerConfig.remat (model.remat) must be one of "
                              f"{tuple(REMAT_POLICIES)}, got {self.remat!r}")
@@ -108,6 +115,49 @@ def attention_mask(segments: jax.Array) -> jax.Array:
     return causal & (q != 0) & (k != 0) & ((k == q) | (k == 1))
 
 
+def canon_sources(positions: jax.Array, segments: jax.Array, i: int) -> tuple[jax.Array, jax.Array]:
+    """Where each token's i-th predecessor is, in the sequence that token attends over.
+
+    -> (index int [B, L], valid bool [B, L]). The predecessor is the token at position ``p - i``
+    that the attention rule lets a token at position p see: the earlier token of its own segment,
+    or, past its segment's start, the prefix (segment 1) token at that position. Row layout of the
+    pipeline: the prefix fills indices 0.. with position = index, and a query segment continues its
+    positions. A source that is not at position ``p - i`` in the own segment or the prefix (another
+    layout, padding) is not valid, so a packed row mixes exactly what each query's unpacked row
+    mixes.
+    """
+    n = segments.shape[1]
+    t = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, :], segments.shape)
+    back = jnp.clip(t - i, 0, n - 1)
+    own = (t - i >= 0) & (jnp.take_along_axis(segments, back, 1) == segments)
+    src = jnp.clip(jnp.where(own, t - i, positions - i), 0, n - 1)
+    seg_src = jnp.take_along_axis(segments, src, 1)
+    valid = ((segments != 0) & (positions - i >= 0)
+             & (jnp.take_along_axis(positions, src, 1) == positions - i)
+             & ((seg_src == segments) | (seg_src == 1)))
+    return src, valid
+
+
+def canon_mix(x: jax.Array, w: jax.Array, positions: jax.Array, segments: jax.Array) -> jax.Array:
+    """A canon layer (Allen-Zhu, "Physics of Language Models: Part 4.1", 2025) on the embeddings:
+    ``x_t + sum_i w[i] * x_(t-i)``, a causal depthwise convolution of width K = len(w) (tap 0 is the
+    token itself) with a residual, over each token's predecessors as ``canon_sources`` finds them.
+
+    Why: a token then carries its K-1 predecessors. In the compact ACRE renderings an object follows
+    its panel's light word (``on o36``; text ``on blue sphere rubber``), so with K = 4 an object's last
+    token holds both its identity and its light, and matching a query object with its earlier
+    occurrences needs one attention step instead of the two-layer previous-token + induction circuit
+    a plain decoder finds only after a long plateau (experiments/results/learnability.md).
+    x float32 [B, L, d], w [K, d] -> float32 [B, L, d].
+    """
+    out = x + w[0] * x
+    for i in range(1, w.shape[0]):
+        src, valid = canon_sources(positions, segments, i)
+        xs = jnp.take_along_axis(x, src[..., None], 1)
+        out = out + w[i] * jnp.where(valid[..., None], xs, 0.0)
+    return out
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Grouped-query attention; softmax in float32.
 
@@ -137,6 +187,7 @@ class KVCache(NamedTuple):
     k: tuple[jax.Array, ...]   # per layer [B, Lmax, Hkv, D] in cfg.dtype
     v: tuple[jax.Array, ...]   # per layer [B, Lmax, Hkv, D] in cfg.dtype
     lengths: jax.Array         # int32 [B] filled slots per row
+    tokens: jax.Array | None = None   # int32 [B, Lmax] the token ids per slot (canon layer only)
 
     @property
     def max_len(self) -> int:
@@ -146,9 +197,11 @@ class KVCache(NamedTuple):
     def concat(caches: "list[KVCache]") -> "KVCache":
         """Stack caches along the batch axis (rows of several adapters decoded in one pass)."""
         cat = lambda xs: jnp.concatenate(xs, axis=0)  # noqa: E731
+        tokens = [c.tokens for c in caches]
         return KVCache(tuple(map(lambda *a: cat(a), *[c.k for c in caches])),
                        tuple(map(lambda *a: cat(a), *[c.v for c in caches])),
-                       cat([c.lengths for c in caches]))
+                       cat([c.lengths for c in caches]),
+                       None if any(t is None for t in tokens) else cat(tokens))
 
 
 class Block(nnx.Module):
@@ -223,6 +276,12 @@ class Transformer(nnx.Module):
             BASE_INIT_STD * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model), jnp.float32),
             out_sharding=("vocab", "embed"),
         )
+        if cfg.canon:   # torch Conv1d's default init for a depthwise width-K filter: U(+-1/sqrt(K))
+            bound = cfg.canon ** -0.5
+            self.canon = nnx.Param(jax.random.uniform(rngs.params(), (cfg.canon, cfg.d_model), jnp.float32,
+                                                      -bound, bound), out_sharding=(None, "embed"))
+        else:
+            self.canon = nnx.data(None)
         self.layers = nnx.List([Block(cfg, lora, rngs=rngs) for _ in range(cfg.n_layers)])
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs=rngs, dtype=cfg.dtype)
         if cfg.tie_embeddings:
@@ -242,6 +301,8 @@ class Transformer(nnx.Module):
                 f"{segments.shape} must share shape [B, L]"
             )
         x = jnp.take(self.embedding[...], inputs, axis=0)  # float32 residual stream
+        if self.canon is not None:
+            x = canon_mix(x, self.canon[...], positions, segments)
         x = sharding.constrain(x, RESIDUAL)
         mask = attention_mask(segments)
 
@@ -260,7 +321,8 @@ class Transformer(nnx.Module):
         cfg = self.cfg
         shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
         zeros = tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.n_layers))
-        return KVCache(zeros, zeros, jnp.zeros((batch,), jnp.int32))
+        tokens = jnp.zeros((batch, max_len), jnp.int32) if cfg.canon else None
+        return KVCache(zeros, zeros, jnp.zeros((batch,), jnp.int32), tokens)
 
     def extend(self, inputs: jax.Array, cache: KVCache, adapter: jax.Array | None = None,
                num_new: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
@@ -282,14 +344,28 @@ class Transformer(nnx.Module):
                              f"{self.cfg.n_layers}")
         positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         mask = jnp.arange(cache.max_len)[None, None, :] <= positions[:, :, None]
-        x = jnp.take(self.embedding[...], inputs, axis=0)
+        table = self.embedding[...]
+        x = jnp.take(table, inputs, axis=0)
+        tokens = cache.tokens
+        if self.canon is not None:   # the canon layer reads the earlier tokens' ids from the cache
+            if tokens is None:
+                raise ValueError("Transformer.extend: a model with a canon layer needs a cache from its "
+                                 "own init_cache (one that keeps token ids)")
+            rows = jnp.arange(b)[:, None]
+            tokens = tokens.at[rows, positions].set(inputs.astype(jnp.int32), mode="drop")
+            w = self.canon[...]
+            mixed = x + w[0] * x
+            for i in range(1, w.shape[0]):
+                prev = jnp.take_along_axis(tokens, jnp.clip(positions - i, 0, cache.max_len - 1), 1)
+                mixed = mixed + w[i] * jnp.where((positions - i >= 0)[..., None], table[prev], 0.0)
+            x = mixed
         ks, vs = [], []
         for layer, k, v in zip(self.layers, cache.k, cache.v):
             x, k, v = layer.extend(x, positions, mask, adapter, k, v)
             ks.append(k)
             vs.append(v)
         added = jnp.full((b,), t, jnp.int32) if num_new is None else num_new.astype(jnp.int32)
-        return x, KVCache(tuple(ks), tuple(vs), cache.lengths + added)
+        return x, KVCache(tuple(ks), tuple(vs), cache.lengths + added, tokens)
 
     def final_norm(self, x: jax.Array) -> jax.Array:
         return self.norm(x)
