@@ -43,6 +43,7 @@ p.add_argument("--kv", type=int, default=0)
 p.add_argument("--val_n", type=int, default=600)
 p.add_argument("--kmin", type=int, default=6)     # training problems keep k ~ U{kmin..6} of their 6 panels
 p.add_argument("--seed", type=int, default=0)
+p.add_argument("--canon", type=int, default=0)   # K > 0: causal depthwise conv of width K on the embeddings
 p.add_argument("--init", default="0.02")   # base kernels' init std: a number, or "lecun" (1/sqrt(fan_in))
 a = p.parse_args()
 
@@ -141,13 +142,40 @@ nparams = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 sched = optax.warmup_cosine_decay_schedule(0, a.lr, a.warmup, a.steps, a.lr * 0.1)
 tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, b1=0.9, b2=0.98, weight_decay=a.wd))
 graphdef, params = nnx.split(model, nnx.Param)
+if a.canon:   # conv taps [K, d], tap 0 = the token itself; torch Conv1d's default init, U(+-1/sqrt(K))
+    params = {"model": params, "canon": jax.random.uniform(jax.random.key(a.seed + 7), (a.canon, a.d),
+                                                            minval=-a.canon ** -0.5, maxval=a.canon ** -0.5)}
 opt_state = tx.init(params)
 
 
+def canon_mix(x, w, pos, seg):
+    """x [B, L, d] + sum_i w[i] * x at the token i positions earlier *in the row this token sees*:
+    the same segment, else the prefix (a query's tokens continue the prefix's positions)."""
+    L = x.shape[1]
+    t = jnp.broadcast_to(jnp.arange(L)[None, :], seg.shape)
+    out = x
+    for i in range(a.canon):
+        same = jnp.take_along_axis(seg, jnp.clip(t - i, 0), 1) == seg
+        src = jnp.where(same & (t - i >= 0), t - i, pos - i)
+        ok = (pos - i >= 0) & (seg > 0)
+        xs = jnp.take_along_axis(x, jnp.clip(src, 0, L - 1)[..., None], 1)
+        out = out + w[i] * jnp.where(ok[..., None], xs, 0.0)
+    return out
+
+
 def loss_fn(params, b):
-    m = nnx.merge(graphdef, params)
     inp, tgt, pos, seg, msk = b
-    h = m(inp, pos, seg)
+    if a.canon:
+        m = nnx.merge(graphdef, params["model"])
+        from iclm_jax.model.transformer import attention_mask
+        x = canon_mix(jnp.take(m.embedding[...], inp, axis=0), params["canon"], pos, seg)
+        mask = attention_mask(seg)
+        for layer in m.layers:
+            x = layer(x, pos, mask, None, True)
+        h = x
+    else:
+        m = nnx.merge(graphdef, params)
+        h = m(inp, pos, seg)
     logits = m.logits(h)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, tgt)
     ans = msk >= 1.0        # answer targets (weight 1); context targets carry weight ctx < 1
