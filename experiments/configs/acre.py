@@ -27,6 +27,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=True,
         dtype="float32",           # compute dtype: bfloat16 on accelerators
         remat="none",              # per-block rematerialisation: none | block (keep inputs only) | dots
+        canon=0,                   # K > 0: a width-K canon layer on the embeddings (not in Llama; see cpu)
         init="",                   # pretrained base: "smollm2" | a Hugging Face dir | a .gguf file
         train_base=True,           # False: frozen pretrained base, only adapters/router/aggregator train
         num_modules=2,             # K domain-specific modules
@@ -87,7 +88,8 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     )
     # every=0: evaluate at the end only. Every `every` steps only the sets named in `during` are evaluated
     # ("val" = the generated validation set of data.val_problems; "" or no such set: all of them).
-    c.eval = dict(every=0, batch_size=32, during="val")
+    # at_start: also evaluate those sets before the first step (a pretrained base's zero-shot level).
+    c.eval = dict(every=0, batch_size=32, during="val", at_start=False)
     c.checkpoint = dict(
         every=0,                   # save every N steps (0: at the end only); a run always resumes
         keep=3,                    # from the latest finalized checkpoint in its workdir
@@ -162,8 +164,16 @@ def _cpu(c):
     c.lora.alpha = 1.0
     m = c.model
     m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.head_dim, m.mlp_dim = 64, 4, 2, 2, 32, 192
+    # A width-4 canon layer on the embeddings (transformer.canon_mix): an object's last token then holds
+    # its light word and its whole name (text: 3 attribute words), so a query matches its earlier
+    # occurrences in one attention step. Without it every model sat on a plateau at the object-count
+    # level for ~5,000 steps before finding the two-layer induction circuit; with it the prototype left
+    # it after ~750-1,000 steps at batch 8 (learnability.md, "The plateau, removed").
+    m.canon = 4
     t = c.train
-    t.batch_size, t.lr, t.warmup_steps, t.final_lr_fraction, t.b2 = 32, 3e-3, 200, 0.1, 0.98
+    # Batch 8: a small batch left the plateau after the fewest problems (without the canon layer: batch 8
+    # after ~40k, batch 32 after ~160k), and a batch-8 ICLM step costs ~0.3 s here.
+    t.batch_size, t.lr, t.warmup_steps, t.final_lr_fraction, t.b2 = 8, 3e-3, 200, 0.1, 0.98
     t.steps, t.time_limit_s = 30000, 3600.0   # whichever comes first; time excludes periodic eval
     t.log_every = 50
     c.eval.every = 500
@@ -171,13 +181,14 @@ def _cpu(c):
 
 
 def _short(c):
-    """`make demo` (with "cpu"): batch 8 (the batch that leaves the plateau after the fewest problems,
-    learnability.md) and 500 steps, ~2.5 minutes of ICLM steps on 2 cores; evaluated at the end only.
-    Too short to leave the plateau: the README says what it shows."""
-    c.train.batch_size, c.train.steps, c.train.warmup_steps, c.train.time_limit_s = 8, 500, 50, 0.0
-    c.train.log_every = 25
-    c.eval.every, c.checkpoint.every = 0, 0
-    c.data.val_problems, c.data.eval_problems = 0, 300
+    """`make demo` (with "cpu,baseline,symbolic"): the cpu recipe cut to 1,600 steps, ~3 minutes of
+    single-module steps on 2 cores. It leaves the plateau after ~1,000-1,300 steps (learnability.md,
+    "The demo"); the ICLM on both renderings needs ~1,500 steps at 3x the cost per step, too long for
+    5 minutes (`make demo-iclm` runs it for 12)."""
+    c.train.steps, c.train.warmup_steps, c.train.time_limit_s = 1600, 200, 0.0
+    c.train.log_every = 50
+    c.eval.every, c.checkpoint.every = 400, 0
+    c.data.val_problems, c.data.eval_problems = 100, 300
 
 
 _VARIANTS = {"demo": lambda c: None, "cpu": _cpu, "short": _short, "baseline": _baseline, "no_invariant": _no_invariant,

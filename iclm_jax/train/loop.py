@@ -165,6 +165,12 @@ def train(config, workdir: str, *, quiet: bool = False) -> dict:
     def clock() -> float:
         return time_offset + time.time() - train_t0 - eval_s
 
+    if config.eval.get("at_start", False) and start == 0:   # the untrained (e.g. zero-shot) model
+        e0 = time.time()
+        _evaluate_all(run, data, writer, 0, None, config, 0.0, only=sources.csv(config.eval.get("during", "")))
+        eval_s += time.time() - e0
+        tok_t0 += time.time() - e0
+
     try:
         for step in range(start + 1, t.steps + 1):
             batch = next(it)
