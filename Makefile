@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test clean
+.PHONY: venv demo demo-iclm test clean
 
 # (Re)create the virtual environment when the project's dependency list changes.
 $(STAMP): pyproject.toml
@@ -19,6 +19,9 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m iclm_jax.demo --workdir=runs/demo
+
+demo-iclm: $(STAMP)
+	$(BIN)/python -m iclm_jax.demo --iclm --workdir=runs/demo_iclm
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15

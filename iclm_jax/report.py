@@ -153,15 +153,15 @@ def plot_learning_curve(workdir: str) -> list[str]:
         if ylim:
             ax.set_ylim(*ylim)
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="best")
+        if ax.get_legend_handles_labels()[0]:   # beside the axes: inside, it hid the last points
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
         fig.tight_layout()
         path = os.path.join(workdir, name)
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(9, 4))
     train = recs.get("train", [])
     if any("answer_acc" in r for r in train):
         ax.plot(xs(train), ys(train, "answer_acc"), color="0.45", lw=1, label="train (interval)")
@@ -178,7 +178,7 @@ def plot_learning_curve(workdir: str) -> list[str]:
     ax.set_title("Answer accuracy (exact match of the answer, EOS excluded)")
     finish(fig, ax, "learning_curve.png", "answer accuracy", (0, 1))
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(9, 4))
     if any("answer_ce" in r for r in train):
         ax.plot(xs(train), ys(train, "answer_ce"), color="0.45", lw=1, label="train (interval)")
     for split in evals:

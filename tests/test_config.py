@@ -12,6 +12,19 @@ def test_variants_validate(arg):
     validate(acre_cfg.get_config(arg), num_devices=1)
 
 
+@pytest.mark.parametrize("arg", ["", "baseline", "cpu", "cpu,baseline,symbolic"])
+def test_smollm2_variants_validate(arg):
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).parent.parent / "experiments" / "configs" / "smollm2.py"
+    spec = importlib.util.spec_from_file_location("smollm2_cfg", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config(arg)
+    validate(c, num_devices=1)
+    assert c.model.canon == 0 and c.model.init == "smollm2"
+
+
 BAD = [
     ("model.num_modules", 0), ("lora.rank", 0), ("lora.rank", 10_000), ("router.source", "oracle"),
     ("router.mode", "top2"), ("router.update", "sgd"), ("model.aggregator", "sum"),

