@@ -129,11 +129,12 @@ def results_table(results: dict[str, dict], reference: dict[str, dict] | None = 
 
 
 def modules_table(results: dict[str, dict], num_modules: int) -> str:
-    """Accuracy per rendering domain and per routed module, rows per module, router purity."""
+    """Accuracy per rendering domain and per routed module, rows per module, router purity ("-" with
+    one module: nothing is routed, and one module is trivially "pure")."""
     doms = [f"domain_{d}" for d in DOMAINS]
     mods = [f"module_{m}" for m in range(num_modules)]
     rows = [[name] + [r[c] for c in doms + mods] + [" / ".join(str(r[f"{c}_rows"]) for c in mods),
-                                                     r["purity"]]
+                                                     r["purity"] if num_modules > 1 else float("nan")]
             for name, r in results.items()]
     header = (["eval set"] + [f"acc {d}" for d in DOMAINS] + [f"acc m{m}" for m in range(num_modules)]
               + ["rows per module", "purity"])

@@ -215,8 +215,14 @@ def plot_training(workdir: str) -> list[str]:
               ("mi.png", "Mutual information (invariant; specific)", ["mi", "mine_critic_bound"]),
               ("routing.png", "Routing", sorted(k for k in rows[-1] if k.startswith("route_fraction/"))
                + ["router_perplexity", "route_purity"])]
+    one_module = sum(k.startswith("route_fraction/") for k in rows[-1]) < 2
     for name, title, keys in panels:
         keys = [k for k in keys if any(k in r for r in rows)]
+        if name == "routing.png" and one_module:
+            continue        # nothing is routed: every line would sit at 1
+        if name == "mi.png" and all(np.nan_to_num(series(k)).max() == np.nan_to_num(series(k)).min() == 0
+                                    for k in keys):
+            continue        # no MI estimator (mi.estimator=none): the terms are all 0
         if not keys:
             continue
         fig, ax = plt.subplots(figsize=(6, 3.5))

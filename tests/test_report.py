@@ -66,3 +66,24 @@ def test_records_dedupe_and_resume_clock(tmp_path):
     assert report.last_time_s(str(tmp_path), 100) == pytest.approx(600.0)
     assert report.last_time_s(str(tmp_path), 5) == 0.0
     assert np.isfinite(report.last_time_s(str(tmp_path), 1000))
+
+
+@pytest.mark.parametrize("modules,mi", [(1, 0.0), (2, 0.03)])
+def test_routing_and_mi_plots_only_when_they_mean_something(tmp_path, modules, mi):
+    rows = [{"step": s, "split": "train", "loss": 1.0, "mi": mi * s, "mine_critic_bound": mi * s,
+             "router_perplexity": float(modules), "route_purity": 1.0,
+             **{f"route_fraction/{m}": 1.0 / modules for m in range(modules)}} for s in (10, 20)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    written = {p.rsplit("/", 1)[-1] for p in report.plot_training(str(tmp_path))}
+    # one module: nothing is routed; mi.estimator=none logs zeros: both plots would be flat lines
+    assert written == ({"loss.png"} if modules == 1 else {"loss.png", "mi.png", "routing.png"})
+
+
+def test_one_module_purity_is_a_dash():
+    from iclm_jax import evaluate
+    r = {"domain_symbolic": 0.9, "domain_text": float("nan"), "module_0": 0.9, "module_0_rows": 100,
+         "purity": 1.0}
+    one = evaluate.modules_table({"IID": r}, 1).splitlines()[-1]
+    assert one.rstrip().endswith("-") and "100.0%" not in one
+    two = evaluate.modules_table({"IID": {**r, "module_1": 0.8, "module_1_rows": 50}}, 2).splitlines()[-1]
+    assert two.rstrip().endswith("100.0%")
