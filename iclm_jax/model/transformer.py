@@ -150,10 +150,18 @@ def canon_mix(x: jax.Array, w: jax.Array, positions: jax.Array, segments: jax.Ar
     a plain decoder finds only after a long plateau (experiments/results/learnability.md).
     x float32 [B, L, d], w [K, d] -> float32 [B, L, d].
     """
+    def predecessor(i):
+        src, valid = canon_sources(positions, segments, i)
+        return jnp.take_along_axis(x, src[..., None], 1), valid
+    return _canon_sum(x, w, predecessor)
+
+
+def _canon_sum(x: jax.Array, w: jax.Array, predecessor) -> jax.Array:
+    """``x + w[0] * x + sum_(i>=1) w[i] * x_i`` where ``predecessor(i)`` -> (x_i [B, L, d], valid
+    bool [B, L]) gives each token's i-th predecessor; invalid ones count as zero."""
     out = x + w[0] * x
     for i in range(1, w.shape[0]):
-        src, valid = canon_sources(positions, segments, i)
-        xs = jnp.take_along_axis(x, src[..., None], 1)
+        xs, valid = predecessor(i)
         out = out + w[i] * jnp.where(valid[..., None], xs, 0.0)
     return out
 
@@ -353,12 +361,10 @@ class Transformer(nnx.Module):
                                  "own init_cache (one that keeps token ids)")
             rows = jnp.arange(b)[:, None]
             tokens = tokens.at[rows, positions].set(inputs.astype(jnp.int32), mode="drop")
-            w = self.canon[...]
-            mixed = x + w[0] * x
-            for i in range(1, w.shape[0]):
+            def predecessor(i):   # the cached slot i back (slot = position), read as an embedding
                 prev = jnp.take_along_axis(tokens, jnp.clip(positions - i, 0, cache.max_len - 1), 1)
-                mixed = mixed + w[i] * jnp.where((positions - i >= 0)[..., None], table[prev], 0.0)
-            x = mixed
+                return table[prev], positions - i >= 0
+            x = _canon_sum(x, self.canon[...], predecessor)
         ks, vs = [], []
         for layer, k, v in zip(self.layers, cache.k, cache.v):
             x, k, v = layer.extend(x, positions, mask, adapter, k, v)
