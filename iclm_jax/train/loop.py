@@ -165,11 +165,17 @@ def train(config, workdir: str, *, quiet: bool = False) -> dict:
     def clock() -> float:
         return time_offset + time.time() - train_t0 - eval_s
 
-    if config.eval.get("at_start", False) and start == 0:   # the untrained (e.g. zero-shot) model
+    def evaluate_during(step: int, best_mngr, time_s: float) -> None:
+        """The eval sets of ``eval.during``, kept out of the training clock and of tokens/s."""
+        nonlocal eval_s, tok_t0
         e0 = time.time()
-        _evaluate_all(run, data, writer, 0, None, config, 0.0, only=sources.csv(config.eval.get("during", "")))
+        _evaluate_all(run, data, writer, step, best_mngr, config, time_s,
+                      only=sources.csv(config.eval.get("during", "")))
         eval_s += time.time() - e0
         tok_t0 += time.time() - e0
+
+    if config.eval.get("at_start", False) and start == 0:   # the untrained (e.g. zero-shot) model
+        evaluate_during(0, None, 0.0)
 
     try:
         for step in range(start + 1, t.steps + 1):
@@ -203,11 +209,7 @@ def train(config, workdir: str, *, quiet: bool = False) -> dict:
             if config.checkpoint.every and step % config.checkpoint.every == 0:
                 save(step)
             if config.eval.every and step % config.eval.every == 0 and step < t.steps:
-                e0 = time.time()
-                _evaluate_all(run, data, writer, step, best, config, clock(),
-                              only=sources.csv(config.eval.get("during", "")))
-                eval_s += time.time() - e0
-                tok_t0 += time.time() - e0      # tokens/s counts training time only
+                evaluate_during(step, best, clock())
             if watcher.should_stop(step, mngr):
                 save(step, force=True)
                 mngr.wait_until_finished()
