@@ -1,18 +1,21 @@
-"""Peak memory of the SmolLM2-135M ICLM train and eval steps (experiments/configs/smollm2.py) at a batch.
+"""Peak memory of the SmolLM2-135M ICLM train step, eval step and KV-cached generation
+(experiments/configs/smollm2.py) at a batch.
 
-The train state is built abstractly (``nnx.eval_shape``), the real jitted steps (``make_steps`` on a
-one-device mesh) are lowered for abstract state and batch and compiled; XLA's ``memory_analysis()``
-reports the bytes the step needs without running it. The row length defaults to the ACRE text length
-of the config (``sources.build``: the longest tokenized row, rounded up), as a real run uses.
-``--run`` then also runs one train step on random weights (the compiled program at that batch) and
-reports the process's peak RSS, to confirm the analysis at a batch that fits the host.
+The train state is built abstractly (``nnx.eval_shape``), the real jitted programs (``make_steps`` on a
+one-device mesh, ``generate``'s decode loop) are lowered for abstract state and inputs and compiled;
+XLA's ``memory_analysis()`` reports the bytes each needs without running it. The row length defaults
+to the ACRE text length of the config (``sources.build``: the longest tokenized row, rounded up), as a
+real run uses; generation continues prompts of that length by ``--new_tokens``. ``--run`` then also
+runs one train step on random weights (the compiled program at that batch) and reports the process's
+peak RSS: the measurement, on the host, of what the analysis predicts.
 
-    python benchmarks/smollm2_memory.py --batch=16                    # train + eval, memory analysis
-    python benchmarks/smollm2_memory.py --batch=2 --run               # and one real step on the CPU
+    python benchmarks/smollm2_memory.py --batch=16 --run              # train, eval, generation; one step
     python benchmarks/smollm2_memory.py --batch=16 --config_arg=text  # a variant of smollm2.py
+    python benchmarks/smollm2_memory.py --batch=16 --set model.scan_layers=False  # the unrolled stack
 
-Numbers are XLA:CPU's buffer assignment (the same proxy as aot_memory.py: same shapes, other fusion):
-total = argument + output + temp - alias (alias: donated state reused for the output).
+total = argument + output + temp - alias (alias: donated state reused for the output). The programs are
+compiled as ``iclm_jax.main`` compiles them (XLA:CPU defaults); ``--proxy_flags`` applies
+aot_memory.py's settings instead (see benchmarks/README.md), which only matter for an unrolled stack.
 """
 from __future__ import annotations
 
@@ -34,17 +37,20 @@ def _parse_args(argv=None) -> argparse.Namespace:
                    help="config override 'a.b=value' (python literal), repeatable")
     p.add_argument("--run", action="store_true", help="also run one train step (random weights)")
     p.add_argument("--skip_eval", action="store_true")
+    p.add_argument("--skip_generate", action="store_true")
+    p.add_argument("--new_tokens", type=int, default=16, help="generated tokens per prompt")
+    p.add_argument("--proxy_flags", action="store_true",
+                   help="aot_memory.py's XLA:CPU settings (keep remat barriers, memory-optimised schedule)")
     return p.parse_args(argv)
 
 
 ARGS = _parse_args() if __name__ == "__main__" else None
 if ARGS is not None:   # before the first jax import
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    # As aot_memory.py: keep jax.checkpoint's barriers through XLA:CPU's CSE (else model.remat saves
-    # nothing on the CPU) and schedule for memory.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1"
-                               " --xla_disable_hlo_passes=cse_barrier_expander"
-                               " --xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED")
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1"
+    if ARGS.proxy_flags:   # as aot_memory.py: keep remat barriers through XLA:CPU's CSE, schedule for memory
+        os.environ["XLA_FLAGS"] += (" --xla_disable_hlo_passes=cse_barrier_expander"
+                                    " --xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED")
     sys.path.insert(0, ROOT)
 
 import ast  # noqa: E402
@@ -114,6 +120,20 @@ def steps(config, num_slots: int):
     return mesh, state_sh, sharding.abstract_state(state, mesh), train_step, eval_step
 
 
+def generation(config, ts_abstract, batch: int, prompt_len: int, new_tokens: int):
+    """The whole-ICLM decode program (``generate._run``: prefill of every active module, router once,
+    the token loop) lowered for the abstract model and ``batch`` prompts of ``prompt_len`` tokens."""
+    from iclm_jax import generate as gen
+    graphdef, state = nnx.split(ts_abstract.model)
+    sds = jax.ShapeDtypeStruct
+    i32 = lambda: sds((), jnp.int32)   # noqa: E731
+    return gen._run.lower(
+        gen._Static(graphdef), state, sds((batch, prompt_len), jnp.int32), sds((batch,), jnp.int32),
+        sds((batch,), jnp.int32), i32(), i32(), i32(), sds((), jnp.float32),
+        jax.eval_shape(lambda: jax.random.key(0)), i32(), single=False, greedy=True, top_k=0,
+        n_cap=new_tokens, want_logits=False).compile()
+
+
 def _row(name: str, r: dict, secs: float) -> str:
     return (f"| {name} | " + " | ".join(f"{r[k] / GIB:.3f}" for k in ("argument", "output", "temp", "alias",
                                                                       "total")) + f" | {secs:.0f} |")
@@ -155,6 +175,8 @@ def main(args: argparse.Namespace) -> None:
           f"loss.aux_weight={config.loss.aux_weight}, loss.context_weight={config.loss.context_weight}, "
           f"model.remat={config.model.remat}, jax {jax.__version__} {jax.devices()[0].platform}")
     mesh, state_sh, abstract, train_step, eval_step = steps(config, num_slots)
+    flags = "aot_memory.py's proxy flags" if args.proxy_flags else "XLA:CPU defaults, as iclm_jax.main"
+    print(f"# model.scan_layers={config.model.get('scan_layers', False)}, compiled with {flags}")
     batch = abstract_batch(args.batch, seq_len, num_slots)
     print("| step | argument GiB | output GiB | temp GiB | alias GiB | total GiB | compile s |")
     print("|---|---|---|---|---|---|---|")
@@ -165,11 +187,17 @@ def main(args: argparse.Namespace) -> None:
         t0 = time.time()
         ev = eval_step.lower(abstract, batch).compile()
         print(_row("eval", _memory(ev), time.time() - t0), flush=True)
+    if not args.skip_generate:
+        t0 = time.time()
+        ts = nnx.eval_shape(lambda: build.train_state(config, config.model.vocab_size))
+        g = generation(config, ts, args.batch, seq_len, args.new_tokens)
+        print(_row(f"generate ({seq_len} + {args.new_tokens} tokens)", _memory(g), time.time() - t0),
+              flush=True)
     print(f"<!-- host peak RSS after compiling: "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB -->", flush=True)
     if args.run:
-        state = jax.jit(lambda: nnx.state(build.train_state(config, config.model.vocab_size)),
-                        out_shardings=state_sh)()
+        # Built op by op (a jitted init of 30 unrolled layers compiles for minutes), then placed.
+        state = jax.device_put(nnx.state(build.train_state(config, config.model.vocab_size)), state_sh)
         host = random_batch(args.batch, seq_len, num_slots, config.model.vocab_size)
         t0 = time.time()
         state, metrics = compiled(state, sharding.put_batch(host, mesh))

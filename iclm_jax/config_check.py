@@ -50,6 +50,8 @@ def validate(c, *, num_devices: int | None = None) -> None:
     need(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "> 0")
     need(m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {DTYPES}")
     need(m.get("remat", "none") in REMAT, "model.remat", m.get("remat"), f"one of {REMAT}")
+    need(isinstance(m.get("scan_layers", False), bool), "model.scan_layers", m.get("scan_layers"),
+         "True or False")
     canon = m.get("canon", 0)
     need(isinstance(canon, int) and canon >= 0, "model.canon", canon, "an integer >= 0 (0 = no canon layer)")
     need(m.num_modules >= 1, "model.num_modules", m.num_modules, "an integer >= 1")

@@ -114,6 +114,84 @@ def test_remat_is_validated_by_name():
         validate(config, num_devices=1)
 
 
+def _scan_config(remat="none", dropout=0.0):
+    config = _config(remat, dropout)
+    config.model.scan_layers = True
+    return config
+
+
+@pytest.mark.parametrize("remat,dropout", [("none", 0.5), ("block", 0.5), ("dots", 0.0)])
+def test_scanned_layers_give_the_same_loss_gradients_and_state(remat, dropout):
+    """model.scan_layers runs the blocks as one lax.scan over their stacked states: the unrolled loop
+    is the reference. The scanned body is compiled as one program (the eager loop runs op by op), so
+    values agree to float32 rounding; dropout draws and RNG counts must agree exactly."""
+    want_loss, want_grads, want_state = _eager_loss_and_grads(_config(remat, dropout))
+    loss, grads, state = _eager_loss_and_grads(_scan_config(remat, dropout))
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    assert grads.keys() == want_grads.keys()
+    assert any(np.any(g != 0) for k, g in grads.items() if "lora_a" in k)
+    for k, g in want_grads.items():
+        np.testing.assert_allclose(grads[k], g, rtol=1e-5, atol=1e-6 * float(np.abs(g).max()),
+                                   err_msg=f"gradient {k}")
+    assert state.keys() == want_state.keys()
+    for k, v in want_state.items():
+        if np.issubdtype(v.dtype, np.floating):
+            np.testing.assert_allclose(state[k], v, rtol=1e-5, atol=1e-6 * float(np.abs(v).max()),
+                                       err_msg=f"state {k}")
+        else:    # RNG keys and counts: the same draws, advanced the same way
+            np.testing.assert_array_equal(state[k], v, err_msg=f"state {k}")
+
+
+def test_scanned_layers_compile_one_block_with_its_remat_policy():
+    n = tiny_config().model.n_layers
+    eqns = _block_remats(_remat_eqns(_scan_config("block")))
+    # One remat per pass (invariant and routed), each the body of a scan over the n stacked blocks.
+    assert len(eqns) == 2, eqns
+    assert all(e.params["policy"] is REMAT_POLICIES["block"] for e in eqns)
+    ts, loss = _loss_fn(_scan_config("block"))
+    graphdef, state = nnx.split(ts.model)
+    batch = {k: jnp.asarray(v) for k, v in random_batch(b=4).items()}
+    jaxpr = jax.make_jaxpr(lambda s: loss(nnx.merge(graphdef, s), batch))(state)
+    scans = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan" and e.params["length"] == n]
+    assert len(scans) == 2, [e.primitive.name for e in jaxpr.jaxpr.eqns]
+
+
+def _grad_temp_bytes(n_layers: int, remat: str) -> int:
+    """XLA's temp buffer bytes of the compiled LoRA gradient of a scanned base alone."""
+    from iclm_jax.model.lora import LoraConfig, LoRAParam
+    from iclm_jax.model.transformer import Transformer
+    cfg = tiny_base(n_layers=n_layers, remat=remat, scan_layers=True)
+    model = Transformer(cfg, LoraConfig(num_adapters=2, rank=4, alpha=8.0), rngs=nnx.Rngs(0))
+    graphdef, lora, rest = nnx.split(model, LoRAParam, ...)
+    rows = random_batch(b=8, length=32)
+    ids, seg = jnp.asarray(rows["inputs"]), jnp.asarray(rows["segments"])
+    pos, adapter = jnp.asarray(rows["positions"]), jnp.zeros((8,), jnp.int32)
+
+    def loss(lora):
+        return jnp.sum(nnx.merge(graphdef, lora, rest)(ids, pos, seg, adapter) ** 2)
+    return jax.jit(jax.grad(loss)).lower(lora).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_scanned_remat_saves_memory_per_layer_on_the_cpu():
+    """What lets the 30-layer SmolLM2 step fit: with the blocks in a scan, remat really recomputes on
+    XLA:CPU (unrolled, its CSE merges the recomputation into the forward pass and remat saves nothing).
+    The extra temp memory per layer with remat is under a quarter of the extra without."""
+    per_layer = {remat: (_grad_temp_bytes(6, remat) - _grad_temp_bytes(2, remat)) / 4
+                 for remat in ("none", "block")}
+    assert 0 < per_layer["block"] < per_layer["none"] / 4, per_layer
+
+
+def test_scan_layers_is_validated_by_name():
+    with pytest.raises(ValueError, match="TransformerConfig.scan_layers"):
+        dataclasses.replace(tiny_base(), scan_layers=1)
+    from iclm_jax.config_check import ConfigError, validate
+    config = _config()
+    with config.ignore_type():     # a config file could set any type; the flag parser would refuse it
+        config.model.scan_layers = "yes"
+    with pytest.raises(ConfigError, match="model.scan_layers='yes'"):
+        validate(config, num_devices=1)
+
+
 def _constraint_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if "sharding_constraint" in line or "@Sharding" in line]
 
@@ -173,8 +251,8 @@ def _train(config, mesh, steps=2):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("remat", ["none", "block"])
-def test_constrained_mesh_step_equals_the_plain_one_device_step(remat):
+@pytest.mark.parametrize("remat,scan", [("none", False), ("block", False), ("block", True)])
+def test_constrained_mesh_step_equals_the_plain_one_device_step(remat, scan):
     def config(remat):
         # Adam's update g / (|g| + eps) has slope 1/eps at 0: at eps 1e-8 a float32 rounding difference in
         # a near-zero gradient (a sharded reduction sums in another order) becomes a change of up to 2 lr.
@@ -184,7 +262,9 @@ def test_constrained_mesh_step_equals_the_plain_one_device_step(remat):
         return c
     with jax.default_device(jax.devices()[0]):
         want, want_params = _train(config("none"), None)
-    got, params = _train(config(remat), sharding.make_mesh(MESH))
+    got_config = config(remat)
+    got_config.model.scan_layers = scan
+    got, params = _train(got_config, sharding.make_mesh(MESH))
     np.testing.assert_allclose(got, want, rtol=1e-5)
     assert params.keys() == want_params.keys()
     for k, x in want_params.items():

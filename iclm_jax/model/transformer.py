@@ -56,6 +56,7 @@ class TransformerConfig:
     dtype: Any = jnp.float32  # compute dtype; params are always float32
     remat: str = "none"       # REMAT_POLICIES key; memory only, not part of the saved state's structure
     canon: int = 0            # K > 0: a canon layer of width K on the token embeddings (``canon_mix``)
+    scan_layers: bool = False  # run the blocks as one lax.scan (``scan_blocks``); compute only, same values
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim"):
@@ -75,6 +76,9 @@ class TransformerConfig:
             raise ValueError(f"TransformerConfig.norm_eps must be > 0, got {self.norm_eps!r}")
         if not isinstance(self.canon, int) or isinstance(self.canon, bool) or self.canon < 0:
             raise ValueError(f"TransformerConfig.canon must be an int >= 0, got {self.canon!r}")
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(f"TransformerConfig.scan_layers (model.scan_layers) must be a bool, "
+                             f"got {self.scan_layers!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"TransformerConfig.remat (model.remat) must be one of "
                              f"{tuple(REMAT_POLICIES)}, got {self.remat!r}")
@@ -274,6 +278,30 @@ class Block(nnx.Module):
         return x + self.down(g, adapter, **kw).astype(jnp.float32)
 
 
+def scan_blocks(layers, x: jax.Array, positions: jax.Array, mask: jax.Array, adapter: jax.Array | None,
+                deterministic: bool, policy) -> jax.Array:
+    """The blocks applied in order as one ``lax.scan`` over their stacked states: the same values as
+    the Python loop (dropout included: each block keeps its own RNG stream, whose counts are written
+    back), but the step compiles one block instead of ``n_layers`` and, with a remat ``policy``, the
+    backward pass keeps only each block's input on every backend (XLA:CPU merges an unrolled
+    recomputation back into the forward pass). The parameters stay one module per layer (checkpoints,
+    imports and exports do not change); the step stacks them, an extra copy of the block weights."""
+    graphdef, _ = nnx.split(layers[0])     # every block has the same structure
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *[nnx.state(layer) for layer in layers])
+
+    def body(h, state):
+        layer = nnx.merge(graphdef, state)
+        h = sharding.constrain(layer(h, positions, mask, adapter, deterministic), RESIDUAL)
+        return h, nnx.state(layer, nnx.RngState)
+
+    if policy is not None:   # inside a scan the recomputation cannot be merged away: no barrier needed
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    x, rng_states = jax.lax.scan(body, x, stacked)
+    for i, layer in enumerate(layers):   # dropout advanced each block's stream: keep the counts
+        nnx.update(layer, jax.tree.map(lambda a: a[i], rng_states))
+    return x
+
+
 class Transformer(nnx.Module):
     """Base Llama decoder; ``__call__`` gives pre-final-norm hidden states, ``logits`` the LM head."""
 
@@ -314,10 +342,13 @@ class Transformer(nnx.Module):
         x = sharding.constrain(x, RESIDUAL)
         mask = attention_mask(segments)
 
+        policy = REMAT_POLICIES[self.cfg.remat]
+        if self.cfg.scan_layers:
+            return scan_blocks(self.layers, x, positions, mask, adapter, deterministic, policy)
+
         def run(layer, x, positions, mask, adapter):
             return layer(x, positions, mask, adapter, deterministic)
 
-        policy = REMAT_POLICIES[self.cfg.remat]
         if policy is not None:
             run = nnx.remat(run, policy=policy)
         for layer in self.layers:

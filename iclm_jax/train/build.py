@@ -21,7 +21,8 @@ def model_config(config, vocab_size: int) -> ICLMConfig:
         vocab_size=m.vocab_size or vocab_size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
         n_kv_heads=m.n_kv_heads, head_dim=m.head_dim, mlp_dim=m.mlp_dim, rope_theta=m.rope_theta,
         norm_eps=m.norm_eps, tie_embeddings=m.tie_embeddings, dtype=_DTYPES[m.dtype],
-        remat=m.get("remat", "none"), canon=m.get("canon", 0))   # older stored configs lack both
+        remat=m.get("remat", "none"), canon=m.get("canon", 0),   # older stored configs lack these
+        scan_layers=m.get("scan_layers", False))
     router = dict(proj_dim=r.proj_dim, update=r["update"], mode=r.mode, ema_decay=r.ema_decay,
                   commitment=r.commitment, dead_threshold=r.dead_threshold, temperature=r.temperature,
                   center=r.center, normalize=r.normalize)
