@@ -17,7 +17,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
-from iclm_jax import sharding
+from iclm_jax import partitioning, sharding
+from iclm_jax.report import format_table
 
 GROUPS = ("params", "optimizer", "other")
 
@@ -44,8 +45,8 @@ def _group(path: str, variable) -> str:
     return "params" if isinstance(variable, nnx.Param) else "other"
 
 
-def rows(state: nnx.State, mesh: Mesh | AbstractMesh, rules=sharding.DEFAULT_RULES) -> list[Row]:
-    """One Row per array of an NNX state (concrete or abstract); specs from ``sharding.logical_to_spec``."""
+def rows(state: nnx.State, mesh: Mesh | AbstractMesh, rules=partitioning.DEFAULT_RULES) -> list[Row]:
+    """One Row per array of an NNX state (concrete or abstract); specs from ``partitioning.logical_to_spec``."""
     out = []
     leaves = jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     for path, v in leaves:
@@ -57,10 +58,10 @@ def rows(state: nnx.State, mesh: Mesh | AbstractMesh, rules=sharding.DEFAULT_RUL
         shape = tuple(int(d) for d in value.shape)
         dtype = np.dtype(value.dtype) if not jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key) \
             else np.dtype(np.uint32)
-        names = sharding._names_of(v)
+        names = partitioning.names_of(v)
         if names is not None and len(names) != len(shape):
             names = None      # as state_shardings: a rank mismatch is replicated
-        spec = sharding.spec_of(v, mesh, rules)
+        spec = partitioning.spec_of(v, mesh, rules)
         size = math.prod(NamedSharding(mesh, spec).shard_shape(shape))
         if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
             size *= 2         # a threefry key is two uint32 words
@@ -77,7 +78,7 @@ def totals(table: Sequence[Row]) -> dict[str, int]:
     return t
 
 
-def summary_line(state: nnx.State, mesh: Mesh | AbstractMesh, rules=sharding.DEFAULT_RULES) -> str:
+def summary_line(state: nnx.State, mesh: Mesh | AbstractMesh, rules=partitioning.DEFAULT_RULES) -> str:
     """One line for a run's start: mesh, parameter count, and per-device bytes by group."""
     table = rows(state, mesh, rules)
     n_params = sum(math.prod(r.shape) for r in table if r.group == "params")
@@ -96,17 +97,14 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def report(state: nnx.State, mesh: Mesh | AbstractMesh, rules=sharding.DEFAULT_RULES) -> str:
+def report(state: nnx.State, mesh: Mesh | AbstractMesh, rules=partitioning.DEFAULT_RULES) -> str:
     """A table of each array's path, shape, logical axes, PartitionSpec and per-device bytes, with totals."""
     table = rows(state, mesh, rules)
     head = ("path", "shape", "logical axes", "spec", "bytes/device")
     body = [(r.path, "x".join(map(str, r.shape)) or "()", str(r.names or "-"),
              str(tuple(r.spec)), str(r.device_bytes)) for r in table]
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
-    line = lambda cols: "  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()
     mesh_desc = ", ".join(f"{a}={mesh.shape[a]}" for a in mesh.axis_names)
-    out = [f"mesh: {mesh_desc}", line(head), line(["-" * w for w in widths])]
-    out += [line(b) for b in body]
+    out = [format_table(head, body, f"mesh: {mesh_desc}")]
     t = totals(table)
     out.append("")
     for g in GROUPS:
@@ -126,7 +124,7 @@ def config_report(config, vocab: int, num_devices: int) -> str:
 def main(argv) -> None:
     del argv
     from absl import flags
-    from iclm_jax.data.sources import load_tokenizer
+    from iclm_jax.data.tokenizer import load_tokenizer
     f = flags.FLAGS
     config = f.config
     vocab = f.vocab or config.model.vocab_size or load_tokenizer(config.data.tokenizer).vocab_size

@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from iclm_jax import sharding
+from iclm_jax import partitioning
 from iclm_jax.model.aggregator import Aggregator
-from iclm_jax.model.lora import LoraConfig
+from iclm_jax.model.lora import LoraConfig, LoRAParam
 from iclm_jax.model.router import RouteOut, Router, pool_prompt
 from iclm_jax.model.transformer import RESIDUAL, Transformer, TransformerConfig
 
@@ -160,7 +160,7 @@ class ICLM(nnx.Module):
                 gate = jnp.take_along_axis(route.weights, route.index[:, None], axis=1)
                 x_spec = x_spec * gate[:, :, None]
 
-        x_spec = sharding.constrain(x_spec, RESIDUAL)   # the aggregator's inputs keep the batch split
+        x_spec = partitioning.constrain(x_spec, RESIDUAL)   # the aggregator's inputs keep the batch split
         return ICLMHidden(
             x_inv=x_inv, x_spec=x_spec, route=route,
             pooled_inv=self.pooled(x_inv, batch) if cfg.invariant else None,
@@ -176,7 +176,7 @@ class ICLM(nnx.Module):
             logits = self.aggregator(self.base, x_inv, x_spec)
         else:
             logits = self.base.logits(x_spec)
-        out = {"logits": sharding.constrain(logits, ("batch", "length", "vocab"))}
+        out = {"logits": partitioning.constrain(logits, ("batch", "length", "vocab"))}
         if aux and cfg.aux_heads:
             out["specific"] = self.base.logits(x_spec)
             if cfg.invariant:
@@ -200,7 +200,6 @@ class ICLM(nnx.Module):
 
 def param_filter(train_base: bool) -> Any:
     """Which parameters the optimiser updates: everything, or (frozen pretrained base) all but the base."""
-    from iclm_jax.model.lora import LoRAParam
     if train_base:
         return nnx.Param
     return nnx.Any(LoRAParam, nnx.All(nnx.Param, nnx.Not(nnx.PathContains("base"))))

@@ -119,7 +119,13 @@ def purity(assign, labels, num_codes: int, num_labels: int) -> float:
         return float("nan")
     table = np.zeros((num_codes, num_labels), np.int64)
     np.add.at(table, (assign[keep], labels[keep]), 1)
-    return float(table.max(axis=1).sum() / keep.sum())
+    return float(purity_of_counts(table))
+
+
+def purity_of_counts(counts):
+    """Purity of a code x label count table [C, L] (NumPy, or jax inside a step): each code's majority
+    label count, summed, over all counted rows; 0 when nothing is counted."""
+    return counts.max(axis=1).sum() / jnp.maximum(counts.sum(), 1)
 
 
 def _rng_stream(rngs: nnx.Rngs) -> nnx.RngStream:

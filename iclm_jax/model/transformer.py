@@ -16,8 +16,8 @@ a model with it has no transformers counterpart and is not exported.
 Incremental decoding: ``init_cache`` + ``extend`` run new tokens against a ``KVCache`` of the
 earlier ones (same layers and weights as ``__call__``, which is unchanged); see ``generate.py``.
 
-Scale: the residual stream is pinned at every block boundary by logical names (``sharding.constrain``,
-a no-op outside a step traced under ``sharding.activation_sharding``), and ``cfg.remat`` rematerialises
+Scale: the residual stream is pinned at every block boundary by logical names (``partitioning.constrain``,
+a no-op outside a step traced under ``partitioning.activation_sharding``), and ``cfg.remat`` rematerialises
 each block in the backward pass. Neither changes a value; ``extend`` uses neither.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from iclm_jax import sharding
+from iclm_jax import partitioning
 from iclm_jax.model.lora import BASE_INIT_STD, LoraConfig, LoRALinear
 
 #: What a rematerialised block keeps for the backward pass (``cfg.remat``): "none" = no remat (all of
@@ -291,7 +291,7 @@ def scan_blocks(layers, x: jax.Array, positions: jax.Array, mask: jax.Array, ada
 
     def body(h, state):
         layer = nnx.merge(graphdef, state)
-        h = sharding.constrain(layer(h, positions, mask, adapter, deterministic), RESIDUAL)
+        h = partitioning.constrain(layer(h, positions, mask, adapter, deterministic), RESIDUAL)
         return h, nnx.state(layer, nnx.RngState)
 
     if policy is not None:   # inside a scan the recomputation cannot be merged away: no barrier needed
@@ -339,7 +339,7 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embedding[...], inputs, axis=0)  # float32 residual stream
         if self.canon is not None:
             x = canon_mix(x, self.canon[...], positions, segments)
-        x = sharding.constrain(x, RESIDUAL)
+        x = partitioning.constrain(x, RESIDUAL)
         mask = attention_mask(segments)
 
         policy = REMAT_POLICIES[self.cfg.remat]
@@ -352,7 +352,7 @@ class Transformer(nnx.Module):
         if policy is not None:
             run = nnx.remat(run, policy=policy)
         for layer in self.layers:
-            x = sharding.constrain(run(layer, x, positions, mask, adapter), RESIDUAL)
+            x = partitioning.constrain(run(layer, x, positions, mask, adapter), RESIDUAL)
         return x
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
@@ -416,7 +416,7 @@ class Transformer(nnx.Module):
         else:
             w = self.lm_head[...].astype(self.cfg.dtype)
             out = jnp.einsum("bld,dv->blv", h, w, preferred_element_type=jnp.float32)
-        return sharding.constrain(out, ("batch", "length", "vocab"))
+        return partitioning.constrain(out, ("batch", "length", "vocab"))
 
     def logits(self, x: jax.Array) -> jax.Array:
         return self.head(self.final_norm(x))
