@@ -10,6 +10,7 @@ import os
 import jax
 from jax.sharding import AbstractMesh
 
+from iclm_jax.fields import csv
 from iclm_jax.losses import MI_ESTIMATORS
 from iclm_jax.model.aggregator import AGGREGATORS
 from iclm_jax.model.iclm import ROUTER_SOURCES
@@ -29,8 +30,6 @@ class ConfigError(ValueError):
     """One or more invalid config fields; the message lists each with its allowed values."""
 
 
-def _split(s) -> list[str]:
-    return [x.strip() for x in str(s).split(",") if x.strip()]
 
 
 def validate(c, *, num_devices: int | None = None) -> None:
@@ -61,8 +60,8 @@ def validate(c, *, num_devices: int | None = None) -> None:
     need(1 <= lo.rank <= m.d_model, "lora.rank", lo.rank, f"1 <= rank <= model.d_model={m.d_model}")
     need(lo.alpha > 0, "lora.alpha", lo.alpha, "> 0")
     need(0.0 <= lo.dropout < 1.0, "lora.dropout", lo.dropout, "in [0, 1)")
-    bad = [x for x in _split(lo.targets) if x not in LORA_TARGETS]
-    need(not bad and _split(lo.targets), "lora.targets", lo.targets, f"a comma list from {LORA_TARGETS}")
+    bad = [x for x in csv(lo.targets) if x not in LORA_TARGETS]
+    need(not bad and csv(lo.targets), "lora.targets", lo.targets, f"a comma list from {LORA_TARGETS}")
 
     need(r.source in ROUTER_SOURCES, "router.source", r.source, f"one of {ROUTER_SOURCES}")
     need(r["update"] in ROUTER_UPDATES, "router.update", r["update"], f"one of {ROUTER_UPDATES}")
@@ -88,10 +87,10 @@ def validate(c, *, num_devices: int | None = None) -> None:
     need(isinstance(chunk, int) and chunk >= 1, "loss.logit_chunk", chunk, "an int >= 1")
 
     need(d.task in ("acre", "jsonl"), "data.task", d.task, "'acre' or 'jsonl'")
-    bad = [x for x in _split(d.styles) if x not in STYLES]
-    need(not bad and _split(d.styles), "data.styles", d.styles, f"a comma list from {STYLES}")
+    bad = [x for x in csv(d.styles) if x not in STYLES]
+    need(not bad and csv(d.styles), "data.styles", d.styles, f"a comma list from {STYLES}")
     need(d.train_split in SPLITS, "data.train_split", d.train_split, f"one of {SPLITS}")
-    bad = [x for x in _split(d.eval_splits) if x not in SPLITS]
+    bad = [x for x in csv(d.eval_splits) if x not in SPLITS]
     need(not bad, "data.eval_splits", d.eval_splits, f"a comma list from {SPLITS}")
     need(d.train_problems >= 1 or bool(d.train_file), "data.train_problems", d.train_problems, ">= 1")
     need(d.get("form", "full") in FORMS, "data.form", d.get("form"), f"one of {FORMS}")
@@ -102,7 +101,7 @@ def validate(c, *, num_devices: int | None = None) -> None:
          "False with data.train_file (a stream generates fresh problems; it reads no file)")
     need(d.max_len >= 0, "data.max_len", d.max_len, ">= 0 (0 = automatic)")
     need(d.workers >= 0, "data.workers", d.workers, ">= 0")
-    for f in [d.train_file] + _split(d.eval_files):
+    for f in [d.train_file] + csv(d.eval_files):
         if f:
             need(os.path.isfile(f), "data.train_file/eval_files", f, "an existing file")
     if d.tokenizer not in ("acre_word", "smollm2"):
@@ -124,7 +123,7 @@ def validate(c, *, num_devices: int | None = None) -> None:
     bm = c.checkpoint.best_metric
     if bm:
         split, _, key = bm.partition("/")
-        need(bool(key) and split in _split(d.eval_splits) + [os.path.basename(f) for f in _split(d.eval_files)],
+        need(bool(key) and split in csv(d.eval_splits) + [os.path.basename(f) for f in csv(d.eval_files)],
              "checkpoint.best_metric", bm, "'<eval set>/<metric>' with an eval set of data.eval_splits "
              "or data.eval_files, e.g. 'IID/all'")
     if m.get("init"):

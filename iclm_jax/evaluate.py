@@ -16,6 +16,7 @@ from iclm_jax import sharding
 from iclm_jax.data import pipeline
 from iclm_jax.data.acre import QUERY_TYPES
 from iclm_jax.data.render import DOMAINS
+from iclm_jax.model.router import purity
 from iclm_jax.report import format_table
 
 
@@ -63,7 +64,8 @@ def summarise(res: dict, num_modules: int) -> dict:
         sel = (res["module"] == m) & real
         out[f"module_{m}"] = _acc(correct, present & sel[:, None])
         out[f"module_{m}_rows"] = int(sel.sum())
-    out["purity"] = purity(res["module"][real], res["domain"][real])
+    module, domain = res["module"][real], res["domain"][real]
+    out["purity"] = purity(module, domain, int(module.max(initial=0)) + 1, int(domain.max(initial=0)) + 1)
     return out
 
 
@@ -98,18 +100,6 @@ def answer_prior_loss(train_examples, eval_examples, tok) -> float:
             total -= np.log(max(c.get(t, 0) / seen, floor) if seen else floor)
             n += 1
     return total / n if n else float("nan")
-
-
-def purity(assign: np.ndarray, domain: np.ndarray) -> float:
-    """Fraction of rows whose module's majority domain equals their own (1.0 = modules = domains)."""
-    ok = domain >= 0
-    assign, domain = assign[ok], domain[ok]
-    if assign.size == 0:
-        return float("nan")
-    hits = 0
-    for m in np.unique(assign):
-        hits += np.bincount(domain[assign == m]).max()
-    return hits / assign.size
 
 
 def _acc(correct, mask) -> float:

@@ -27,6 +27,7 @@ from flax import nnx
 
 from iclm_jax.model.iclm import ICLM
 from iclm_jax.model.transformer import KVCache
+from iclm_jax.padding import round_up
 
 #: How often each jitted piece was traced ("prefill", "decode_step"): recompilation diagnostics.
 trace_counts: collections.Counter = collections.Counter()
@@ -95,7 +96,7 @@ def decode(model: ICLM, prompts, *, max_new_tokens: int, eos_id: int | None, pad
     domain = batch_domain if domain is None else np.asarray(domain, np.int32).reshape(-1)
     if domain is not None and domain.shape != lengths.shape:
         raise ValueError(f"decode: domain has shape {domain.shape}, expected ({lengths.shape[0]},)")
-    n_cap = -(-max_new_tokens // pad_multiple) * pad_multiple
+    n_cap = round_up(max_new_tokens, pad_multiple)
     graphdef, state = nnx.split(model)
     tokens, routed, logits = _run(
         _Static(graphdef), state, jnp.asarray(inputs), jnp.asarray(lengths),
@@ -142,7 +143,7 @@ def _prompt_arrays(prompts, vocab: int, multiple: int):
         if not np.issubdtype(r.dtype, np.integer) or r.min() < 0 or r.max() >= vocab:
             raise ValueError(f"decode: prompt {i} has token ids outside [0, {vocab}): {r.tolist()}")
     lengths = np.asarray([len(r) for r in rows], np.int32)
-    width = -(-int(lengths.max()) // multiple) * multiple
+    width = round_up(int(lengths.max()), multiple)
     inputs = np.zeros((len(rows), width), np.int32)
     for i, r in enumerate(rows):
         inputs[i, :len(r)] = r

@@ -9,17 +9,14 @@ import dataclasses
 import os
 
 from iclm_jax.data import acre, jsonl, pipeline, render, tokenizer as tok_lib
+from iclm_jax.fields import csv
+from iclm_jax.padding import round_up
 from iclm_jax.data.stream import AcreStream
 
 NUM_SLOTS_PACKED = 4
 # data.stream: row lengths are measured on at least this many problems of the stream (see build).
 STREAM_LEN_SAMPLE = 2000
 VAL_SET = "val"     # name of the generated validation set (data.val_problems) in results and logs
-
-
-def csv(s) -> list[str]:
-    """'a, b,,c' -> ['a', 'b', 'c']: list-valued config fields are comma strings (easy to override)."""
-    return [x.strip() for x in str(s).split(",") if x.strip()]
 
 
 @dataclasses.dataclass
@@ -40,14 +37,6 @@ class RunData:
     # A finite list of training examples (== train_examples unless that is an endless AcreStream:
     # then the renderings of train_problems, its first data.train_problems problems).
     train_sample: list | None = None
-
-
-def load_tokenizer(spec: str) -> tok_lib.Tokenizer:
-    if spec == "acre_word":
-        return tok_lib.acre_word_tokenizer()
-    if spec == "smollm2":
-        return tok_lib.smollm2_tokenizer()
-    return tok_lib.load_tokenizer(spec)
 
 
 def file_examples(path: str, styles, packed: bool, form: str = "full", extra_queries: bool = False):
@@ -73,7 +62,7 @@ def build(data_cfg, seed: int) -> RunData:
     packed = bool(d.packed)
     form = d.get("form", "full")                 # older runs' stored configs have neither field
     extra = bool(d.get("extra_queries", False))  # training rows only; evaluation asks the 4 queries
-    tok = load_tokenizer(d.tokenizer)
+    tok = tok_lib.load_tokenizer(d.tokenizer)
     if d.train_file:
         train_examples, train_problems = file_examples(d.train_file, styles, packed, form, extra)
     elif d.get("stream", False):   # endless fresh problems; a finite head for references and lengths
@@ -107,7 +96,7 @@ def build(data_cfg, seed: int) -> RunData:
     longest = max(row_length(e, tok) for s in [measured] + [e.examples for e in evals] for e in s)
     # A stream's rows are measured on a sample: leave room for rarer, longer problems (a text row
     # grows by 8 tokens per object; 2000 problems' longest is within 2 objects of the maximum).
-    auto = -(-(longest + longest // 16) // 8) * 8 + 8 if stream else -(-(longest + 1) // 32) * 32
+    auto = round_up(longest + longest // 16, 8) + 8 if stream else round_up(longest + 1, 32)
     max_len = d.max_len or auto
     if max_len < longest:   # refuse here, not later inside a grain worker process
         raise ValueError(f"data.max_len={max_len}: the longest example needs {longest} tokens")

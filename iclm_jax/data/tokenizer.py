@@ -70,12 +70,17 @@ def _token_id(tk: tokenizers.Tokenizer, value) -> int | None:
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-    """A ``tokenizer.json`` file, or a directory holding one.
+    """``data.tokenizer``: "acre_word" (the ACRE word tokenizer), "smollm2" (SmolLM2's, from its GGUF),
+    or a ``tokenizer.json`` file, or a directory holding one.
 
     Special ids come from ``special_tokens.json`` (written by ``Tokenizer.save``) if present, else
     from a Hugging Face ``tokenizer_config.json`` beside it (BOS only if ``add_bos_token`` is true),
     else EOS is guessed from common names and pad defaults to 0.
     """
+    if path == "acre_word":
+        return acre_word_tokenizer()
+    if path == "smollm2":
+        return smollm2_tokenizer()
     file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{path}: no tokenizer.json (give a Hugging Face tokenizer.json "

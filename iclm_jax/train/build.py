@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from iclm_jax.data.sources import csv
+from iclm_jax.fields import csv
 from iclm_jax.losses import LossConfig
 from iclm_jax.model.iclm import ICLM, ICLMConfig
 from iclm_jax.model.mi import MineCritic

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from iclm_jax import checkpoint, config_check, evaluate, report, sharding, sharding_report
 from iclm_jax.data import pipeline, sources
 from iclm_jax.data.reference import fit_reference, score_reference
+from iclm_jax.fields import csv
 from iclm_jax.train import build
 from iclm_jax.train.optim import effective_warmup
 from iclm_jax.train.preemption import EXIT_PREEMPTED, PreemptionWatcher
@@ -170,7 +171,7 @@ def train(config, workdir: str, *, quiet: bool = False) -> dict:
         nonlocal eval_s, tok_t0
         e0 = time.time()
         _evaluate_all(run, data, writer, step, best_mngr, config, time_s,
-                      only=sources.csv(config.eval.get("during", "")))
+                      only=csv(config.eval.get("during", "")))
         eval_s += time.time() - e0
         tok_t0 += time.time() - e0
 

@@ -9,7 +9,9 @@ import ml_collections
 from iclm_jax import checkpoint, sharding
 from iclm_jax.data import acre, sources
 from iclm_jax.data.reference import fit_reference, score_reference
+from iclm_jax.fields import csv
 from iclm_jax.data.tokenizer import load_tokenizer
+from iclm_jax.padding import round_up
 from iclm_jax.train.loop import Run
 
 
@@ -18,11 +20,11 @@ class LoadedRun(Run):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--data {path}: no such file")
         d = self.config.data
-        examples, problems = sources.file_examples(path, tuple(sources.csv(d.styles)), bool(d.packed),
+        examples, problems = sources.file_examples(path, tuple(csv(d.styles)), bool(d.packed),
                                                    d.get("form", "full"))
         need = max(sources.row_length(e, self.data.tokenizer) for e in examples) + 1
         if need > self.data.max_len:
-            self.data.max_len = -(-need // 32) * 32
+            self.data.max_len = round_up(need, 32)
         if batch_size:
             self.config.eval.batch_size = batch_size
         res = self.evaluate(examples)
@@ -46,7 +48,7 @@ def load(workdir: str, mesh: dict | None = None) -> LoadedRun:
         meta = json.load(f)
     config.mesh = ml_collections.ConfigDict(mesh or {"data": -1})
     ways = sharding.data_ways(sharding.make_mesh(dict(config.mesh)), sharding.rules_from_config(config.get("rules")))
-    config.eval.batch_size = -(-config.eval.batch_size // ways) * ways
+    config.eval.batch_size = round_up(config.eval.batch_size, ways)
     tok = load_tokenizer(os.path.join(workdir, "tokenizer"))
     data = sources.RunData(tok, [], None, [], meta["max_len"], meta["num_slots"])
     run = LoadedRun(config, workdir, data)

@@ -13,11 +13,13 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from iclm_jax import losses, sharding
 from iclm_jax.model import mi as mi_lib
 from iclm_jax.model.iclm import param_filter
+from iclm_jax.model.router import purity_of_counts
 from iclm_jax.train.state import TrainState
 
 
@@ -35,7 +37,7 @@ def _train_step(graphdef, state, batch, *, loss_cfg: losses.LossConfig, num_doma
 
     grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=True)
     (loss, (metrics, out)), grads = grad_fn(ts.model, ts.critic)
-    metrics["grad_norm"] = _global_norm(grads)
+    metrics["grad_norm"] = optax.global_norm(grads)
     ts.opt.update(ts.model, grads)
 
     if ts.critic is not None and out.pooled_inv is not None:
@@ -84,11 +86,6 @@ def _eval_step(graphdef, state, batch, *, loss_cfg: losses.LossConfig, num_slots
             "answer_ce_sum": metrics["n/answer_ce_sum"], "answer_tokens": metrics["n/answer_tokens"]}
 
 
-def _global_norm(tree) -> jax.Array:
-    leaves = [jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)]
-    return jnp.sqrt(sum(leaves)) if leaves else jnp.zeros(())
-
-
 def _routing_metrics(index, batch, num_modules: int, num_domains: int) -> dict[str, jax.Array]:
     """Assignment fractions per module and the module × domain count table (for purity)."""
     real = jnp.any(batch["segments"] > 0, axis=1)
@@ -97,7 +94,7 @@ def _routing_metrics(index, batch, num_modules: int, num_domains: int) -> dict[s
     counts = onehot.T @ dom
     return {"route_fraction": onehot.sum(0) / jnp.maximum(real.sum(), 1),
             "route_domain_counts": counts,
-            "route_purity": jnp.sum(jnp.max(counts, axis=1)) / jnp.maximum(jnp.sum(counts), 1.0)}
+            "route_purity": purity_of_counts(counts)}
 
 
 def _under_rules(fn: Callable, mesh, rules) -> Callable:
