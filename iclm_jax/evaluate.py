@@ -1,11 +1,9 @@
 """Accuracy tables: overall, per ACRE query type, per routed module, and router purity.
 
-Also the ``iclm-eval`` entry point: ``iclm-eval --workdir RUN --data FILE`` evaluates a trained run on an
-ACRE release-format JSON file or an evals-style JSONL file.
+The ``iclm-eval`` command line that prints them for a trained run is ``eval_main.py``.
 """
 from __future__ import annotations
 
-import sys
 from collections import defaultdict
 
 import jax
@@ -129,38 +127,3 @@ def modules_table(results: dict[str, dict], num_modules: int) -> str:
     header = (["eval set"] + [f"acc {d}" for d in DOMAINS] + [f"acc m{m}" for m in range(num_modules)]
               + ["rows per module", "purity"])
     return format_table(header, rows, "Per-domain and per-module accuracy, router purity (vs domain)")
-
-
-def run_eval(argv=None) -> int:
-    """Console script ``iclm-eval``."""
-    import argparse
-
-    from iclm_jax.train import restore_run
-
-    p = argparse.ArgumentParser(prog="iclm-eval", description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", required=True, help="a trained run directory")
-    p.add_argument("--data", required=True, action="append",
-                   help="ACRE release JSON or evals JSONL (repeatable)")
-    p.add_argument("--batch_size", type=int, default=0)
-    args = p.parse_args(argv)
-    try:
-        run = restore_run.load(args.workdir)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"iclm-eval: {e}", file=sys.stderr)
-        return 2
-    results, refs = {}, {}
-    for path in args.data:
-        try:
-            name, res, ref = run.evaluate_file(path, batch_size=args.batch_size or None)
-        except (FileNotFoundError, ValueError) as e:
-            print(f"iclm-eval: {e}", file=sys.stderr)
-            return 2
-        results[name], refs[name] = res, ref
-    print(results_table(results, refs))
-    print()
-    print(modules_table(results, run.num_modules))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(run_eval())

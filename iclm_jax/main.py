@@ -24,6 +24,8 @@ flags.DEFINE_bool("quiet", False, "No progress bar or tables.")
 
 def main(argv) -> None:
     del argv
+    # Deferred on purpose: jax.distributed.initialize (below) must come before anything touches a
+    # jax backend, and the training stack is only needed once flags are parsed.
     from iclm_jax.config_check import ConfigError
     from iclm_jax.train.loop import NonFiniteError, train
 

@@ -11,6 +11,8 @@ from typing import Mapping, Sequence
 import jax
 import numpy as np
 
+from iclm_jax.data.acre import QUERY_TYPES
+
 
 def _scalarise(metrics: Mapping) -> dict[str, float]:
     """Flatten array metrics (e.g. route_fraction [K]) into name/i scalars."""
@@ -63,7 +65,6 @@ def answer_metrics(sums: Mapping) -> dict[str, float]:
     counts behind them: ``answer_queries`` and ``answer_queries/<type>``. A ratio whose count is 0 is
     left out (no NaN in the logs).
     """
-    from iclm_jax.data.acre import QUERY_TYPES
     correct = np.asarray(sums["n/answer_correct"], np.float64)
     present = np.asarray(sums["n/answer_present"], np.float64)
     out = {"answer_queries": float(present[0])}

@@ -18,7 +18,9 @@ from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
 from iclm_jax import partitioning, sharding
+from iclm_jax.data.tokenizer import load_tokenizer
 from iclm_jax.report import format_table
+from iclm_jax.train import build
 
 GROUPS = ("params", "optimizer", "other")
 
@@ -115,7 +117,6 @@ def report(state: nnx.State, mesh: Mesh | AbstractMesh, rules=partitioning.DEFAU
 
 def config_report(config, vocab: int, num_devices: int) -> str:
     """The report for a run config (its ``mesh`` and ``rules``), built abstractly: no weights allocated."""
-    from iclm_jax.train import build
     ts = nnx.eval_shape(lambda: build.train_state(config, vocab))
     mesh = sharding.abstract_mesh(dict(config.mesh), num_devices)
     return report(nnx.state(ts), mesh, sharding.rules_from_config(config.get("rules")))
@@ -124,7 +125,6 @@ def config_report(config, vocab: int, num_devices: int) -> str:
 def main(argv) -> None:
     del argv
     from absl import flags
-    from iclm_jax.data.tokenizer import load_tokenizer
     f = flags.FLAGS
     config = f.config
     vocab = f.vocab or config.model.vocab_size or load_tokenizer(config.data.tokenizer).vocab_size

@@ -11,9 +11,8 @@ import pytest
 
 from iclm_jax.data import acre
 from iclm_jax.data.acre import (AcreFormatError, PARTS, QUERY_TYPES, SPLITS, check_problems,
-                                derive_label, generate_problems, load_problems, save_problems,
-                                split_objects)
-from iclm_jax.data.acre_generate import object_roles
+                                derive_label, load_problems, save_problems, split_objects)
+from iclm_jax.data.acre_generate import generate_problems, object_roles
 
 # Three problems from the released IID validation file, verbatim (issue 3).
 VERBATIM = """[

@@ -14,10 +14,11 @@ from peft import AutoPeftModelForCausalLM, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import iclm_jax  # noqa: F401  (eager sharding off before any construction)
-from iclm_jax.data import acre, render
+from iclm_jax.data import acre_generate, render
 from iclm_jax.data.pipeline import tokenize_example
 from iclm_jax.data.tokenizer import Tokenizer, acre_word_tokenizer
 from iclm_jax.hf import load_hf_weights
+from iclm_jax import export as export_cli
 from iclm_jax.hf import export as ex
 from iclm_jax.hf.weights import base_params
 from iclm_jax.model.lora import LoRAParam
@@ -129,7 +130,7 @@ def test_moved_export_loads_its_own_base(exported, tok, tmp_path, monkeypatch):
 
 def _training_prompt_ids(tok) -> tuple[str, list[int]]:
     """A rendered ACRE prompt and the input ids the pipeline trains on for it ([bos] prompt)."""
-    example = render.render_problem(acre.generate_problems("IID", "train", 1, seed=4)[0], "text",
+    example = render.render_problem(acre_generate.generate_problems("IID", "train", 1, seed=4)[0], "text",
                                     packed=False)[0]
     row = tokenize_example(example, tok, 512, 1)
     return example.prompt, row["inputs"][:int(row["prompt_mask"].sum())].tolist()
@@ -235,7 +236,7 @@ def test_error_leaves_no_partial_out(tmp_path, tok, monkeypatch):
 
 
 def test_cli_refuses_missing_workdir(tmp_path, capsys):
-    assert ex.main(["--workdir", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert export_cli.main(["--workdir", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "not a run directory" in capsys.readouterr().err
 
 
@@ -254,9 +255,9 @@ def test_cli_exports_a_trained_run(tmp_path):
     c.data.update(train_problems=8, eval_problems=2, eval_splits="IID")
     work, out = str(tmp_path / "run"), str(tmp_path / "out")
     train(c, work, quiet=True)
-    assert ex.main(["--workdir", work, "--out", out]) == 0
-    assert ex.main(["--workdir", work, "--out", out]) == 2          # non-empty, no --force
-    assert ex.main(["--workdir", work, "--out", out, "--force"]) == 0
+    assert export_cli.main(["--workdir", work, "--out", out]) == 0
+    assert export_cli.main(["--workdir", work, "--out", out]) == 2          # non-empty, no --force
+    assert export_cli.main(["--workdir", work, "--out", out, "--force"]) == 0
     run = restore_run.load(work)
     model = nnx.merge(run.graphdef, run.state).model
     batch = _batch(run.data.tokenizer.vocab_size, seed=2)
@@ -300,7 +301,7 @@ def read_only_dir(tmp_path, monkeypatch):
 @pytest.mark.parametrize("problem", ["parent_is_file", "out_is_file", "non_empty", "unwritable"])
 def test_cli_checks_out_before_loading(problem, tmp_path, capsys, monkeypatch, request):
     """Each --out problem: exit 2 and one line naming the path, before the checkpoint is loaded."""
-    monkeypatch.setattr(ex, "_load_run", lambda workdir: pytest.fail("checkpoint loaded first"))
+    monkeypatch.setattr(export_cli, "_load_run", lambda workdir: pytest.fail("checkpoint loaded first"))
     out = tmp_path / "out"
     if problem == "parent_is_file":
         (tmp_path / "f").write_text("x")
@@ -315,7 +316,7 @@ def test_cli_checks_out_before_loading(problem, tmp_path, capsys, monkeypatch, r
     else:
         ro = request.getfixturevalue("read_only_dir")
         out, words = ro / "out", [f"cannot create a directory in {ro}"]
-    assert ex.main(["--workdir", str(tmp_path / "run"), "--out", str(out)]) == 2
+    assert export_cli.main(["--workdir", str(tmp_path / "run"), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"iclm-export: --out {out}: "), err
     assert all(w in err for w in words), err
@@ -327,7 +328,7 @@ def test_cli_disk_full_is_one_line(where, tmp_path, capsys, monkeypatch, tok):
     from safetensors import SafetensorError
     import safetensors.numpy
     model = tiny_iclm(num_modules=2, base_kw=dict(vocab_size=tok.vocab_size))
-    monkeypatch.setattr(ex, "_load_run", lambda workdir: (model, tok, 16))
+    monkeypatch.setattr(export_cli, "_load_run", lambda workdir: (model, tok, 16))
     if where == "safetensors":      # what safetensors raises on a full disk: not an OSError
         def full(tensors, path, metadata=None):
             raise SafetensorError(f"Error while serializing: I/O error: No space left on device "
@@ -337,10 +338,10 @@ def test_cli_disk_full_is_one_line(where, tmp_path, capsys, monkeypatch, tok):
     else:
         def full(path, obj):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
-        monkeypatch.setattr(ex, "_write_json", full)
+        monkeypatch.setattr(ex, "write_json", full)
         file = "base/config.json"
     out = tmp_path / "out"
-    assert ex.main(["--workdir", str(tmp_path / "run"), "--out", str(out)]) == 2
+    assert export_cli.main(["--workdir", str(tmp_path / "run"), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err == (f"iclm-export: --out {out}: cannot write {file} (No space left on device); "
                    f"nothing was written\n")

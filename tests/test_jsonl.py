@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from iclm_jax.data import acre
+from iclm_jax.data import acre_generate
 from iclm_jax.data.jsonl import JsonlError, load_jsonl, write_jsonl
 from iclm_jax.data.render import Example, render_problem
 from tests.test_render import PROBLEM
@@ -43,7 +43,7 @@ def test_load_messages_and_ideal(tmp_path):
 @pytest.mark.parametrize("packed", [False, True])
 def test_round_trip(tmp_path, packed):
     examples = []
-    for problem in [PROBLEM] + acre.generate_problems("IID", "val", 3, seed=0):
+    for problem in [PROBLEM] + acre_generate.generate_problems("IID", "val", 3, seed=0):
         for style in ("symbolic", "text"):
             r = render_problem(problem, style, packed)
             examples.extend([r] if packed else r)

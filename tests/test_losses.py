@@ -163,9 +163,9 @@ def test_context_mask_on_a_packed_row():
     """The auxiliary LM loss reads exactly the prompt tokens whose next token is a prompt token of the
     same segment: inside the contexts and inside each query, never an answer, the prefix's last
     position (its next token opens a query) or padding. Reference: the row's own token lists."""
-    from iclm_jax.data import acre, pipeline, render, tokenizer
+    from iclm_jax.data import acre_generate, pipeline, render, tokenizer
     tok = tokenizer.acre_word_tokenizer()
-    problem = acre.generate_problems("IID", "train", 1, seed=0)[0]
+    problem = acre_generate.generate_problems("IID", "train", 1, seed=0)[0]
     ex = render.render_problem(problem, "symbolic", packed=True, form="compact")
     row = pipeline.tokenize_example(ex, tok, 96, 4)
     prefix = [tok.bos_id] + tok.encode(ex.prefix)

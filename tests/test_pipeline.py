@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from iclm_jax.data import acre, render
+from iclm_jax.data import acre_generate, render
 from iclm_jax.data.pipeline import acre_examples, make_dataset, mixture, tokenize_example
 from iclm_jax.data.render import Example
 from iclm_jax.data.tokenizer import acre_word_tokenizer, build_word_tokenizer
@@ -27,7 +27,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def problems():
-    return acre.generate_problems("IID", "train", 6, seed=11)
+    return acre_generate.generate_problems("IID", "train", 6, seed=11)
 
 
 def _items(n: int) -> tuple[list[Example], object]:

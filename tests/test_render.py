@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from iclm_jax.data import acre, render
+from iclm_jax.data import acre, acre_generate, cli as data_cli, render
 from iclm_jax.data.jsonl import load_jsonl
 from iclm_jax.data.render import Example, PackedExample, render_problem, render_query
 
@@ -89,7 +89,7 @@ def test_object_sentences_follow_id_formula():
 def test_generated_problems_answers_map_to_labels():
     words = ("off", "undetermined", "on")
     for split in ("IID", "Comp"):
-        for problem in acre.generate_problems(split, "train", 20, seed=3):
+        for problem in acre_generate.generate_problems(split, "train", 20, seed=3):
             for style in render.DOMAINS:
                 for q, ex in enumerate(render_problem(problem, style, packed=False)):
                     label = problem[6 + q]["label"]
@@ -118,7 +118,7 @@ def test_render_cli(tmp_path, packed):
     src.write_text(json.dumps([PROBLEM, PROBLEM]))
     out = tmp_path / "out" / "val.jsonl"
     parser = argparse.ArgumentParser()
-    render.add_render_command(parser.add_subparsers(dest="cmd"))
+    data_cli.add_render_command(parser.add_subparsers(dest="cmd"))
     args = parser.parse_args(["render", str(src), "--style", "text", "--out", str(out)]
                              + (["--packed"] if packed else []))
     assert args.func(args) == 0
@@ -159,7 +159,7 @@ def test_extra_queries_follow_the_rule():
     assert types[36] == 0 and ex.labels[4 + seen.index(36)] == 2
     assert types[24] == 2 and types[47] == types[39] == 3
     assert len(seen) <= render.MAX_EXTRA_QUERIES
-    for problem in acre.generate_problems("IID", "train", 200, seed=4):
+    for problem in acre_generate.generate_problems("IID", "train", 200, seed=4):
         n = len(render_problem(problem, "text", packed=True, form="compact", extra_queries=True).queries)
         assert 4 < n <= 4 + render.MAX_EXTRA_QUERIES
     with pytest.raises(ValueError, match="packed"):

@@ -7,7 +7,7 @@ import os
 import pytest
 import tokenizers
 
-from iclm_jax.data import acre, render
+from iclm_jax.data import acre_generate, render
 from iclm_jax.data.tokenizer import (acre_word_tokenizer, build_word_tokenizer, load_tokenizer,
                                      smollm2_gguf_path, smollm2_tokenizer)
 
@@ -35,7 +35,7 @@ def test_save_load_identical(tmp_path):
         again = load_tokenizer(str(path))
         assert (again.pad_id, again.eos_id, again.bos_id, again.vocab_size) == \
             (tok.pad_id, tok.eos_id, tok.bos_id, tok.vocab_size)
-        text = render.render_query(acre.generate_problems("IID", "val", 1, seed=0)[0], 0, "text").prompt
+        text = render.render_query(acre_generate.generate_problems("IID", "val", 1, seed=0)[0], 0, "text").prompt
         assert again.encode(text) == tok.encode(text)
 
 
@@ -68,7 +68,7 @@ def test_acre_word_tokenizer_covers_every_split():
     seen = set()
     for i, split in enumerate(SPLITS):
         for part in ("train", "val", "test"):
-            for problem in acre.generate_problems(split, part, 30, seed=i):
+            for problem in acre_generate.generate_problems(split, part, 30, seed=i):
                 for style in render.DOMAINS:
                     for form in render.FORMS:
                         for ex in render.render_problem(problem, style, packed=False, form=form):
@@ -123,7 +123,7 @@ def hf_reference():
 
 
 def _acre_texts():
-    problem = acre.generate_problems("IID", "test", 1, seed=5)[0]
+    problem = acre_generate.generate_problems("IID", "test", 1, seed=5)[0]
     out = []
     for style in render.DOMAINS:
         out += [e.prompt + e.answer for e in render.render_problem(problem, style, packed=False)]
@@ -143,7 +143,7 @@ def test_smollm2_parity_with_transformers(smol, hf_reference):
 
 def test_smollm2_answers_tokenize_alike(smol):
     tok = smol[0]
-    problem = acre.generate_problems("IID", "val", 1, seed=1)[0]
+    problem = acre_generate.generate_problems("IID", "val", 1, seed=1)[0]
     for style in render.DOMAINS:
         packed = render.render_problem(problem, style, packed=True)
         for ex, (query, _) in zip(render.render_problem(problem, style, packed=False), packed.queries):

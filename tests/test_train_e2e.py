@@ -61,7 +61,7 @@ def test_cli_train_then_eval(tmp_path):
     r = _run(["-m", "iclm_jax.data.acre", "generate", "--split", "Sys", "--part", "test", "--n", "6",
               "--seed", "5", "--out", str(data)])
     assert r.returncode == 0, r.stderr[-2000:]
-    r = _run(["-m", "iclm_jax.evaluate", "--workdir", str(work), "--data", str(data)])
+    r = _run(["-m", "iclm_jax.eval_main", "--workdir", str(work), "--data", str(data)])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "test.json: model" in r.stdout and "object_count" in r.stdout and "purity" in r.stdout
 

@@ -8,7 +8,7 @@ import argparse
 
 import numpy as np
 
-from iclm_jax.data import acre
+from iclm_jax.data import acre, acre_generate
 
 
 def status(contexts, obj, rule):
@@ -27,7 +27,7 @@ def main():
     p.add_argument("--n", type=int, default=3000)
     p.add_argument("--seed", type=int, default=5)
     a = p.parse_args()
-    problems = acre.generate_problems("IID", "val", a.n, a.seed)
+    problems = acre_generate.generate_problems("IID", "val", a.n, a.seed)
     for rule in ("off_else_on", "off_alone_on_else_undetermined", "off_else_undetermined"):
         hits = {t: [] for t in acre.QUERY_TYPES}
         for pr in problems:

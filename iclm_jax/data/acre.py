@@ -1,4 +1,4 @@
-"""ACRE (Zhang et al., CVPR 2021) blicket problems: the release format, the label rule, the CLI.
+"""ACRE (Zhang et al., CVPR 2021) blicket problems: the release format and the label rule.
 
 A release file (``IID/train.json``, ``Comp/test.json``, ...) is one JSON array of problems; a
 problem is 10 panels: 6 contexts ``{"light_state": "on"|"off", "objects": [...]}`` then 4 queries
@@ -11,18 +11,11 @@ The label rule: some objects are blickets and the light is on iff a blicket is p
 else "undetermined" (this reproduces every released val/test label). ``derive_label`` uses its
 closed form; tests/test_acre.py checks it against brute-force enumeration.
 
-Indexes in errors and reports are 0-based, like ``ref``. The generator is in ``acre_generate``.
-
-CLI::
-
-    python -m iclm_jax.data.acre generate --split Comp --part train --n 10000 --seed 0 --out F.json
-    python -m iclm_jax.data.acre check F.json [G.json ...]    # exit 1 on a bad format or label
-    python -m iclm_jax.data.acre stats F.json                  # query type x label table
-    python -m iclm_jax.data.acre render ...                     # added by iclm_jax.data.render
+Indexes in errors and reports are 0-based, like ``ref``. The generator is in ``acre_generate``, the
+command line (``python -m iclm_jax.data.acre generate|check|stats|render``) in ``data/cli.py``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -94,12 +87,6 @@ def _check_split(split: str, part: str) -> None:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     if part not in PARTS:
         raise ValueError(f"unknown part {part!r}; expected one of {PARTS}")
-
-
-def generate_problems(split: str, part: str, n: int, seed: int) -> list[Problem]:
-    """``n`` problems of ``split``/``part`` in the release format, deterministic in ``seed``."""
-    from iclm_jax.data import acre_generate  # it imports this module
-    return acre_generate.generate_problems(split, part, n, seed)
 
 
 # ---------------------------------------------------------------- format
@@ -282,89 +269,6 @@ def format_stats(problems: Sequence[Problem]) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------- CLI
-
-
-def _run_generate(args: argparse.Namespace) -> int:
-    problems = generate_problems(args.split, args.part, args.n, args.seed)
-    save_problems(problems, args.out)
-    print(f"wrote {len(problems)} {args.split}/{args.part} problems (seed {args.seed}) "
-          f"to {args.out}")
-    print(format_stats(problems))
-    return 0
-
-
-def _run_check(args: argparse.Namespace) -> int:
-    status = 0
-    for path in args.files:
-        try:
-            problems = load_problems(path)
-        except AcreFormatError as e:
-            print(f"FORMAT ERROR {e}")
-            status = 1
-            continue
-        bad = [_disagreements(i, p) for i, p in enumerate(problems)]
-        for line in (line for lines in bad for line in lines):
-            print(f"{path}: {line}")
-        n_bad = sum(map(bool, bad))
-        if n_bad:
-            status = 1
-            print(f"{path}: {sum(map(len, bad))} disagreement(s) in {n_bad} of {len(problems)} "
-                  "problems")
-        else:
-            print(f"{path}: OK, {len(problems)} problems, {4 * len(problems)} queries, "
-                  "every label agrees with the rule")
-    return status
-
-
-def _run_stats(args: argparse.Namespace) -> int:
-    print(format_stats(load_problems(args.file)))
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The CLI; ``iclm_jax.data.render.add_render_command(subparsers)`` adds ``render``.
-
-    Each subcommand sets ``func(args) -> exit status`` as its default.
-    """
-    parser = argparse.ArgumentParser(prog="python -m iclm_jax.data.acre", description=__doc__
-                                     .split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate problems in the release format")
-    g.add_argument("--split", choices=SPLITS, required=True)
-    g.add_argument("--part", choices=PARTS, required=True)
-    g.add_argument("--n", type=int, required=True, help="number of problems")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--out", required=True, help="output .json path")
-    g.set_defaults(func=_run_generate)
-    c = sub.add_parser("check", help="validate files and re-derive every label (exit 1 if bad)")
-    c.add_argument("files", nargs="+", metavar="FILE")
-    c.set_defaults(func=_run_check)
-    s = sub.add_parser("stats", help="query type x label table of a file")
-    s.add_argument("file", metavar="FILE")
-    s.set_defaults(func=_run_stats)
-    try:
-        from iclm_jax.data import render
-    except ModuleNotFoundError as e:
-        if e.name != "iclm_jax.data.render":
-            raise
-    else:
-        if hasattr(render, "add_render_command"):
-            render.add_render_command(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (AcreFormatError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    # Run the canonical module, not a second copy named __main__, so that its AcreFormatError is
-    # the one iclm_jax.data.render (which imports iclm_jax.data.acre) raises.
-    from iclm_jax.data.acre import main as _main
-    sys.exit(_main())
+if __name__ == "__main__":   # python -m iclm_jax.data.acre: the data command line (data/cli.py)
+    from iclm_jax.data.cli import main
+    sys.exit(main())

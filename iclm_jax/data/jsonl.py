@@ -25,16 +25,12 @@ import json
 import os
 from typing import Iterable
 
+from iclm_jax.data.acre import QUERY_TYPES
 from iclm_jax.data.render import DOMAINS, Example, PackedExample
 
 
 class JsonlError(ValueError):
     """A bad record; the message starts with ``path:line``."""
-
-
-def _query_types() -> tuple[str, ...]:
-    from iclm_jax.data.acre import QUERY_TYPES
-    return QUERY_TYPES
 
 
 def _is_int(x) -> bool:
@@ -83,7 +79,7 @@ def _domain(rec: dict, where: str, domains: dict) -> int:
 def _query_type(rec: dict, where: str) -> int:
     t = rec.get("type", -1)
     if isinstance(t, str):
-        types = _query_types()
+        types = QUERY_TYPES
         if t not in types:
             raise JsonlError(f"{where}: unknown type {t!r}; expected one of {types} or an int")
         return types.index(t)
@@ -147,7 +143,7 @@ def load_jsonl(path: str, *, domains: dict | None = None) -> list[Example | Pack
 
 
 def _meta(rec: dict, qtype: int, label: int) -> dict:
-    types = _query_types()
+    types = QUERY_TYPES
     if 0 <= qtype < len(types):
         rec["type"] = types[qtype]
     elif qtype != -1:

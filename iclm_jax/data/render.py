@@ -43,8 +43,10 @@ the matching unpacked example and the boundary is again a pre-tokenizer boundary
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
+
+from iclm_jax.data import acre
+from iclm_jax.data.acre_generate import object_roles
 
 DOMAINS = ("symbolic", "text")   # domain ids 0, 1
 FORMS = ("full", "compact")      # full: the paper's renderings; compact: the CPU protocol's (below)
@@ -80,13 +82,6 @@ class PackedExample:
     source: str = ""
 
 
-def _acre():
-    # Imported lazily: acre's CLI imports this module, and `python -m iclm_jax.data.acre` would
-    # otherwise meet a half-initialised module.
-    from iclm_jax.data import acre
-    return acre
-
-
 def _check_style(style: str) -> None:
     if style not in DOMAINS:
         raise ValueError(f"unknown rendering style {style!r}; expected one of {DOMAINS}")
@@ -103,14 +98,14 @@ def _check_problem(problem) -> None:
 
 
 def _object_sentence(obj: int) -> str:
-    shape, color, material = _acre().object_attributes(obj)
+    shape, color, material = acre.object_attributes(obj)
     return f"A {color} {shape} in {material} is visible."
 
 
 def _compact_objects(objs, style: str) -> str:
     if style == "symbolic":
         return " ".join(f"o{o}" for o in objs)
-    return " ".join(" ".join((c, s, m)) for s, c, m in map(_acre().object_attributes, objs))
+    return " ".join(" ".join((c, s, m)) for s, c, m in map(acre.object_attributes, objs))
 
 
 def _context_line(panel: dict, style: str, form: str = "full") -> str:
@@ -141,7 +136,7 @@ def answer_text(label: int, style: str, form: str = "full") -> str:
     """The answer string of a label id (with its leading space, see the module docstring)."""
     _check_style(style)
     _check_form(form)
-    labels = _acre().LABELS
+    labels = acre.LABELS
     if not isinstance(label, int) or not 0 <= label < len(labels):
         raise ValueError(f"unknown ACRE label {label!r}; expected 0..{len(labels) - 1}")
     return " " + (str(label) if style == "symbolic" and form == "full" else labels[label])
@@ -158,7 +153,6 @@ def render_prefix(problem, style: str, form: str = "full") -> str:
 
 
 def _query_meta(panel: dict) -> tuple[int, int]:
-    acre = _acre()
     qtype = panel.get("type")
     if "label" not in panel:
         raise ValueError(f"query panel has no 'label': {panel}")
@@ -179,7 +173,6 @@ def render_query(problem, q: int, style: str, form: str = "full") -> Example:
 def object_queries(problem) -> list[dict]:
     """One single-object query panel per distinct context object (first-seen order), typed and
     labelled like the generator's cause queries (``acre_generate.object_roles``)."""
-    from iclm_jax.data.acre_generate import object_roles
     roles, _ = object_roles(problem[:6])
     return [{"light_state": "no", "objects": [o], "label": lab, "type": t} for o, (t, lab) in roles.items()]
 
@@ -204,31 +197,3 @@ def render_problem(problem, style: str, packed: bool, form: str = "full",
                     for p, (_, lab) in zip(panels, metas))
     return PackedExample(prefix, queries, DOMAINS.index(style), tuple(t for t, _ in metas),
                          tuple(lab for _, lab in metas))
-
-
-def _run_render(args: argparse.Namespace) -> int:
-    from iclm_jax.data.jsonl import write_jsonl
-    problems = _acre().load_problems(args.file)
-    examples = []
-    for i, problem in enumerate(problems):
-        out = render_problem(problem, args.style, args.packed)
-        examples.extend([out] if args.packed else out)
-    write_jsonl(examples, args.out)
-    print(f"wrote {len(examples)} {'packed ' if args.packed else ''}{args.style} records "
-          f"from {len(problems)} problems to {args.out}")
-    return 0
-
-
-def add_render_command(subparsers) -> argparse.ArgumentParser:
-    """Add ``render FILE --style text|symbolic --out X.jsonl [--packed]`` to argparse subparsers.
-
-    Sets ``func`` (returns an exit status) as the subcommand's default.
-    """
-    p = subparsers.add_parser("render", help="render an ACRE release-format file to JSONL")
-    p.add_argument("file", metavar="FILE", help="ACRE release-format JSON file")
-    p.add_argument("--style", choices=DOMAINS, required=True, help="rendering (domain)")
-    p.add_argument("--out", required=True, help="output .jsonl path")
-    p.add_argument("--packed", action="store_true",
-                   help="one record per problem (its 4 queries share the contexts)")
-    p.set_defaults(func=_run_render)
-    return p

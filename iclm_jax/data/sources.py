@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from iclm_jax.data import acre, jsonl, pipeline, render, tokenizer as tok_lib
+from iclm_jax.data import acre, acre_generate, jsonl, pipeline, render, tokenizer as tok_lib
 from iclm_jax.fields import csv
 from iclm_jax.padding import round_up
 from iclm_jax.data.stream import AcreStream
@@ -73,16 +73,16 @@ def build(data_cfg, seed: int) -> RunData:
         measured = train_examples.head(len(head), head)
         train_sample = measured[:d.train_problems * train_examples.per_problem]
     else:
-        train_problems = acre.generate_problems(d.train_split, "train", d.train_problems, seed)
+        train_problems = acre_generate.generate_problems(d.train_split, "train", d.train_problems, seed)
         train_examples = pipeline.acre_examples(train_problems, styles=styles, packed=packed, form=form,
                                                 extra_queries=extra)
     evals = []
     if d.get("val_problems", 0):   # generated validation problems of the training split: select on these
-        problems = acre.generate_problems(d.train_split, "val", d.val_problems, seed + 999)
+        problems = acre_generate.generate_problems(d.train_split, "val", d.val_problems, seed + 999)
         evals.append(EvalSet(VAL_SET, pipeline.acre_examples(problems, styles=styles, packed=packed,
                                                              form=form), problems))
     for i, split in enumerate(csv(d.eval_splits)):
-        problems = acre.generate_problems(split, "test", d.eval_problems, seed + 1000 + i)
+        problems = acre_generate.generate_problems(split, "test", d.eval_problems, seed + 1000 + i)
         evals.append(EvalSet(split, pipeline.acre_examples(problems, styles=styles, packed=packed,
                                                            form=form), problems))
     for path in csv(d.eval_files):

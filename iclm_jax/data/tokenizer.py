@@ -24,6 +24,8 @@ from typing import Iterable
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
+from iclm_jax.data import acre, render
+
 WORD_SPECIALS = ("<pad>", "<eos>", "<unk>", "<bos>")   # ids 0..3 of word-level vocabularies
 _SPECIAL_FILE = "special_tokens.json"
 _EOS_GUESSES = ("<|endoftext|>", "</s>", "<eos>", "<|im_end|>", "<|end_of_text|>", "[SEP]")
@@ -143,7 +145,6 @@ def build_word_tokenizer(texts: Iterable[str]) -> Tokenizer:
 def acre_vocabulary_texts() -> list[str]:
     """Lines holding every word of both ACRE renderings in both forms: instructions, objects, lights,
     answers."""
-    from iclm_jax.data import acre, render
     texts = list(render.INSTRUCTIONS.values())
     objs = list(range(48))
     for style in render.DOMAINS:

@@ -16,6 +16,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from iclm_jax.data import tokenizer as tk
 from iclm_jax.hf.import_gguf import load_gguf, smollm2_gguf_path
 from iclm_jax.hf.import_hf import config_from_hf, load_hf_weights
 from iclm_jax.hf.weights import WeightMismatchError, check_weights, load_into, read_safetensors
@@ -49,7 +50,6 @@ def load_pretrained(spec: str, *, dtype: Any = jnp.float32,
 
 def pretrained_tokenizer(spec: str):
     """The tokenizer shipped with ``spec``: the GGUF's vocabulary or the dir's tokenizer.json."""
-    from iclm_jax.data import tokenizer as tk
     if spec == "smollm2":
         return tk.smollm2_tokenizer()     # cached build of the same GGUF vocabulary
     kind, path = resolve(spec)

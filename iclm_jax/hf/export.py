@@ -1,11 +1,12 @@
 """Export a trained ICLM to Hugging Face formats that plain ``transformers`` / ``peft`` load.
 
-Layout of ``DIR`` (``python -m iclm_jax.hf.export --workdir RUN --out DIR [--force]``)::
+Layout of ``DIR`` (``export_model``; the command line ``iclm-export --workdir RUN --out DIR [--force]``
+exports a run's latest checkpoint: ``iclm_jax/export.py``)::
 
     base/                 the un-merged base, a standard Llama checkpoint
     modules/<name>/       the base with that module's LoRA merged in (W + scale * A[m] @ B[m])
     adapters/<name>/      that module's LoRA in PEFT format, for ``PeftModel.from_pretrained``
-    config.json, ...      the whole ICLM as a custom model (``export_custom``, when available)
+    config.json, ...      the whole ICLM as a custom model (``export_custom``)
 
 ``<name>``: ``specific_0..K-1``, ``invariant`` and ``router`` (when those adapter slots exist).
 Everything is written into a temporary directory beside ``DIR`` and renamed at the end, so an error
@@ -17,27 +18,24 @@ Our kernels are [in, out]; torch Linear weights are [out, in], hence the transpo
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import re
 import shutil
-import sys
 import tempfile
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 
+from iclm_jax.hf.export_custom import write_custom_model
+from iclm_jax.hf.files import DEFAULT_SHARD_BYTES, save_tokenizer, save_weights, write_json
 from iclm_jax.hf.import_hf import _LAYER_NAMES, _TOP_NAMES
 from iclm_jax.hf.weights import base_params
 from iclm_jax.model.transformer import TransformerConfig
 
-__all__ = ["export", "export_model", "check_out", "check_exportable", "OutputError", "NotExportable",
+__all__ = ["export_model", "check_out", "check_exportable", "OutputError", "NotExportable",
            "ADAPTER_BASE", "hf_config", "ours_to_hf", "module_names", "base_weights", "merged_weights",
-           "peft_weights", "save_weights", "save_tokenizer", "main"]
+           "peft_weights", "save_weights", "save_tokenizer"]
 
-DEFAULT_SHARD_BYTES = 2 * 2**30
 ADAPTER_BASE = "../../base"     # adapters/<name>/adapter_config.json: the base, from that directory
 _OURS_TO_HF_LAYER = {ours: (hf, t) for hf, (ours, t) in _LAYER_NAMES.items()}
 _OURS_TO_HF_TOP = {ours: (hf, t) for hf, (ours, t) in _TOP_NAMES.items()}
@@ -143,87 +141,11 @@ def check_exportable(cfg: TransformerConfig) -> None:
                             f"Llama counterpart, so this run cannot be exported (model.canon=0 runs can)")
 
 
-def _save_file(tensors: Mapping[str, np.ndarray], path: str) -> None:
-    """safetensors' ``save_file``; its I/O errors (a full disk) become the OSError they are."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import save_file
-    try:
-        save_file(dict(tensors), path, metadata={"format": "pt"})
-    except SafetensorError as e:
-        code = re.search(r"os error (\d+)", str(e))
-        if code is None:
-            raise
-        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), path) from None
-
-
-def save_weights(tensors: Mapping[str, np.ndarray], directory: str, *,
-                 shard_bytes: int = DEFAULT_SHARD_BYTES, stem: str = "model") -> None:
-    """``stem.safetensors``, or shards + ``stem.safetensors.index.json`` above ``shard_bytes``."""
-    total = sum(a.nbytes for a in tensors.values())
-    if total <= shard_bytes:
-        _save_file(tensors, os.path.join(directory, f"{stem}.safetensors"))
-        return
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for name in sorted(tensors):
-        a = tensors[name]
-        if shards[-1] and size + a.nbytes > shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = a
-        size += a.nbytes
-    weight_map = {}
-    for k, shard in enumerate(shards):
-        file = f"{stem}-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        _save_file(shard, os.path.join(directory, file))
-        weight_map.update({name: file for name in shard})
-    _write_json(os.path.join(directory, f"{stem}.safetensors.index.json"),
-                {"metadata": {"total_size": total}, "weight_map": weight_map})
-
-
-def _write_json(path: str, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-
-
-def save_tokenizer(tokenizer, directory: str) -> None:
-    """tokenizer.json (+ our special_tokens.json) and the files AutoTokenizer needs.
-
-    Every training row starts with BOS when the tokenizer has one (``data.pipeline``), so the
-    exported tokenizer.json adds it (a post-processor; ``add_bos_token`` says the same to
-    transformers): ``AutoTokenizer(text)`` gives the ids training used, ``add_special_tokens=False``
-    the bare text. EOS is never added: it ends answers, not prompts. The same files go into every
-    directory of an export (base, modules, adapters' base, the whole-ICLM root).
-    """
-    from tokenizers import Tokenizer as _Tk
-    from tokenizers.processors import TemplateProcessing
-
-    from iclm_jax.data.tokenizer import Tokenizer
-    tk = _Tk.from_str(tokenizer.tk.to_str())       # a copy: the caller's tokenizer is unchanged
-    name = tk.id_to_token
-    special = {"eos_token": name(tokenizer.eos_id), "pad_token": name(tokenizer.pad_id)}
-    if tokenizer.bos_id is not None:
-        bos = special["bos_token"] = name(tokenizer.bos_id)
-        tk.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1",
-                                               special_tokens=[(bos, tokenizer.bos_id)])
-    unk = getattr(tk.model, "unk_token", None)
-    if unk is not None and tk.token_to_id(unk) is not None:
-        special["unk_token"] = unk
-    Tokenizer(tk, pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id,
-              bos_id=tokenizer.bos_id).save(directory)
-    _write_json(os.path.join(directory, "special_tokens_map.json"), special)
-    _write_json(os.path.join(directory, "tokenizer_config.json"), {
-        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30,
-        "add_bos_token": tokenizer.bos_id is not None, "add_eos_token": False,
-        "clean_up_tokenization_spaces": False, **special})
-
-
 def save_llama(weights: Mapping[str, np.ndarray], cfg: TransformerConfig, tokenizer,
                directory: str, *, shard_bytes: int, max_positions: int) -> None:
     """A standard Llama checkpoint of ``weights`` (our names) in ``directory``."""
     os.makedirs(directory, exist_ok=True)
-    _write_json(os.path.join(directory, "config.json"),
+    write_json(os.path.join(directory, "config.json"),
                 hf_config(cfg, tokenizer, max_positions=max_positions))
     save_weights(to_hf_names(weights, cfg.tie_embeddings), directory, shard_bytes=shard_bytes)
     if tokenizer is not None:
@@ -292,16 +214,10 @@ def _write_all(model, tokenizer, tmp: str, final: str, *, shard_bytes: int, max_
                    os.path.join(tmp, "modules", name), **kw)
         adir = os.path.join(tmp, "adapters", name)
         os.makedirs(adir)
-        _write_json(os.path.join(adir, "adapter_config.json"), _adapter_config(icfg))
+        write_json(os.path.join(adir, "adapter_config.json"), _adapter_config(icfg))
         save_weights(peft_weights(base, slot), adir, shard_bytes=1 << 62, stem="adapter_model")
     if custom:
-        try:
-            from iclm_jax.hf.export_custom import write_custom_model
-        except ImportError as e:
-            print(f"export: item 3 (whole-ICLM custom model in {final}) skipped: {e}",
-                  file=sys.stderr)
-        else:
-            write_custom_model(model, tokenizer, tmp, shard_bytes=shard_bytes)
+        write_custom_model(model, tokenizer, tmp, shard_bytes=shard_bytes)
 
 
 def export_model(model, tokenizer, out: str, *, force: bool = False,
@@ -348,47 +264,3 @@ def export_model(model, tokenizer, out: str, *, force: bool = False,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
-
-
-def export(workdir: str, out: str, *, force: bool = False,
-           shard_bytes: int = DEFAULT_SHARD_BYTES, custom: bool = True) -> str:
-    """Export the latest checkpoint of the run in ``workdir`` to ``out`` (see module docstring)."""
-    final = check_out(out, force)             # before the checkpoint load (seconds to minutes)
-    model, tokenizer, max_len = _load_run(workdir)
-    return export_model(model, tokenizer, final, force=force, shard_bytes=shard_bytes,
-                        max_positions=max(4096, max_len), custom=custom)
-
-
-def _load_run(workdir: str):
-    """(ICLM, tokenizer, max_len) of the latest checkpoint of the run in ``workdir``."""
-    from flax import nnx
-
-    from iclm_jax.train.restore_run import load
-    run = load(workdir)
-    return nnx.merge(run.graphdef, run.state).model, run.data.tokenizer, int(run.data.max_len)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="iclm-export", description=__doc__.split("\n")[0])
-    p.add_argument("--workdir", required=True, help="run directory (config.json + checkpoints)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--shard-bytes", type=int, default=DEFAULT_SHARD_BYTES,
-                   help="shard safetensors above this many bytes (default 2 GiB)")
-    args = p.parse_args(argv)
-    try:
-        path = export(args.workdir, args.out, force=args.force, shard_bytes=args.shard_bytes)
-    except (OutputError, NotExportable, FileNotFoundError) as e:
-        print(f"iclm-export: {e}", file=sys.stderr)
-        return 2
-    print(f"exported {args.workdir} -> {path}")
-    return 0
-
-
-def cli() -> None:
-    """Console script ``iclm-export``."""
-    sys.exit(main())
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,7 +2,7 @@
 
 ``write_custom_model`` writes ``config.json`` (with ``auto_map``), ``modeling_iclm.py`` (a copy of
 ``iclm_jax/hf/modeling_iclm.py``, which needs only torch + transformers), ``model.safetensors`` and the
-tokenizer files (the same as every module directory's: ``export.save_tokenizer``). Tensor layout:
+tokenizer files (the same as every module directory's: ``files.save_tokenizer``). Tensor layout:
 base weights under the usual Llama names in torch layout ([out, in]), LoRA stacks in our layout
 (``lora_A`` [M, in, r], ``lora_B`` [M, r, out], M adapter slots), router and aggregator tensors as
 ``router_*`` / ``aggregator_*``. Nothing here imports torch.
@@ -16,7 +16,7 @@ import warnings
 
 import numpy as np
 
-from iclm_jax.hf.export import save_tokenizer, save_weights
+from iclm_jax.hf.files import save_tokenizer, save_weights
 from iclm_jax.model.iclm import ICLM
 
 _TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "modeling_iclm.py")

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from iclm_jax import checkpoint, config_check, evaluate, report, sharding, sharding_report
+from iclm_jax import checkpoint, config_check, evaluate, hf, report, sharding, sharding_report
 from iclm_jax.data import pipeline, sources
 from iclm_jax.data.reference import fit_reference, score_reference
 from iclm_jax.fields import csv
@@ -318,7 +318,6 @@ def _init_from(run: Run, other: str):
 
 def _load_pretrained_base(run: Run, config) -> None:
     """Pretrained weights (``model.init``: smollm2 | HF dir | .gguf) into the sharded base, in place."""
-    from iclm_jax import hf
     pcfg, weights = hf.load_pretrained(config.model.init, lazy=True)
     m = config.model
     ours = build.model_config(config, run.data.tokenizer.vocab_size).base

@@ -7,7 +7,7 @@ import os
 import ml_collections
 
 from iclm_jax import checkpoint, sharding
-from iclm_jax.data import acre, sources
+from iclm_jax.data import acre, acre_generate, sources
 from iclm_jax.data.reference import fit_reference, score_reference
 from iclm_jax.fields import csv
 from iclm_jax.data.tokenizer import load_tokenizer
@@ -31,7 +31,7 @@ class LoadedRun(Run):
         ref = {}
         if problems is not None:
             train = (acre.load_problems(d.train_file) if d.train_file
-                     else acre.generate_problems(d.train_split, "train", d.train_problems, self.config.seed))
+                     else acre_generate.generate_problems(d.train_split, "train", d.train_problems, self.config.seed))
             ref = {k: score_reference(p, problems) for k, p in fit_reference(train).items()}
         return os.path.basename(path), res, ref
 

@@ -1,0 +1,40 @@
+"""``iclm-eval --workdir RUN --data FILE [--data FILE ...]``: evaluate a trained run on ACRE
+release-format JSON files or evals-style JSONL files and print the accuracy tables (``evaluate.py``)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from iclm_jax.evaluate import modules_table, results_table
+from iclm_jax.train import restore_run
+
+
+def run_eval(argv=None) -> int:
+    """Console script ``iclm-eval``."""
+    p = argparse.ArgumentParser(prog="iclm-eval", description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", required=True, help="a trained run directory")
+    p.add_argument("--data", required=True, action="append",
+                   help="ACRE release JSON or evals JSONL (repeatable)")
+    p.add_argument("--batch_size", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        run = restore_run.load(args.workdir)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"iclm-eval: {e}", file=sys.stderr)
+        return 2
+    results, refs = {}, {}
+    for path in args.data:
+        try:
+            name, res, ref = run.evaluate_file(path, batch_size=args.batch_size or None)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"iclm-eval: {e}", file=sys.stderr)
+            return 2
+        results[name], refs[name] = res, ref
+    print(results_table(results, refs))
+    print()
+    print(modules_table(results, run.num_modules))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_eval())
