@@ -11,7 +11,8 @@ from iclm_jax.train import restore_run
 
 def run_eval(argv=None) -> int:
     """Console script ``iclm-eval``."""
-    p = argparse.ArgumentParser(prog="iclm-eval", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="iclm-eval",
+                                description="evaluate a trained run on ACRE release JSON or evals JSONL files")
     p.add_argument("--workdir", required=True, help="a trained run directory")
     p.add_argument("--data", required=True, action="append",
                    help="ACRE release JSON or evals JSONL (repeatable)")
