@@ -37,7 +37,7 @@ def _train_step(graphdef, state, batch, *, loss_cfg: losses.LossConfig, num_doma
 
     grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=True)
     (loss, (metrics, out)), grads = grad_fn(ts.model, ts.critic)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     ts.opt.update(ts.model, grads)
 
     if ts.critic is not None and out.pooled_inv is not None:
