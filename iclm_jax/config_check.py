@@ -30,8 +30,6 @@ class ConfigError(ValueError):
     """One or more invalid config fields; the message lists each with its allowed values."""
 
 
-
-
 def validate(c, *, num_devices: int | None = None) -> None:
     errs: list[str] = []
 

@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run_render(args: argparse.Namespace) -> int:
     problems = load_problems(args.file)
     examples = []
-    for i, problem in enumerate(problems):
+    for problem in problems:
         out = render_problem(problem, args.style, args.packed)
         examples.extend([out] if args.packed else out)
     write_jsonl(examples, args.out)

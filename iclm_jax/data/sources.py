@@ -9,9 +9,9 @@ import dataclasses
 import os
 
 from iclm_jax.data import acre, acre_generate, jsonl, pipeline, render, tokenizer as tok_lib
+from iclm_jax.data.stream import AcreStream
 from iclm_jax.fields import csv
 from iclm_jax.padding import round_up
-from iclm_jax.data.stream import AcreStream
 
 NUM_SLOTS_PACKED = 4
 # data.stream: row lengths are measured on at least this many problems of the stream (see build).

@@ -146,7 +146,7 @@ def save_llama(weights: Mapping[str, np.ndarray], cfg: TransformerConfig, tokeni
     """A standard Llama checkpoint of ``weights`` (our names) in ``directory``."""
     os.makedirs(directory, exist_ok=True)
     write_json(os.path.join(directory, "config.json"),
-                hf_config(cfg, tokenizer, max_positions=max_positions))
+               hf_config(cfg, tokenizer, max_positions=max_positions))
     save_weights(to_hf_names(weights, cfg.tie_embeddings), directory, shard_bytes=shard_bytes)
     if tokenizer is not None:
         save_tokenizer(tokenizer, directory)
@@ -202,7 +202,7 @@ def check_out(out: str, force: bool) -> str:
     return final
 
 
-def _write_all(model, tokenizer, tmp: str, final: str, *, shard_bytes: int, max_positions: int,
+def _write_all(model, tokenizer, tmp: str, *, shard_bytes: int, max_positions: int,
                custom: bool) -> None:
     icfg, base = model.cfg, model.base
     cfg = base.cfg
@@ -237,7 +237,7 @@ def export_model(model, tokenizer, out: str, *, force: bool = False,
         raise OutputError(f"--out {final}: cannot create {e.filename or parent} "
                           f"({e.strerror})") from None
     try:
-        _write_all(model, tokenizer, tmp, final, shard_bytes=shard_bytes,
+        _write_all(model, tokenizer, tmp, shard_bytes=shard_bytes,
                    max_positions=max_positions, custom=custom)
         check_out(final, force)                  # something may have appeared meanwhile
         old = None

@@ -51,7 +51,7 @@ def save_weights(tensors: Mapping[str, np.ndarray], directory: str, *,
         _save_file(shard, os.path.join(directory, file))
         weight_map.update({name: file for name in shard})
     write_json(os.path.join(directory, f"{stem}.safetensors.index.json"),
-                {"metadata": {"total_size": total}, "weight_map": weight_map})
+               {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 def write_json(path: str, obj: Any) -> None:
