@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from iclm_jax.model.transformer import Transformer, TransformerConfig, attention_mask, canon_mix
+from iclm_jax.model.canon import canon_mix
+from iclm_jax.model.transformer import Transformer, TransformerConfig, attention_mask
 
 VOCAB, D, LAYERS, HEADS, HEAD_DIM, MLP = 64, 32, 2, 4, 16, 48
 

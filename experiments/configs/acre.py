@@ -165,7 +165,7 @@ def _cpu(c):
     c.lora.alpha = 1.0
     m = c.model
     m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.head_dim, m.mlp_dim = 64, 4, 2, 2, 32, 192
-    # A width-4 canon layer on the embeddings (transformer.canon_mix): an object's last token then holds
+    # A width-4 canon layer on the embeddings (model/canon.py: canon_mix): an object's last token then holds
     # its light word and its whole name (text: 3 attribute words), so a query matches its earlier
     # occurrences in one attention step. Without it every model sat on a plateau at the object-count
     # level for ~5,000 steps before finding the two-layer induction circuit; with it the prototype left

@@ -10,15 +10,16 @@ shards whole heads. Query head h uses kv head h // (n_heads / n_kv_heads), as tr
 tables and softmax are float32.
 
 One optional departure from Llama, off by default: ``cfg.canon = K`` adds a canon layer on the token
-embeddings (``canon_mix``: each token also carries its K-1 predecessors), which the CPU recipe uses;
+embeddings (``canon.canon_mix``: each token also carries its K-1 predecessors), which the CPU recipe uses;
 a model with it has no transformers counterpart and is not exported.
 
 Incremental decoding: ``init_cache`` + ``extend`` run new tokens against a ``KVCache`` of the
 earlier ones (same layers and weights as ``__call__``, which is unchanged); see ``generate.py``.
 
-Scale: the residual stream is pinned at every block boundary by logical names (``partitioning.constrain``,
-a no-op outside a step traced under ``partitioning.activation_sharding``), and ``cfg.remat`` rematerialises
-each block in the backward pass. Neither changes a value; ``extend`` uses neither.
+Scale: the residual stream is pinned at every block boundary by logical names
+(``partitioning.constrain``, a no-op outside a step traced under ``partitioning.activation_sharding``),
+``cfg.remat`` rematerialises each block in the backward pass, and ``cfg.scan_layers`` runs the blocks
+as one ``lax.scan`` (``scan_blocks``). None of them changes a value; ``extend`` uses none of them.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from iclm_jax import partitioning
+from iclm_jax.model.canon import canon_mix, canon_sum
 from iclm_jax.model.lora import BASE_INIT_STD, LoraConfig, LoRALinear
 
 #: What a rematerialised block keeps for the backward pass (``cfg.remat``): "none" = no remat (all of
@@ -117,57 +119,6 @@ def attention_mask(segments: jax.Array) -> jax.Array:
     n = segments.shape[1]
     causal = jnp.arange(n)[None, :, None] >= jnp.arange(n)[None, None, :]
     return causal & (q != 0) & (k != 0) & ((k == q) | (k == 1))
-
-
-def canon_sources(positions: jax.Array, segments: jax.Array, i: int) -> tuple[jax.Array, jax.Array]:
-    """Where each token's i-th predecessor is, in the sequence that token attends over.
-
-    -> (index int [B, L], valid bool [B, L]). The predecessor is the token at position ``p - i``
-    that the attention rule lets a token at position p see: the earlier token of its own segment,
-    or, past its segment's start, the prefix (segment 1) token at that position. Row layout of the
-    pipeline: the prefix fills indices 0.. with position = index, and a query segment continues its
-    positions. A source that is not at position ``p - i`` in the own segment or the prefix (another
-    layout, padding) is not valid, so a packed row mixes exactly what each query's unpacked row
-    mixes.
-    """
-    n = segments.shape[1]
-    t = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, :], segments.shape)
-    back = jnp.clip(t - i, 0, n - 1)
-    own = (t - i >= 0) & (jnp.take_along_axis(segments, back, 1) == segments)
-    src = jnp.clip(jnp.where(own, t - i, positions - i), 0, n - 1)
-    seg_src = jnp.take_along_axis(segments, src, 1)
-    valid = ((segments != 0) & (positions - i >= 0)
-             & (jnp.take_along_axis(positions, src, 1) == positions - i)
-             & ((seg_src == segments) | (seg_src == 1)))
-    return src, valid
-
-
-def canon_mix(x: jax.Array, w: jax.Array, positions: jax.Array, segments: jax.Array) -> jax.Array:
-    """A canon layer (Allen-Zhu, "Physics of Language Models: Part 4.1", 2025) on the embeddings:
-    ``x_t + sum_i w[i] * x_(t-i)``, a causal depthwise convolution of width K = len(w) (tap 0 is the
-    token itself) with a residual, over each token's predecessors as ``canon_sources`` finds them.
-
-    Why: a token then carries its K-1 predecessors. In the compact ACRE renderings an object follows
-    its panel's light word (``on o36``; text ``on blue sphere rubber``), so with K = 4 an object's last
-    token holds both its identity and its light, and matching a query object with its earlier
-    occurrences needs one attention step instead of the two-layer previous-token + induction circuit
-    a plain decoder finds only after a long plateau (experiments/results/learnability.md).
-    x float32 [B, L, d], w [K, d] -> float32 [B, L, d].
-    """
-    def predecessor(i):
-        src, valid = canon_sources(positions, segments, i)
-        return jnp.take_along_axis(x, src[..., None], 1), valid
-    return _canon_sum(x, w, predecessor)
-
-
-def _canon_sum(x: jax.Array, w: jax.Array, predecessor) -> jax.Array:
-    """``x + w[0] * x + sum_(i>=1) w[i] * x_i`` where ``predecessor(i)`` -> (x_i [B, L, d], valid
-    bool [B, L]) gives each token's i-th predecessor; invalid ones count as zero."""
-    out = x + w[0] * x
-    for i in range(1, w.shape[0]):
-        xs, valid = predecessor(i)
-        out = out + w[i] * jnp.where(valid[..., None], xs, 0.0)
-    return out
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -395,7 +346,7 @@ class Transformer(nnx.Module):
             def predecessor(i):   # the cached slot i back (slot = position), read as an embedding
                 prev = jnp.take_along_axis(tokens, jnp.clip(positions - i, 0, cache.max_len - 1), 1)
                 return table[prev], positions - i >= 0
-            x = _canon_sum(x, self.canon[...], predecessor)
+            x = canon_sum(x, self.canon[...], predecessor)
         ks, vs = [], []
         for layer, k, v in zip(self.layers, cache.k, cache.v):
             x, k, v = layer.extend(x, positions, mask, adapter, k, v)
