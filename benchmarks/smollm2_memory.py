@@ -111,16 +111,17 @@ def _memory(compiled) -> dict:
 
 
 def steps(config, num_slots: int):
+    """(mesh, state shardings, abstract placed state, train step, eval step, abstract train state)."""
     mesh = sharding.make_mesh({"data": 1})
     ts = nnx.eval_shape(lambda: build.train_state(config, config.model.vocab_size))
     state_sh = sharding.state_shardings(nnx.state(ts), mesh)
     graphdef, state, train_step, eval_step = make_steps(
         ts, build.loss_config(config), num_domains=config.data.num_domains, num_slots=num_slots,
         state_sharding=state_sh, batch_sharding=sharding.batch_sharding(mesh))
-    return mesh, state_sh, sharding.abstract_state(state, mesh), train_step, eval_step
+    return mesh, state_sh, sharding.abstract_state(state, mesh), train_step, eval_step, ts
 
 
-def generation(config, ts_abstract, batch: int, prompt_len: int, new_tokens: int):
+def generation(ts_abstract, batch: int, prompt_len: int, new_tokens: int):
     """The whole-ICLM decode program (``generate._run``: prefill of every active module, router once,
     the token loop) lowered for the abstract model and ``batch`` prompts of ``prompt_len`` tokens."""
     from iclm_jax import generate as gen
@@ -174,7 +175,7 @@ def main(args: argparse.Namespace) -> None:
           f"{seq_len} ({'given' if args.seq_len else 'the ACRE text length'}, {num_slots} answer slots; {time.time() - t0:.0f}s); "
           f"loss.aux_weight={config.loss.aux_weight}, loss.context_weight={config.loss.context_weight}, "
           f"model.remat={config.model.remat}, jax {jax.__version__} {jax.devices()[0].platform}")
-    mesh, state_sh, abstract, train_step, eval_step = steps(config, num_slots)
+    mesh, state_sh, abstract, train_step, eval_step, ts = steps(config, num_slots)
     flags = "aot_memory.py's proxy flags" if args.proxy_flags else "XLA:CPU defaults, as iclm_jax.main"
     print(f"# model.scan_layers={config.model.get('scan_layers', False)}, compiled with {flags}")
     batch = abstract_batch(args.batch, seq_len, num_slots)
@@ -189,8 +190,7 @@ def main(args: argparse.Namespace) -> None:
         print(_row("eval", _memory(ev), time.time() - t0), flush=True)
     if not args.skip_generate:
         t0 = time.time()
-        ts = nnx.eval_shape(lambda: build.train_state(config, config.model.vocab_size))
-        g = generation(config, ts, args.batch, seq_len, args.new_tokens)
+        g = generation(ts, args.batch, seq_len, args.new_tokens)
         print(_row(f"generate ({seq_len} + {args.new_tokens} tokens)", _memory(g), time.time() - t0),
               flush=True)
     print(f"<!-- host peak RSS after compiling: "
