@@ -13,7 +13,8 @@ from flax import nnx
 
 from iclm_jax import losses, sharding
 from iclm_jax.checkpoint import to_storable
-from iclm_jax.model.transformer import REMAT_POLICIES
+from iclm_jax.model.lora import LoraConfig, LoRAParam
+from iclm_jax.model.transformer import REMAT_POLICIES, Transformer
 from iclm_jax.train import build
 from iclm_jax.train.step import make_steps
 from tests.helpers import VOCAB, nonzero_lora_b, random_batch, tiny_base
@@ -158,8 +159,6 @@ def test_scanned_layers_compile_one_block_with_its_remat_policy():
 
 def _grad_temp_bytes(n_layers: int, remat: str) -> int:
     """XLA's temp buffer bytes of the compiled LoRA gradient of a scanned base alone."""
-    from iclm_jax.model.lora import LoraConfig, LoRAParam
-    from iclm_jax.model.transformer import Transformer
     cfg = tiny_base(n_layers=n_layers, remat=remat, scan_layers=True)
     model = Transformer(cfg, LoraConfig(num_adapters=2, rank=4, alpha=8.0), rngs=nnx.Rngs(0))
     graphdef, lora, rest = nnx.split(model, LoRAParam, ...)
