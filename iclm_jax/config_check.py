@@ -1,7 +1,9 @@
 """Validate a whole run config before anything is built or compiled.
 
 Each rule names the field and what it allows, so a bad sweep entry fails in a second with one clear line
-instead of minutes later inside XLA. All violations are reported together.
+instead of minutes later inside XLA. All violations are reported together. One function per config
+group; the allowed values are imported from the code that defines them. ``validate_loaded`` holds the
+checks that need the loaded data.
 """
 from __future__ import annotations
 
@@ -10,34 +12,54 @@ import os
 import jax
 from jax.sharding import AbstractMesh
 
+from iclm_jax.data.acre import SPLITS
+from iclm_jax.data.render import DOMAINS as STYLES
+from iclm_jax.data.render import FORMS
+from iclm_jax.data.sources import TASKS
+from iclm_jax.data.tokenizer import NAMED as TOKENIZERS
 from iclm_jax.fields import csv
-from iclm_jax.losses import MI_ESTIMATORS
 from iclm_jax.model.aggregator import AGGREGATORS
 from iclm_jax.model.iclm import ROUTER_SOURCES
+from iclm_jax.model.lora import LORA_TARGETS
+from iclm_jax.model.mi import APPLY_TO, ESTIMATORS
+from iclm_jax.model.router import MODES, UPDATES
 from iclm_jax.model.transformer import REMAT_POLICIES as REMAT
 from iclm_jax.sharding import DEFAULT_RULES, MESH_AXES, data_ways, resolve_axes, rules_from_config
-
-LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-ROUTER_UPDATES = ("ema", "gradient")
-ROUTER_MODES = ("hard", "soft", "gumbel", "oracle")
-DTYPES = ("float32", "bfloat16", "float16")
-STYLES = ("symbolic", "text")
-FORMS = ("full", "compact")     # render.FORMS (data imports stay out of config checks)
-SPLITS = ("IID", "Comp", "Sys", "CompHeldout")
+from iclm_jax.train.build import DTYPES
+from iclm_jax.train.step import NONFINITE
 
 
 class ConfigError(ValueError):
     """One or more invalid config fields; the message lists each with its allowed values."""
 
 
-def validate(c, *, num_devices: int | None = None) -> None:
-    errs: list[str] = []
-
-    def need(cond: bool, field: str, value, allowed: str) -> None:
+class _Errors(list):
+    def need(self, cond: bool, field: str, value, allowed: str) -> None:
         if not cond:
-            errs.append(f"{field}={value!r}: expected {allowed}")
+            self.append(f"{field}={value!r}: expected {allowed}")
 
-    m, lo, r, mi, d, t = c.model, c.lora, c.router, c.mi, c.data, c.train
+
+def validate(c, *, num_devices: int | None = None) -> None:
+    """Raise ``ConfigError`` listing every invalid field of config ``c``."""
+    errs = _Errors()
+    for check in (_model, _lora, _router, _mi, _loss, _data, _train, _checkpoint):
+        check(c, errs)
+    _mesh(c, errs, jax.device_count() if num_devices is None else num_devices)
+    if errs:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errs))
+
+
+def validate_loaded(c, data) -> None:
+    """Checks that need the loaded data (``sources.RunData``)."""
+    if c.router.mode == "oracle":
+        unlabeled = sum(1 for e in data.train_sample if e.domain < 0)   # a stream: its head
+        if unlabeled:
+            raise ConfigError(f"router.mode='oracle' needs a domain label on every example; {unlabeled} "
+                              "training examples have none (JSONL records need a 'domain' field)")
+
+
+def _model(c, errs: _Errors) -> None:
+    m, need = c.model, errs.need
     for f in ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim"):
         need(int(m[f]) >= 1, f"model.{f}", m[f], "an integer >= 1")
     need(m.vocab_size >= 0, "model.vocab_size", m.vocab_size, ">= 0 (0 = from the tokenizer)")
@@ -45,7 +67,7 @@ def validate(c, *, num_devices: int | None = None) -> None:
         need(m.n_heads % m.n_kv_heads == 0, "model.n_heads", m.n_heads,
              f"a multiple of model.n_kv_heads={m.n_kv_heads}")
     need(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "> 0")
-    need(m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {DTYPES}")
+    need(m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {tuple(DTYPES)}")
     need(m.get("remat", "none") in REMAT, "model.remat", m.get("remat"), f"one of {REMAT}")
     need(isinstance(m.get("scan_layers", False), bool), "model.scan_layers", m.get("scan_layers"),
          "True or False")
@@ -54,16 +76,31 @@ def validate(c, *, num_devices: int | None = None) -> None:
     need(m.num_modules >= 1, "model.num_modules", m.num_modules, "an integer >= 1")
     need(m.aggregator in AGGREGATORS, "model.aggregator", m.aggregator, f"one of {AGGREGATORS}")
     need(0.0 <= m.invariant_weight <= 1.0, "model.invariant_weight", m.invariant_weight, "in [0, 1]")
+    if m.get("init"):
+        ok = m.init == "smollm2" or m.init.endswith(".gguf") and os.path.isfile(m.init) or \
+            os.path.isfile(os.path.join(m.init, "config.json"))
+        need(ok, "model.init", m.init, "'smollm2', a .gguf file or a Hugging Face dir with config.json")
+        need(not canon, "model.canon", canon,
+             f"0 with model.init={m.init!r}: a pretrained Llama base has no canon layer")
+    if c.init_from:
+        need(os.path.isdir(os.path.join(c.init_from, "checkpoints")), "init_from", c.init_from,
+             "a run directory holding checkpoints/")
 
-    need(1 <= lo.rank <= m.d_model, "lora.rank", lo.rank, f"1 <= rank <= model.d_model={m.d_model}")
+
+def _lora(c, errs: _Errors) -> None:
+    lo, need = c.lora, errs.need
+    need(1 <= lo.rank <= c.model.d_model, "lora.rank", lo.rank, f"1 <= rank <= model.d_model={c.model.d_model}")
     need(lo.alpha > 0, "lora.alpha", lo.alpha, "> 0")
     need(0.0 <= lo.dropout < 1.0, "lora.dropout", lo.dropout, "in [0, 1)")
     bad = [x for x in csv(lo.targets) if x not in LORA_TARGETS]
     need(not bad and csv(lo.targets), "lora.targets", lo.targets, f"a comma list from {LORA_TARGETS}")
 
+
+def _router(c, errs: _Errors) -> None:
+    r, m, need = c.router, c.model, errs.need
     need(r.source in ROUTER_SOURCES, "router.source", r.source, f"one of {ROUTER_SOURCES}")
-    need(r["update"] in ROUTER_UPDATES, "router.update", r["update"], f"one of {ROUTER_UPDATES}")
-    need(r.mode in ROUTER_MODES, "router.mode", r.mode, f"one of {ROUTER_MODES}")
+    need(r["update"] in UPDATES, "router.update", r["update"], f"one of {UPDATES}")
+    need(r.mode in MODES, "router.mode", r.mode, f"one of {MODES}")
     need(0.0 < r.ema_decay < 1.0, "router.ema_decay", r.ema_decay, "in (0, 1)")
     need(r.proj_dim >= 0, "router.proj_dim", r.proj_dim, ">= 0")
     need(r.temperature > 0, "router.temperature", r.temperature, "> 0")
@@ -71,20 +108,30 @@ def validate(c, *, num_devices: int | None = None) -> None:
     need(r.commitment >= 0, "router.commitment", r.commitment, ">= 0")
     if r.source == "invariant" and not m.invariant and m.num_modules > 1:
         errs.append("router.source='invariant' needs model.invariant=True: use 'base' or 'adapter'")
-    if r.mode == "oracle":   # JSONL rows without a "domain" field are refused when the data loads
-        need(d.num_domains >= 1, "data.num_domains", d.num_domains, ">= 1 for router.mode='oracle'")
+    if r.mode == "oracle":   # and every training example needs a domain label: validate_loaded
+        need(c.data.num_domains >= 1, "data.num_domains", c.data.num_domains, ">= 1 for router.mode='oracle'")
 
-    need(mi.estimator in MI_ESTIMATORS, "mi.estimator", mi.estimator, f"one of {MI_ESTIMATORS}")
+
+def _mi(c, errs: _Errors) -> None:
+    mi, need = c.mi, errs.need
+    need(mi.estimator in ESTIMATORS, "mi.estimator", mi.estimator, f"one of {ESTIMATORS}")
     need(mi.weight >= 0, "mi.weight", mi.weight, ">= 0")
-    need(mi.apply_to in ("routed", "all"), "mi.apply_to", mi.apply_to, "'routed' or 'all'")
+    need(mi.apply_to in APPLY_TO, "mi.apply_to", mi.apply_to, f"one of {APPLY_TO}")
     need(mi.critic_lr > 0, "mi.critic_lr", mi.critic_lr, "> 0")
     need(0.0 < mi.ema_decay < 1.0, "mi.ema_decay", mi.ema_decay, "in (0, 1)")
-    need(c.loss.aux_weight >= 0, "loss.aux_weight", c.loss.aux_weight, ">= 0")
-    need(c.loss.get("context_weight", 0.0) >= 0, "loss.context_weight", c.loss.get("context_weight"), ">= 0")
-    chunk = c.loss.get("logit_chunk", 64)
+
+
+def _loss(c, errs: _Errors) -> None:
+    lo, need = c.loss, errs.need
+    need(lo.aux_weight >= 0, "loss.aux_weight", lo.aux_weight, ">= 0")
+    need(lo.get("context_weight", 0.0) >= 0, "loss.context_weight", lo.get("context_weight"), ">= 0")
+    chunk = lo.get("logit_chunk", 64)
     need(isinstance(chunk, int) and chunk >= 1, "loss.logit_chunk", chunk, "an int >= 1")
 
-    need(d.task in ("acre", "jsonl"), "data.task", d.task, "'acre' or 'jsonl'")
+
+def _data(c, errs: _Errors) -> None:
+    d, need = c.data, errs.need
+    need(d.get("task", "acre") in TASKS, "data.task", d.get("task"), f"one of {TASKS}")
     bad = [x for x in csv(d.styles) if x not in STYLES]
     need(not bad and csv(d.styles), "data.styles", d.styles, f"a comma list from {STYLES}")
     need(d.train_split in SPLITS, "data.train_split", d.train_split, f"one of {SPLITS}")
@@ -102,10 +149,13 @@ def validate(c, *, num_devices: int | None = None) -> None:
     for f in [d.train_file] + csv(d.eval_files):
         if f:
             need(os.path.isfile(f), "data.train_file/eval_files", f, "an existing file")
-    if d.tokenizer not in ("acre_word", "smollm2"):
+    if d.tokenizer not in TOKENIZERS:
         need(os.path.isfile(os.path.join(d.tokenizer, "tokenizer.json")) or os.path.isfile(d.tokenizer),
-             "data.tokenizer", d.tokenizer, "acre_word, smollm2 or a directory holding tokenizer.json")
+             "data.tokenizer", d.tokenizer, f"one of {TOKENIZERS} or a directory holding tokenizer.json")
 
+
+def _train(c, errs: _Errors) -> None:
+    t, need = c.train, errs.need
     need(t.steps >= 1, "train.steps", t.steps, "an integer >= 1")
     need(t.batch_size >= 1, "train.batch_size", t.batch_size, "an integer >= 1")
     need(t.lr > 0, "train.lr", t.lr, "> 0")
@@ -116,27 +166,24 @@ def validate(c, *, num_devices: int | None = None) -> None:
     need(t.get("adam_eps", 1e-8) > 0, "train.adam_eps", t.get("adam_eps"), "> 0")
     need(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "an integer >= 1")
     need(t.log_every >= 1, "train.log_every", t.log_every, "an integer >= 1")
+    need(t.nonfinite in NONFINITE, "train.nonfinite", t.nonfinite, f"one of {NONFINITE}")
     need(c.eval.batch_size >= 1, "eval.batch_size", c.eval.batch_size, "an integer >= 1")
-    need(t.nonfinite in ("stop", "skip"), "train.nonfinite", t.nonfinite, "'stop' or 'skip'")
-    bm = c.checkpoint.best_metric
-    if bm:
-        split, _, key = bm.partition("/")
-        need(bool(key) and split in csv(d.eval_splits) + [os.path.basename(f) for f in csv(d.eval_files)],
-             "checkpoint.best_metric", bm, "'<eval set>/<metric>' with an eval set of data.eval_splits "
-             "or data.eval_files, e.g. 'IID/all'")
-    if m.get("init"):
-        ok = m.init == "smollm2" or m.init.endswith(".gguf") and os.path.isfile(m.init) or \
-            os.path.isfile(os.path.join(m.init, "config.json"))
-        need(ok, "model.init", m.init, "'smollm2', a .gguf file or a Hugging Face dir with config.json")
-        need(not m.get("canon", 0), "model.canon", m.get("canon"),
-             f"0 with model.init={m.init!r}: a pretrained Llama base has no canon layer")
-    if c.init_from:
-        need(os.path.isdir(os.path.join(c.init_from, "checkpoints")), "init_from", c.init_from,
-             "a run directory holding checkpoints/")
-    need(c.checkpoint.every >= 0, "checkpoint.every", c.checkpoint.every, ">= 0")
-    need(c.checkpoint.keep >= 1, "checkpoint.keep", c.checkpoint.keep, ">= 1")
 
-    n = jax.device_count() if num_devices is None else num_devices
+
+def _checkpoint(c, errs: _Errors) -> None:
+    ck, d, need = c.checkpoint, c.data, errs.need
+    if ck.best_metric:
+        split, _, key = ck.best_metric.partition("/")
+        need(bool(key) and split in csv(d.eval_splits) + [os.path.basename(f) for f in csv(d.eval_files)],
+             "checkpoint.best_metric", ck.best_metric, "'<eval set>/<metric>' with an eval set of "
+             "data.eval_splits or data.eval_files, e.g. 'IID/all'")
+    need(ck.every >= 0, "checkpoint.every", ck.every, ">= 0")
+    need(ck.keep >= 1, "checkpoint.keep", ck.keep, ">= 1")
+
+
+def _mesh(c, errs: _Errors, n: int) -> None:
+    """The mesh fits ``n`` devices, the rules parse, and the batch and adapter stack split evenly."""
+    need, m, t = errs.need, c.model, c.train
     mesh_axes = {k: v for k, v in c.mesh.items() if k != "slices"}
     slices = int(c.mesh.get("slices", 1))
     bad = [k for k in mesh_axes if k not in MESH_AXES]
@@ -176,5 +223,3 @@ def validate(c, *, num_devices: int | None = None) -> None:
                  f"a multiple of the batch split (rules.batch) {ways}")
             need(c.eval.batch_size % ways == 0, "eval.batch_size", c.eval.batch_size,
                  f"a multiple of the batch split (rules.batch) {ways}")
-    if errs:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errs))

@@ -99,7 +99,7 @@ def decode(model: ICLM, prompts, *, max_new_tokens: int, eos_id: int | None, pad
     n_cap = round_up(max_new_tokens, pad_multiple)
     graphdef, state = nnx.split(model)
     tokens, routed, logits = _run(
-        _Static(graphdef), state, jnp.asarray(inputs), jnp.asarray(lengths),
+        graphdef, state, jnp.asarray(inputs), jnp.asarray(lengths),
         None if domain is None else jnp.asarray(domain), jnp.int32(max_new_tokens),
         jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id),
         jnp.float32(temperature if not greedy else 1.0), key, jnp.int32(-1 if module is None else module),
@@ -150,20 +150,6 @@ def _prompt_arrays(prompts, vocab: int, multiple: int):
     return inputs, lengths, domain
 
 
-class _Static:
-    """Hashable handle on a GraphDef (``ICLMConfig.router`` is a dict, so GraphDef is not): equal
-    model structures share one jit cache entry."""
-
-    def __init__(self, graphdef):
-        self.graphdef = graphdef
-
-    def __hash__(self) -> int:
-        return hash(len(self.graphdef.nodes))
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, _Static) and self.graphdef == other.graphdef
-
-
 # ---------------------------------------------------------------------------- jitted core
 def _select(logits: jax.Array, key: jax.Array, greedy: bool, temperature: jax.Array,
             top_k: int) -> jax.Array:
@@ -203,7 +189,7 @@ def _prefill(model: ICLM, inputs, lengths, domain, module: jax.Array | None, max
             outs.append(run(adapters[-1]))
             x_inv = outs[-1][0]
         route = model.route(batch, x_inv, train=False)          # the only router call
-        soft = cfg.router.get("mode", "hard") == "soft" and model.router is not None
+        soft = cfg.router.mode == "soft" and model.router is not None
         spec = [full(m) for m in range(cfg.num_modules)] if soft else [route.index]
         for a in spec:
             adapters.append(a)
@@ -225,11 +211,11 @@ def _prefill(model: ICLM, inputs, lengths, domain, module: jax.Array | None, max
     return cache, jnp.concatenate(adapters), last, combine, routed
 
 
-def _core(static: _Static, state, inputs, lengths, domain, max_new, eos_id, pad_id, temperature, key,
+def _core(graphdef, state, inputs, lengths, domain, max_new, eos_id, pad_id, temperature, key,
           module, *, single: bool, greedy: bool, top_k: int, n_cap: int, want_logits: bool):
     """The whole decode; ``module`` (traced, so every module shares one compile) is used iff ``single``."""
     trace_counts["prefill"] += 1
-    model: ICLM = nnx.merge(static.graphdef, state)
+    model: ICLM = nnx.merge(graphdef, state)
     base = model.base
     b, p = inputs.shape
     cache, adapter, last, combine, routed = _prefill(model, inputs, lengths, domain,
@@ -264,4 +250,4 @@ def _core(static: _Static, state, inputs, lengths, domain, max_new, eos_id, pad_
     return out, routed, lbuf
 
 
-_run = jax.jit(_core, static_argnames=("static", "single", "greedy", "top_k", "n_cap", "want_logits"))
+_run = jax.jit(_core, static_argnames=("graphdef", "single", "greedy", "top_k", "n_cap", "want_logits"))

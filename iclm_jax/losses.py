@@ -23,23 +23,16 @@ from iclm_jax.data.acre import QUERY_TYPES
 from iclm_jax.model import mi as mi_lib
 from iclm_jax.model.iclm import ICLMHidden
 
-MI_ESTIMATORS = ("mine", "plugin", "none")
-
-
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    routing_weight: float = 1.0
-    mi_estimator: str = "mine"
-    mi_weight: float = 0.1
-    mi_reverse: bool = False      # plugin only: the official code's KL(product || joint)
+    routing_weight: float = 1.0   # router.weight
+    mi: mi_lib.MIConfig = mi_lib.MIConfig()
     aux_weight: float = 0.0
     context_weight: float = 0.0   # next-token CE on the prompt (contexts and query objects)
     logit_chunk: int = 64         # positions per head call in read_stats (memory, not semantics)
 
     def __post_init__(self):
-        if self.mi_estimator not in MI_ESTIMATORS:
-            raise ValueError(f"mi.estimator={self.mi_estimator!r}: expected one of {MI_ESTIMATORS}")
-        for name in ("routing_weight", "mi_weight", "aux_weight", "context_weight"):
+        for name in ("routing_weight", "aux_weight", "context_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: expected >= 0")
         if not isinstance(self.logit_chunk, int) or self.logit_chunk < 1:
@@ -174,13 +167,13 @@ def answer_counts(stats: TokenStats, batch: dict) -> dict[str, jax.Array]:
 
 def mutual_information(out: ICLMHidden, critic, cfg: LossConfig) -> jax.Array:
     """Î between the invariant and the specific representation(s); 0 without an invariant module."""
-    if cfg.mi_estimator == "none" or out.pooled_inv is None:
+    if cfg.mi.estimator == "none" or out.pooled_inv is None:
         return jnp.zeros((), jnp.float32)
     specs = [out.pooled_spec] if out.pooled_all is None else list(out.pooled_all)
-    if cfg.mi_estimator == "mine":
+    if cfg.mi.estimator == "mine":
         vals = [mi_lib.mine_estimate(critic, out.pooled_inv, z) for z in specs]
     else:
-        vals = [mi_lib.plugin_mi(out.pooled_inv, z, reverse=cfg.mi_reverse) for z in specs]
+        vals = [mi_lib.plugin_mi(out.pooled_inv, z, reverse=cfg.mi.reverse) for z in specs]
     return jnp.mean(jnp.stack(vals))
 
 
@@ -204,7 +197,7 @@ def total_loss(out: ICLMHidden, stats: TokenStats, batch: dict, critic, cfg: Los
     # True MI is >= 0. A DV estimate below 0 only means the critic lags the model; penalising it
     # would reward the model for fooling the critic, so only positive dependence is penalised.
     mi_penalty = jnp.maximum(mi, 0.0)
-    loss = ce + cfg.routing_weight * vq + cfg.mi_weight * mi_penalty + cfg.aux_weight * aux
+    loss = ce + cfg.routing_weight * vq + cfg.mi.weight * mi_penalty + cfg.aux_weight * aux
     context = jnp.zeros((), jnp.float32)
     if cfg.context_weight > 0:
         context = masked_mean(stats.ce, context_mask(batch).astype(jnp.float32))

@@ -1,7 +1,10 @@
 """Config files load, every variant validates, and bad values are refused naming the field."""
+import jax.numpy as jnp
+import optax
 import pytest
 
 from iclm_jax.config_check import ConfigError, validate
+from iclm_jax.train.optim import OptimConfig, make_optimizer
 from tests.test_step import acre_cfg
 
 
@@ -105,16 +108,14 @@ def test_init_from_must_be_a_run_directory(tmp_path):
 
 def test_warmup_longer_than_the_run_is_scaled_to_a_tenth_of_it():
     """--config.train.steps=20 alone must run: the config's warmup (25) becomes 20 // 10 = 2 steps."""
-    import jax.numpy as jnp
-    import optax
-    from iclm_jax.train.optim import make_optimizer
     config = acre_cfg.get_config()
     config.train.steps = 20
     validate(config, num_devices=1)
     # With a constant gradient, Adam's bias-corrected step is exactly lr_t per element (eps aside), so
     # the parameter moves by the schedule's value: 0 at step 0, lr/2 at step 1, lr from step 2 on.
     params = {"w": jnp.zeros((2,))}
-    tx = make_optimizer(lr=1.0, steps=20, warmup_steps=25, grad_clip=0.0, weight_decay=0.0, eps=1e-12)
+    tx = make_optimizer(OptimConfig(lr=1.0, steps=20, warmup_steps=25, grad_clip=0.0, weight_decay=0.0,
+                                  adam_eps=1e-12))
     state, moves = tx.init(params), []
     for _ in range(3):
         updates, state = tx.update({"w": jnp.ones((2,))}, state, params)

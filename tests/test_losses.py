@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from iclm_jax import losses, report
+from iclm_jax.model.mi import MIConfig
 
 V = 7          # vocabulary of the hand-made batch
 L = 10
@@ -100,7 +101,7 @@ def test_total_loss_reports_answer_content_metrics_and_keeps_the_objective(seed)
     ref = _reference(batch, logits)
     out = SimpleNamespace(pooled_inv=None,
                           route=SimpleNamespace(vq_loss=jnp.zeros(()), perplexity=jnp.ones(())))
-    cfg = losses.LossConfig(mi_estimator="none", routing_weight=0.0, mi_weight=0.0)
+    cfg = losses.LossConfig(mi=MIConfig(estimator="none", weight=0.0), routing_weight=0.0)
     loss, m = losses.total_loss(out, _stats(batch, logits), batch, None, cfg)
     np.testing.assert_allclose(float(m["ce"]), ref["ce_all"], rtol=1e-5)     # objective: with EOS
     np.testing.assert_allclose(float(loss), ref["ce_all"], rtol=1e-5)

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from iclm_jax import losses
+from iclm_jax.model.mi import MIConfig
 from tests.helpers import nonzero_lora_b, random_batch, tiny_iclm
 
 
@@ -36,7 +37,7 @@ def reference_loss(model, batch, cfg):
     context = ((prompt > 0) & (mask == 0) & (seg > 0) & (nxt == seg)).astype(jnp.float32)
     ctx = _mean(ce_all, context)
     mi = losses.mutual_information(out, None, cfg)
-    loss = (ce + cfg.routing_weight * out.route.vq_loss + cfg.mi_weight * jnp.maximum(mi, 0.0)
+    loss = (ce + cfg.routing_weight * out.route.vq_loss + cfg.mi.weight * jnp.maximum(mi, 0.0)
             + cfg.aux_weight * aux + cfg.context_weight * ctx)
     # content = every answer target but the last of its slot (random_batch: one slot of 2 targets)
     content = np.zeros(mask.shape, bool)
@@ -64,7 +65,7 @@ def test_loss_metrics_and_gradients_equal_the_full_logits(aggregator, w, chunk):
     if aggregator == "concat":   # move the head off its initialisation so it is really tested
         k = model.aggregator.kernel
         k[...] = k[...] + 0.05 * jax.random.normal(jax.random.key(3), k.shape)
-    cfg = losses.LossConfig(mi_estimator="plugin", mi_weight=0.1, aux_weight=0.7, context_weight=0.4,
+    cfg = losses.LossConfig(mi=MIConfig(estimator="plugin", weight=0.1), aux_weight=0.7, context_weight=0.4,
                             logit_chunk=chunk)
     batch = random_batch(b=4, length=12, seed=1)
     grad = lambda f: nnx.value_and_grad(lambda m: f(m, batch, cfg), has_aux=True)  # noqa: E731

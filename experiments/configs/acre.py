@@ -62,7 +62,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     )
 
     c.data = dict(
-        task="acre",
+        task="acre",               # the problem generator (sources.GENERATORS): acre
         train_split="IID",         # ACRE split whose train part is generated for training
         styles="symbolic,text",    # renderings = domains (ids 0, 1)
         packed=True,               # one row per problem: 6 contexts shared by its 4 queries

@@ -17,6 +17,9 @@ NUM_SLOTS_PACKED = 4
 # data.stream: row lengths are measured on at least this many problems of the stream (see build).
 STREAM_LEN_SAMPLE = 2000
 VAL_SET = "val"     # name of the generated validation set (data.val_problems) in results and logs
+# data.task -> its problem generator, generate_problems(split, part, n, seed)
+GENERATORS = {"acre": acre_generate.generate_problems}
+TASKS = tuple(GENERATORS)
 
 
 @dataclasses.dataclass
@@ -63,6 +66,7 @@ def build(data_cfg, seed: int) -> RunData:
     form = d.get("form", "full")                 # older runs' stored configs have neither field
     extra = bool(d.get("extra_queries", False))  # training rows only; evaluation asks the 4 queries
     tok = tok_lib.load_tokenizer(d.tokenizer)
+    generate = GENERATORS[d.get("task", "acre")]
     if d.train_file:
         train_examples, train_problems = file_examples(d.train_file, styles, packed, form, extra)
     elif d.get("stream", False):   # endless fresh problems; a finite head for references and lengths
@@ -73,16 +77,16 @@ def build(data_cfg, seed: int) -> RunData:
         measured = train_examples.head(len(head), head)
         train_sample = measured[:d.train_problems * train_examples.per_problem]
     else:
-        train_problems = acre_generate.generate_problems(d.train_split, "train", d.train_problems, seed)
+        train_problems = generate(d.train_split, "train", d.train_problems, seed)
         train_examples = pipeline.acre_examples(train_problems, styles=styles, packed=packed, form=form,
                                                 extra_queries=extra)
     evals = []
     if d.get("val_problems", 0):   # generated validation problems of the training split: select on these
-        problems = acre_generate.generate_problems(d.train_split, "val", d.val_problems, seed + 999)
+        problems = generate(d.train_split, "val", d.val_problems, seed + 999)
         evals.append(EvalSet(VAL_SET, pipeline.acre_examples(problems, styles=styles, packed=packed,
                                                              form=form), problems))
     for i, split in enumerate(csv(d.eval_splits)):
-        problems = acre_generate.generate_problems(split, "test", d.eval_problems, seed + 1000 + i)
+        problems = generate(split, "test", d.eval_problems, seed + 1000 + i)
         evals.append(EvalSet(split, pipeline.acre_examples(problems, styles=styles, packed=packed,
                                                            form=form), problems))
     for path in csv(d.eval_files):

@@ -71,6 +71,9 @@ def _token_id(tk: tokenizers.Tokenizer, value) -> int | None:
     return tk.token_to_id(value) if isinstance(value, str) else None
 
 
+NAMED = ("acre_word", "smollm2")   # tokenizers known by name (else a path)
+
+
 def load_tokenizer(path: str) -> Tokenizer:
     """``data.tokenizer``: "acre_word" (the ACRE word tokenizer), "smollm2" (SmolLM2's, from its GGUF),
     or a ``tokenizer.json`` file, or a directory holding one.

@@ -31,8 +31,8 @@ def _np(x) -> np.ndarray:
 def custom_config(model: ICLM, tokenizer=None) -> dict:
     """The ``config.json`` dict of ``modeling_iclm.ICLMConfig`` for ``model``."""
     cfg, base = model.cfg, model.cfg.base
-    router = dict(cfg.router)
-    mode = router.get("mode", "hard")
+    router = cfg.router
+    mode = router.mode
     if mode == "soft" and model.router is not None:
         raise ValueError("export: router.mode='soft' mixes every module per row; the custom model "
                          "implements hard (nearest-code) routing only")
@@ -53,9 +53,9 @@ def custom_config(model: ICLM, tokenizer=None) -> dict:
         "num_adapters": cfg.num_adapters, "lora_rank": cfg.lora_rank,
         "lora_alpha": float(cfg.lora_alpha), "lora_targets": list(cfg.lora_targets),
         "router_source": cfg.router_source, "use_router": model.router is not None,
-        "router_mode": mode, "router_center": bool(router.get("center", False)),
-        "router_normalize": bool(router.get("normalize", False)),
-        "router_proj_dim": int(router.get("proj_dim", 0)),
+        "router_mode": mode, "router_center": router.center,
+        "router_normalize": router.normalize,
+        "router_proj_dim": router.proj_dim,
         "aggregator": cfg.aggregator, "invariant_weight": float(cfg.invariant_weight),
     }
     if tokenizer is not None:

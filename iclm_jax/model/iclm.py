@@ -20,7 +20,8 @@ from flax import nnx
 from iclm_jax import partitioning
 from iclm_jax.model.aggregator import Aggregator
 from iclm_jax.model.lora import LoraConfig, LoRAParam
-from iclm_jax.model.router import RouteOut, Router, pool_prompt
+from iclm_jax.model.mi import APPLY_TO
+from iclm_jax.model.router import RouteOut, Router, RouterConfig, pool_prompt
 from iclm_jax.model.transformer import RESIDUAL, Transformer, TransformerConfig
 
 ROUTER_SOURCES = ("invariant", "base", "adapter")
@@ -36,19 +37,21 @@ class ICLMConfig:
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
     router_source: str = "invariant"
-    router: dict = dataclasses.field(default_factory=dict)   # keyword arguments of Router
+    router: RouterConfig = RouterConfig()     # a dict of RouterConfig fields is converted
     aggregator: str = "concat"
     invariant_weight: float = 0.5
     mi_apply_to: str = "routed"               # "routed" | "all"
     aux_heads: bool = False                   # also return each module's own base-head logits
 
     def __post_init__(self):
+        if isinstance(self.router, dict):
+            object.__setattr__(self, "router", RouterConfig(**self.router))
         if self.num_modules < 1:
             raise ValueError(f"model.num_modules={self.num_modules}: expected >= 1")
         if self.router_source not in ROUTER_SOURCES:
             raise ValueError(f"router.source={self.router_source!r}: expected one of {ROUTER_SOURCES}")
-        if self.mi_apply_to not in ("routed", "all"):
-            raise ValueError(f"mi.apply_to={self.mi_apply_to!r}: expected 'routed' or 'all'")
+        if self.mi_apply_to not in APPLY_TO:
+            raise ValueError(f"mi.apply_to={self.mi_apply_to!r}: expected one of {APPLY_TO}")
         if self.router_source == "invariant" and self.num_modules > 1 and not self.invariant:
             raise ValueError("router.source='invariant' needs model.invariant=True; use 'base' or 'adapter'")
 
@@ -66,7 +69,7 @@ class ICLMConfig:
 
     @property
     def uses_router(self) -> bool:
-        return self.num_modules > 1 or self.router.get("mode", "hard") == "oracle"
+        return self.num_modules > 1 or self.router.mode == "oracle"
 
 
 class ICLMHidden(NamedTuple):
@@ -95,7 +98,7 @@ class ICLM(nnx.Module):
                           dropout=cfg.lora_dropout, targets=tuple(cfg.lora_targets))
         self.base = Transformer(cfg.base, lora, rngs=rngs)
         d = cfg.base.d_model
-        self.router = Router(d, cfg.num_modules, rngs=rngs, **cfg.router) if cfg.uses_router else None
+        self.router = Router(d, cfg.num_modules, cfg.router, rngs=rngs) if cfg.uses_router else None
         self.aggregator = (Aggregator(self.base, cfg.aggregator, cfg.invariant_weight, rngs=rngs)
                            if cfg.invariant else None)
 
@@ -143,7 +146,7 @@ class ICLM(nnx.Module):
         if cfg.invariant:
             x_inv = self.hidden(batch, jnp.full((b,), cfg.invariant_slot, jnp.int32), train=train)
         route = self.route(batch, x_inv, train=train)
-        mode = cfg.router.get("mode", "hard")
+        mode = cfg.router.mode
 
         pooled_all = None
         if (mode == "soft" and self.router is not None) or cfg.mi_apply_to == "all":

@@ -27,11 +27,39 @@ have an exactly zero true gradient, and Adam would turn its rounding noise into 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+ESTIMATORS = ("mine", "plugin", "none")
+APPLY_TO = ("routed", "all")
+
+
+@dataclasses.dataclass(frozen=True)
+class MIConfig:
+    """The ``mi`` config group: the estimator and weight (read by the loss), what it is applied to (the
+    model), the MINE critic's shape and optimiser (the train state) and its moving average (the step)."""
+    estimator: str = "mine"       # ESTIMATORS
+    weight: float = 0.1           # λ
+    reverse: bool = False         # plugin only: the official code's KL(product || joint)
+    apply_to: str = "routed"      # APPLY_TO: the routed specific module, or every one (the paper)
+    critic_hidden: int = 64
+    critic_depth: int = 2
+    critic_lr: float = 1e-3
+    ema_decay: float = 0.99       # of the DV denominator (bias-corrected critic gradient)
+    clip: float = 20.0            # marginal critic scores are capped at clip inside the exponent
+
+    def __post_init__(self):
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"mi.estimator={self.estimator!r}: expected one of {ESTIMATORS}")
+        if self.apply_to not in APPLY_TO:
+            raise ValueError(f"mi.apply_to={self.apply_to!r}: expected one of {APPLY_TO}")
+        if self.weight < 0:
+            raise ValueError(f"mi.weight={self.weight}: expected >= 0")
+
 
 _INIT = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 

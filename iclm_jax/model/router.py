@@ -25,6 +25,7 @@ Routing uses the statistics *before* this step's update (the usual VQ convention
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -34,6 +35,33 @@ from flax import nnx
 
 UPDATES = ("ema", "gradient")
 MODES = ("hard", "soft", "gumbel", "oracle")
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterConfig:
+    """The ``router`` config group as the router reads it (``router.source`` and ``router.weight`` belong to
+    the ICLM and the loss)."""
+    proj_dim: int = 0             # 0: route on the pooled embedding itself; else a learned projection
+    update: str = "ema"           # UPDATES: codebook by EMA k-means or by gradient
+    mode: str = "hard"            # MODES
+    ema_decay: float = 0.99
+    eps: float = 1e-5
+    commitment: float = 0.25
+    dead_threshold: float = 1e-3  # codes used less than this fraction are re-seeded
+    temperature: float = 1.0      # soft and gumbel modes
+    center: bool = False
+    normalize: bool = False
+
+    def __post_init__(self):
+        if self.update not in UPDATES:
+            raise ValueError(f"Router update={self.update!r}: expected one of {UPDATES}")
+        if self.mode not in MODES:
+            raise ValueError(f"Router mode={self.mode!r}: expected one of {MODES}")
+        if self.proj_dim < 0:
+            raise ValueError(f"Router proj_dim={self.proj_dim}: expected >= 0")
+        if not 0.0 <= self.ema_decay < 1.0 or self.temperature <= 0:
+            raise ValueError(f"Router: ema_decay={self.ema_decay} must be in [0, 1), "
+                             f"temperature={self.temperature} > 0")
 
 
 class RouterStat(nnx.Variable):
@@ -138,23 +166,17 @@ def _rng_stream(rngs: nnx.Rngs) -> nnx.RngStream:
 class Router(nnx.Module):
     """Nearest-code router over pooled prompt embeddings; the module docstring gives the update."""
 
-    def __init__(self, d_in: int, num_codes: int, *, proj_dim: int = 0, update: str = "ema",
-                 mode: str = "hard", ema_decay: float = 0.99, eps: float = 1e-5,
-                 commitment: float = 0.25, dead_threshold: float = 1e-3, temperature: float = 1.0,
-                 center: bool = False, normalize: bool = False, rngs: nnx.Rngs):
-        if update not in UPDATES:
-            raise ValueError(f"Router update={update!r}: expected one of {UPDATES}")
-        if mode not in MODES:
-            raise ValueError(f"Router mode={mode!r}: expected one of {MODES}")
-        if num_codes < 1 or d_in < 1 or proj_dim < 0:
-            raise ValueError(f"Router: need num_codes >= 1, d_in >= 1, proj_dim >= 0; got "
-                             f"{num_codes}, {d_in}, {proj_dim}")
-        if not 0.0 <= ema_decay < 1.0 or temperature <= 0:
-            raise ValueError(f"Router: ema_decay={ema_decay} must be in [0, 1), "
-                             f"temperature={temperature} > 0")
-        self.d_in, self.num_codes, self.update, self.mode = d_in, num_codes, update, mode
-        self.ema_decay, self.eps, self.commitment = ema_decay, eps, commitment
-        self.dead_threshold, self.temperature = dead_threshold, temperature
+    def __init__(self, d_in: int, num_codes: int, config: RouterConfig = RouterConfig(), *, rngs: nnx.Rngs,
+                 **overrides):
+        """``overrides``: RouterConfig fields replacing those of ``config`` (``Router(d, k, mode="soft")``)."""
+        cfg = dataclasses.replace(config, **overrides) if overrides else config
+        if num_codes < 1 or d_in < 1:
+            raise ValueError(f"Router: need num_codes >= 1, d_in >= 1; got {num_codes}, {d_in}")
+        self.cfg = cfg
+        self.d_in, self.num_codes, self.update, self.mode = d_in, num_codes, cfg.update, cfg.mode
+        self.ema_decay, self.eps, self.commitment = cfg.ema_decay, cfg.eps, cfg.commitment
+        self.dead_threshold, self.temperature = cfg.dead_threshold, cfg.temperature
+        proj_dim, update, center, normalize = cfg.proj_dim, cfg.update, cfg.center, cfg.normalize
         c = proj_dim or d_in
         self.code_dim = c
         self.proj = (nnx.Param(jax.nn.initializers.lecun_normal()(rngs.params(), (d_in, c)),

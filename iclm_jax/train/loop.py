@@ -58,7 +58,6 @@ class Run:
         self.state_sharding = sharding.state_shardings(nnx.state(ts), self.mesh, self.rules)
         self.graphdef, _, self.train_step, self.eval_step = make_steps(
             ts, self.loss_cfg, num_domains=config.data.num_domains, num_slots=data.num_slots,
-            mine_decay=config.mi.ema_decay, mine_clip=config.mi.clip,
             skip_nonfinite=config.train.nonfinite == "skip",
             state_sharding=self.state_sharding, batch_sharding=sharding.batch_sharding(self.mesh, self.rules),
             rules=self.rules)
@@ -97,12 +96,7 @@ def train(config, workdir: str, *, quiet: bool = False) -> dict:
 
     t0 = time.time()
     data = sources.build(config.data, config.seed)
-    if config.router.mode == "oracle":
-        unlabeled = sum(1 for e in data.train_sample if e.domain < 0)   # a stream: its head
-        if unlabeled:
-            raise config_check.ConfigError(
-                f"router.mode='oracle' needs a domain label on every example; {unlabeled} training "
-                "examples have none (JSONL records need a 'domain' field)")
+    config_check.validate_loaded(config, data)
     if is_main:
         data.tokenizer.save(os.path.join(workdir, "tokenizer"))
         with open(os.path.join(workdir, "data.json"), "w") as f:

@@ -1,8 +1,25 @@
 """optax chains: AdamW with warmup + cosine decay, global-norm clipping, gradient accumulation."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """The optimiser's fields of the ``train`` config group."""
+    lr: float = 2e-3
+    steps: int = 250
+    warmup_steps: int = 25        # above ``steps``: ``effective_warmup``
+    final_lr_fraction: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0        # global norm; 0 = off
+    b1: float = 0.9
+    b2: float = 0.95
+    grad_accum: int = 1
+    adam_eps: float = 1e-8
 
 
 def effective_warmup(warmup_steps: int, steps: int) -> int:
@@ -28,17 +45,16 @@ def _decay_mask(params):
     return jax.tree_util.tree_map_with_path(decay, params)
 
 
-def make_optimizer(*, lr: float, steps: int, warmup_steps: int, weight_decay: float = 0.0,
-                   grad_clip: float = 1.0, b1: float = 0.9, b2: float = 0.95,
-                   grad_accum: int = 1, final_lr_fraction: float = 0.1,
-                   eps: float = 1e-8) -> optax.GradientTransformation:
-    schedule = make_schedule(lr, steps, warmup_steps, final_lr_fraction)
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    """AdamW on ``cfg``'s schedule, after global-norm clipping, accumulating ``cfg.grad_accum`` steps."""
+    schedule = make_schedule(cfg.lr, cfg.steps, cfg.warmup_steps, cfg.final_lr_fraction)
     parts = []
-    if grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(grad_clip))
-    parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=_decay_mask))
+    if cfg.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(cfg.grad_clip))
+    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+                             mask=_decay_mask))
     tx = optax.chain(*parts)
-    if grad_accum > 1:
+    if cfg.grad_accum > 1:
         # Accumulates `grad_accum` micro-batch gradients, applying one update per `grad_accum` calls.
-        tx = optax.MultiSteps(tx, every_k_schedule=grad_accum)
+        tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum)
     return tx

@@ -23,11 +23,12 @@ from iclm_jax.model.router import purity_of_counts
 from iclm_jax.train.state import TrainState
 
 
+NONFINITE = ("stop", "skip")   # train.nonfinite: what a non-finite loss term or gradient does
 FINITE_TERMS = ("ce", "vq", "mi", "aux", "context_ce", "grad_norm")
 
 
 def _train_step(graphdef, state, batch, *, loss_cfg: losses.LossConfig, num_domains: int,
-                mine_decay: float, mine_clip: float, skip_nonfinite: bool):
+                skip_nonfinite: bool):
     ts: TrainState = nnx.merge(graphdef, state)
     wrt = param_filter(ts.train_base)
 
@@ -48,7 +49,8 @@ def _train_step(graphdef, state, batch, *, loss_cfg: losses.LossConfig, num_doma
 
         def critic_loss(critic):
             l, new_ema, i_dv = mi_lib.mine_critic_objective(critic, x, z, ts.mine_ema[...],
-                                                            decay=mine_decay, clip=mine_clip)
+                                                            decay=loss_cfg.mi.ema_decay,
+                                                            clip=loss_cfg.mi.clip)
             return l, (new_ema, i_dv)
 
         (_, (new_ema, i_dv)), cgrads = nnx.value_and_grad(critic_loss, has_aux=True)(ts.critic)
@@ -107,7 +109,7 @@ def _under_rules(fn: Callable, mesh, rules) -> Callable:
 
 
 def make_steps(ts: TrainState, loss_cfg: losses.LossConfig, *, num_domains: int, num_slots: int,
-               mine_decay: float = 0.99, mine_clip: float = 20.0, skip_nonfinite: bool = False,
+               skip_nonfinite: bool = False,
                state_sharding: Any = None, batch_sharding: Any = None, rules: Any = None
                ) -> tuple[Any, Any, Callable, Callable]:
     """Split the state and return (graphdef, state, train_step, eval_step), both jitted once.
@@ -118,7 +120,7 @@ def make_steps(ts: TrainState, loss_cfg: losses.LossConfig, *, num_domains: int,
     """
     graphdef, state = nnx.split(ts)
     train = functools.partial(_train_step, graphdef, loss_cfg=loss_cfg, num_domains=num_domains,
-                              mine_decay=mine_decay, mine_clip=mine_clip, skip_nonfinite=skip_nonfinite)
+                              skip_nonfinite=skip_nonfinite)
     evaluate = functools.partial(_eval_step, graphdef, loss_cfg=loss_cfg, num_slots=num_slots)
     if state_sharding is not None:
         mesh = batch_sharding.mesh
