@@ -1,9 +1,15 @@
 """Config files load, every variant validates, and bad values are refused naming the field."""
+import dataclasses
+from types import SimpleNamespace
+
 import jax.numpy as jnp
 import optax
 import pytest
 
-from iclm_jax.config_check import ConfigError, validate
+from iclm_jax.config_check import ConfigError, validate, validate_loaded
+from iclm_jax.model.mi import MIConfig
+from iclm_jax.model.router import RouterConfig
+from iclm_jax.train import build
 from iclm_jax.train.optim import OptimConfig, make_optimizer
 from tests.test_step import acre_cfg
 
@@ -123,3 +129,36 @@ def test_warmup_longer_than_the_run_is_scaled_to_a_tenth_of_it():
         moves.append(float(params["w"][0] - new["w"][0]))
         params = new
     assert moves == pytest.approx([0.0, 0.5, 1.0], abs=1e-6)
+
+
+def test_typed_groups_match_the_config_and_fill_what_older_configs_lack():
+    """build.typed reads each dataclass's fields from its group (other consumers' fields ignored) and
+    keeps the defaults for fields a stored config predates."""
+    config = acre_cfg.get_config("paper")
+    r, mi, opt = build.router_config(config), build.mi_config(config), build.optim_config(config)
+    for typed_cfg, group in ((r, config.router), (mi, config.mi), (opt, config.train)):
+        for f in dataclasses.fields(typed_cfg):
+            if f.name in group:
+                assert getattr(typed_cfg, f.name) == group[f.name], f.name
+    assert r.update == "gradient" and mi.apply_to == "all"          # the paper variant's choices
+    loss = build.loss_config(config)
+    assert loss.mi == mi and loss.routing_weight == config.router.weight
+    assert build.model_config(config, 50).router == r
+    old = acre_cfg.get_config()                                     # a run stored before these fields
+    for group, name in ((old.router, "center"), (old.mi, "clip"), (old.train, "adam_eps"),
+                        (old.model, "scan_layers"), (old.loss, "logit_chunk")):
+        del group[name]
+    assert build.router_config(old).center is RouterConfig.center is False
+    assert build.mi_config(old).clip == MIConfig.clip
+    assert build.optim_config(old).adam_eps == 1e-8
+    assert build.model_config(old, 50).base.scan_layers is False
+    assert build.loss_config(old).logit_chunk == 64
+
+
+def test_validate_loaded_refuses_oracle_routing_without_domain_labels():
+    config = acre_cfg.get_config("oracle")
+    labeled, unlabeled = SimpleNamespace(domain=1), SimpleNamespace(domain=-1)
+    validate_loaded(config, SimpleNamespace(train_sample=[labeled, labeled]))
+    with pytest.raises(ConfigError, match="2 training examples have none"):
+        validate_loaded(config, SimpleNamespace(train_sample=[unlabeled, labeled, unlabeled]))
+    validate_loaded(acre_cfg.get_config(), SimpleNamespace(train_sample=[unlabeled]))   # hard routing: fine
