@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo demo-iclm test clean
+.PHONY: venv demo demo-iclm lint test clean
 
 # (Re)create the virtual environment when the project's dependency list changes.
 $(STAMP): pyproject.toml
@@ -23,7 +23,10 @@ demo: $(STAMP)
 demo-iclm: $(STAMP)
 	$(BIN)/python -m iclm_jax.demo --iclm --workdir=runs/demo_iclm
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: lint
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 clean:

@@ -60,11 +60,11 @@ if ARGS is not None:   # must precede the first jax import
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import iclm_jax  # noqa: E402,F401  (disables eager sharding before any module is built)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
+import iclm_jax  # noqa: E402,F401  (disables eager sharding before any module is built)
 from iclm_jax import sharding  # noqa: E402
 from iclm_jax.train import build  # noqa: E402
 from iclm_jax.train.step import make_steps  # noqa: E402
@@ -96,11 +96,11 @@ def abstract_batch(batch: int, seq_len: int, mesh) -> dict:
     def sds(shape, dtype):
         s = rows if len(shape) else None
         return jax.ShapeDtypeStruct(shape, dtype, sharding=s)
-    b, l = (batch, seq_len), (batch,)
+    b, rows1 = (batch, seq_len), (batch,)
     return {"inputs": sds(b, jnp.int32), "targets": sds(b, jnp.int32), "positions": sds(b, jnp.int32),
             "segments": sds(b, jnp.int32), "loss_mask": sds(b, jnp.float32),
             "answer_slot": sds(b, jnp.int32), "prompt_mask": sds(b, jnp.float32),
-            "domain": sds(l, jnp.int32), "query_type": sds((batch, NUM_SLOTS), jnp.int32),
+            "domain": sds(rows1, jnp.int32), "query_type": sds((batch, NUM_SLOTS), jnp.int32),
             "query_label": sds((batch, NUM_SLOTS), jnp.int32)}
 
 

@@ -55,12 +55,12 @@ if ARGS is not None:   # before the first jax import
 
 import ast  # noqa: E402
 
-import iclm_jax  # noqa: E402,F401
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+import iclm_jax  # noqa: E402,F401
 from iclm_jax import sharding  # noqa: E402
 from iclm_jax.train import build  # noqa: E402
 from iclm_jax.train.step import make_steps  # noqa: E402
@@ -129,7 +129,7 @@ def generation(ts_abstract, batch: int, prompt_len: int, new_tokens: int):
     sds = jax.ShapeDtypeStruct
     i32 = lambda: sds((), jnp.int32)   # noqa: E731
     return gen._run.lower(
-        gen._Static(graphdef), state, sds((batch, prompt_len), jnp.int32), sds((batch,), jnp.int32),
+        graphdef, state, sds((batch, prompt_len), jnp.int32), sds((batch,), jnp.int32),
         sds((batch,), jnp.int32), i32(), i32(), i32(), sds((), jnp.float32),
         jax.eval_shape(lambda: jax.random.key(0)), i32(), single=False, greedy=True, top_k=0,
         n_cap=new_tokens, want_logits=False).compile()
@@ -172,7 +172,8 @@ def main(args: argparse.Namespace) -> None:
         max_len, num_slots = row_shape(config)
     seq_len = max_len
     print(f"# SmolLM2-135M ICLM ({args.config_arg or 'default'} {args.set}): batch {args.batch} x "
-          f"{seq_len} ({'given' if args.seq_len else 'the ACRE text length'}, {num_slots} answer slots; {time.time() - t0:.0f}s); "
+          f"{seq_len} ({'given' if args.seq_len else 'the ACRE text length'}, {num_slots} answer slots; "
+          f"{time.time() - t0:.0f}s); "
           f"loss.aux_weight={config.loss.aux_weight}, loss.context_weight={config.loss.context_weight}, "
           f"model.remat={config.model.remat}, jax {jax.__version__} {jax.devices()[0].platform}")
     mesh, state_sh, abstract, train_step, eval_step, ts = steps(config, num_slots)

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from iclm_jax.evaluate import modules_table, results_table
-from iclm_jax.train import restore_run
+from iclm_jax.train.run import load_run
 
 
 def run_eval(argv=None) -> int:
@@ -19,7 +19,7 @@ def run_eval(argv=None) -> int:
     p.add_argument("--batch_size", type=int, default=0)
     args = p.parse_args(argv)
     try:
-        run = restore_run.load(args.workdir)
+        run = load_run(args.workdir)
     except (FileNotFoundError, ValueError) as e:
         print(f"iclm-eval: {e}", file=sys.stderr)
         return 2

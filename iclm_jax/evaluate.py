@@ -14,7 +14,7 @@ from iclm_jax import sharding
 from iclm_jax.data import pipeline
 from iclm_jax.data.acre import QUERY_TYPES
 from iclm_jax.data.render import DOMAINS
-from iclm_jax.model.router import purity
+from iclm_jax.model.codebook import purity
 from iclm_jax.report import format_table
 
 

@@ -9,7 +9,7 @@ from flax import nnx
 
 from iclm_jax.hf.export import NotExportable, OutputError, check_out, export_model
 from iclm_jax.hf.files import DEFAULT_SHARD_BYTES
-from iclm_jax.train import restore_run
+from iclm_jax.train.run import load_run
 
 
 def export(workdir: str, out: str, *, force: bool = False,
@@ -23,7 +23,7 @@ def export(workdir: str, out: str, *, force: bool = False,
 
 def _load_run(workdir: str):
     """(ICLM, tokenizer, max_len) of the latest checkpoint of the run in ``workdir``."""
-    run = restore_run.load(workdir)
+    run = load_run(workdir)
     return nnx.merge(run.graphdef, run.state).model, run.data.tokenizer, int(run.data.max_len)
 
 

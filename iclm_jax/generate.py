@@ -17,7 +17,6 @@ traced value, so one compilation serves every call in the same bucket; the token
 """
 from __future__ import annotations
 
-import collections
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -28,9 +27,6 @@ from flax import nnx
 from iclm_jax.model.iclm import ICLM
 from iclm_jax.model.transformer import KVCache
 from iclm_jax.padding import round_up
-
-#: How often each jitted piece was traced ("prefill", "decode_step"): recompilation diagnostics.
-trace_counts: collections.Counter = collections.Counter()
 
 
 class Generation(NamedTuple):
@@ -214,7 +210,6 @@ def _prefill(model: ICLM, inputs, lengths, domain, module: jax.Array | None, max
 def _core(graphdef, state, inputs, lengths, domain, max_new, eos_id, pad_id, temperature, key,
           module, *, single: bool, greedy: bool, top_k: int, n_cap: int, want_logits: bool):
     """The whole decode; ``module`` (traced, so every module shares one compile) is used iff ``single``."""
-    trace_counts["prefill"] += 1
     model: ICLM = nnx.merge(graphdef, state)
     base = model.base
     b, p = inputs.shape
@@ -234,7 +229,6 @@ def _core(graphdef, state, inputs, lengths, domain, max_new, eos_id, pad_id, tem
         return (t < max_new) & ~jnp.all(done)
 
     def step(carry):
-        trace_counts["decode_step"] += 1
         t, tok, done, cache, out, lbuf = carry
         x, cache = base.extend(jnp.tile(tok, streams)[:, None], cache, adapter)
         logits = combine(split(x))[:, 0]

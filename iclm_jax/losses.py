@@ -1,4 +1,4 @@
-"""Training objective: answer-token CE + routing_weight·VQ + mi_weight·Î + aux_weight·(module heads' CE).
+"""Training objective: answer-token CE + routing_weight·VQ + mi.weight·Î + aux_weight·(module heads' CE).
 
 Every term is returned as a metric, so a run shows what it optimises. ``ce`` (the objective) averages over
 every answer target including the EOS that ends each answer; ``answer_ce`` / ``answer_acc`` score only
@@ -22,6 +22,7 @@ import optax
 from iclm_jax.data.acre import QUERY_TYPES
 from iclm_jax.model import mi as mi_lib
 from iclm_jax.model.iclm import ICLMHidden
+
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:

@@ -14,10 +14,13 @@ from ml_collections import config_flags
 from iclm_jax import distributed
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The default exists in a source checkout (editable install); an installed wheel needs --config.
 _DEFAULT_CONFIG = os.path.join(_REPO, "experiments", "configs", "acre.py")
 
-config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "get_config(arg) file, optionally ':arg'.",
-                                 lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", _DEFAULT_CONFIG if os.path.isfile(_DEFAULT_CONFIG) else None,
+    "get_config(arg) file, optionally ':arg' (default: experiments/configs/acre.py of a source checkout).",
+    lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (logs, checkpoints, plots).")
 flags.DEFINE_bool("quiet", False, "No progress bar or tables.")
 
@@ -37,6 +40,9 @@ def main(argv) -> None:
         sys.exit(2)
     if not flags.FLAGS.workdir:
         raise app.UsageError("--workdir is required")
+    if flags.FLAGS.config is None:
+        raise app.UsageError("--config is required outside a source checkout, e.g. "
+                             "--config=experiments/configs/acre.py:cpu from the repository")
     try:
         train(flags.FLAGS.config, flags.FLAGS.workdir, quiet=flags.FLAGS.quiet)
     except (ConfigError, NonFiniteError, OSError, ValueError) as e:

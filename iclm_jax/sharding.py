@@ -15,7 +15,14 @@ from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding
 
 from iclm_jax.partitioning import (  # noqa: F401  (re-exported for the infrastructure)
-    BATCH_AXES, DEFAULT_RULES, MESH_AXES, activation_sharding, constrain, logical_to_spec, spec_of)
+    BATCH_AXES,
+    DEFAULT_RULES,
+    MESH_AXES,
+    activation_sharding,
+    constrain,
+    logical_to_spec,
+    spec_of,
+)
 
 
 def rules_from_config(rules: Mapping[str, str] | None) -> tuple[tuple[str, Any], ...]:

@@ -15,7 +15,8 @@ from typing import Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from iclm_jax import partitioning, sharding
 from iclm_jax.data.tokenizer import load_tokenizer
@@ -133,6 +134,7 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     import os
+
     from absl import app, flags
     from ml_collections import config_flags
     _repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,8 +10,17 @@ import numpy as np
 import pytest
 
 from iclm_jax.data import acre
-from iclm_jax.data.acre import (AcreFormatError, PARTS, QUERY_TYPES, SPLITS, check_problems,
-                                derive_label, load_problems, save_problems, split_objects)
+from iclm_jax.data.acre import (
+    PARTS,
+    QUERY_TYPES,
+    SPLITS,
+    AcreFormatError,
+    check_problems,
+    derive_label,
+    load_problems,
+    save_problems,
+    split_objects,
+)
 from iclm_jax.data.acre_generate import generate_problems, object_roles
 
 # Three problems from the released IID validation file, verbatim (issue 3).

@@ -73,8 +73,8 @@ def _wait_for_steps(proc, workdir, n: int, timeout: float = 300) -> None:
 
 
 def _final_state(workdir) -> dict:
-    from iclm_jax.train import restore_run
-    run = restore_run.load(workdir)
+    from iclm_jax.train.run import load_run
+    run = load_run(workdir)
     return {"step": run.step, "state": to_storable(run.state)}
 
 
@@ -130,8 +130,8 @@ def test_interrupted_save_leaves_previous_checkpoint_usable(reference_run, tmp_p
     shutil.rmtree(ckpts / str(last))
     r = _run(work, "--config.checkpoint.every=1")
     assert r.returncode == 0, r.stderr[-3000:]
-    from iclm_jax.train import restore_run
-    assert restore_run.load(work).step == STEPS
+    from iclm_jax.train.run import load_run
+    assert load_run(work).step == STEPS
     _assert_same_state(_final_state(work), _final_state(reference_run))
 
 

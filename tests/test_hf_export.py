@@ -14,12 +14,12 @@ from peft import AutoPeftModelForCausalLM, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import iclm_jax  # noqa: F401  (eager sharding off before any construction)
+from iclm_jax import export as export_cli
 from iclm_jax.data import acre_generate, render
 from iclm_jax.data.pipeline import tokenize_example
 from iclm_jax.data.tokenizer import Tokenizer, acre_word_tokenizer
-from iclm_jax.hf import load_hf_weights
-from iclm_jax import export as export_cli
 from iclm_jax.hf import export as ex
+from iclm_jax.hf import load_hf_weights
 from iclm_jax.hf.weights import base_params
 from iclm_jax.model.lora import LoRAParam
 from tests.helpers import tiny_iclm
@@ -243,8 +243,8 @@ def test_cli_refuses_missing_workdir(tmp_path, capsys):
 @pytest.mark.slow
 def test_cli_exports_a_trained_run(tmp_path):
     """``main`` on a real (3-step) run: the merged invariant module matches the restored model."""
-    from iclm_jax.train import restore_run
     from iclm_jax.train.loop import train
+    from iclm_jax.train.run import load_run
     from tests.test_step import acre_cfg
     c = acre_cfg.get_config()
     c.model.update(d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8, mlp_dim=32)
@@ -258,7 +258,7 @@ def test_cli_exports_a_trained_run(tmp_path):
     assert export_cli.main(["--workdir", work, "--out", out]) == 0
     assert export_cli.main(["--workdir", work, "--out", out]) == 2          # non-empty, no --force
     assert export_cli.main(["--workdir", work, "--out", out, "--force"]) == 0
-    run = restore_run.load(work)
+    run = load_run(work)
     model = nnx.merge(run.graphdef, run.state).model
     batch = _batch(run.data.tokenizer.vocab_size, seed=2)
     for name, slot in ex.module_names(model.cfg).items():
@@ -325,8 +325,8 @@ def test_cli_checks_out_before_loading(problem, tmp_path, capsys, monkeypatch, r
 @pytest.mark.parametrize("where", ["safetensors", "json"])
 def test_cli_disk_full_is_one_line(where, tmp_path, capsys, monkeypatch, tok):
     """A full disk while writing (simulated ENOSPC): exit 2, one line, nothing left behind."""
-    from safetensors import SafetensorError
     import safetensors.numpy
+    from safetensors import SafetensorError
     model = tiny_iclm(num_modules=2, base_kw=dict(vocab_size=tok.vocab_size))
     monkeypatch.setattr(export_cli, "_load_run", lambda workdir: (model, tok, 16))
     if where == "safetensors":      # what safetensors raises on a full disk: not an OSError

@@ -5,19 +5,27 @@ import json
 import os
 import pathlib
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import iclm_jax  # noqa: F401  (eager sharding off before any construction)
-import jax
-import jax.numpy as jnp
-from flax import nnx
-
 from iclm_jax import sharding
-from iclm_jax.hf import (WeightMismatchError, config_from_hf, load_gguf, load_hf_weights, load_into,
-                         load_pretrained, read_safetensors, resolve, smollm2_gguf_path)
+from iclm_jax.hf import (
+    WeightMismatchError,
+    config_from_hf,
+    load_gguf,
+    load_hf_weights,
+    load_into,
+    load_pretrained,
+    read_safetensors,
+    resolve,
+    smollm2_gguf_path,
+)
 from iclm_jax.hf.import_gguf import unpermute
 from iclm_jax.hf.import_hf import hf_to_ours
 from iclm_jax.model.iclm import ICLM, ICLMConfig

@@ -15,7 +15,6 @@ import math
 
 from iclm_jax.data.tokenizer import acre_word_tokenizer
 from iclm_jax.train.loop import train
-
 from tests.helpers import cpu_recipe_config
 
 

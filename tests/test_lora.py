@@ -1,12 +1,11 @@
 """Stacked per-row LoRA: NumPy merged-weight reference, exact base rows, zero grads, M-free cost."""
-import numpy as np
-import pytest
-
-import iclm_jax  # noqa: F401  (eager sharding off before any construction)
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from flax import nnx
 
+import iclm_jax  # noqa: F401  (eager sharding off before any construction)
 from iclm_jax.model.lora import LoraConfig, LoRALinear, LoRAParam
 from iclm_jax.model.transformer import Transformer, TransformerConfig
 

@@ -18,7 +18,10 @@ MESHES = [{"data": 8}, {"data": 2, "fsdp": 4}, {"data": 2, "fsdp": 2, "tensor": 
           {"data": 1, "fsdp": 2, "tensor": 2, "slices": 2}]
 STEPS = 3
 LINEAR_EPS = 1.0   # above every gradient of these steps (model and MINE critic, measured <= 0.3)
-_ids = lambda a: "x".join(f"{k}{v}" for k, v in a.items())
+
+
+def _ids(a):
+    return "x".join(f"{k}{v}" for k, v in a.items())
 
 
 def _config(adam_eps: float = 1e-8):
@@ -61,7 +64,8 @@ def _grads(mesh):
     def grads(state, batch):
         with sharding.activation_sharding(mesh):
             t = nnx.merge(graphdef, state)
-            fn = lambda model, critic: losses.model_loss(model, batch, critic, loss_cfg, train=True)[0]
+            def fn(model, critic):
+                return losses.model_loss(model, batch, critic, loss_cfg, train=True)[0]
             g = nnx.grad(fn, argnums=nnx.DiffState(0, param_filter(t.train_base)))(t.model, t.critic)
             return nnx.to_pure_dict(g)
     return jax.tree.map(np.asarray, jax.jit(grads)(state, sharding.put_batch(random_batch(b=8), mesh)))

@@ -8,11 +8,11 @@ import optax
 import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import iclm_jax  # noqa: F401  (turns eager sharding off before any Param is built)
-from iclm_jax.model.mi import (MineCritic, dv_bound, marginal_shift, mine_critic_objective,
-                               mine_estimate, plugin_mi)
+from iclm_jax.model.mi import MineCritic, dv_bound, marginal_shift, mine_critic_objective, mine_estimate, plugin_mi
 
 
 # ---------------------------------------------------------------- NumPy references

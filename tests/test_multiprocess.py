@@ -44,8 +44,8 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
     assert len(saved) == 1 and 3 <= saved[0] < STEPS
     assert f"saved step {saved[0]}" in errs[0]
 
-    from iclm_jax.train import restore_run
-    run = restore_run.load(work)        # one process, 8 devices: orbax reshards the 2-process save
+    from iclm_jax.train.run import load_run
+    run = load_run(work)        # one process, 8 devices: orbax reshards the 2-process save
     assert run.step == saved[0]
 
 
@@ -100,8 +100,8 @@ def test_two_processes_match_one_process(tmp_path):
             np.testing.assert_allclose(ra[name], rb[name], rtol=1e-5, err_msg=f"{key} {name}")
 
     from iclm_jax.checkpoint import to_storable
-    from iclm_jax.train import restore_run
-    ra, rb = restore_run.load(multi), restore_run.load(single)     # this process: 8 devices, one host
+    from iclm_jax.train.run import load_run
+    ra, rb = load_run(multi), load_run(single)     # this process: 8 devices, one host
     assert ra.step == rb.step == steps
     la = jax.tree_util.tree_leaves_with_path(to_storable(ra.state))
     lb = dict(jax.tree_util.tree_leaves_with_path(to_storable(rb.state)))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from iclm_jax.data import acre_generate, render
-from iclm_jax.data.pipeline import acre_examples, make_dataset, mixture, tokenize_example
+from iclm_jax.data.pipeline import acre_examples, make_dataset, tokenize_example
 from iclm_jax.data.render import Example
 from iclm_jax.data.tokenizer import acre_word_tokenizer, build_word_tokenizer
 
@@ -219,22 +219,6 @@ def test_iterator_state_resumes_exactly(tok, problems):
     fresh = iter(ds)
     fresh.set_state(state)
     assert _same(_rows([next(fresh) for _ in range(4)]), expect)
-
-
-def test_mixture_weights():
-    a = [Example(f"a{i}", " x", 0) for i in range(50)]
-    b = [Example(f"b{i}", " y", 1) for i in range(400)]
-    mix = mixture([a, b], [3.0, 1.0], seed=0, length=8000)
-    frac = np.mean([e.domain == 0 for e in mix])
-    assert abs(frac - 0.75) < 4 * np.sqrt(0.75 * 0.25 / 8000)
-    from_a = [e for e in mix if e.domain == 0]
-    assert len(set(from_a[:50])) == 50 and set(from_a[:50]) == set(a)    # a full pass before repeating
-    assert mixture([a, b], [3.0, 1.0], seed=0, length=8000) == mix
-    assert mixture([a, b], [3.0, 1.0], seed=1, length=8000) != mix
-    assert len(mixture([a, b], [1, 1], seed=0)) == 450
-    assert {e.domain for e in mixture([a, b], [0, 1], seed=0, length=100)} == {1}
-    with pytest.raises(ValueError, match="weights"):
-        mixture([a, b], [-1, 1], seed=0)
 
 
 def test_acre_examples(problems):

@@ -4,8 +4,8 @@ import pytest
 
 from iclm_jax import hf
 from iclm_jax.data.tokenizer import acre_word_tokenizer
-from iclm_jax.train import restore_run
 from iclm_jax.train.loop import train
+from iclm_jax.train.run import load_run
 from tests.test_step import acre_cfg
 
 
@@ -37,7 +37,7 @@ def test_frozen_pretrained_base_is_loaded_and_kept(tmp_path):
     _tiny_hf_llama(tmp_path / "llama", vocab)
     train(_config(str(tmp_path / "llama")), str(tmp_path / "run"), quiet=True)
     _, want = hf.load_pretrained(str(tmp_path / "llama"))
-    run = restore_run.load(str(tmp_path / "run"))
+    run = load_run(str(tmp_path / "run"))
     base = run.state["model"]["base"]
     assert run.step == 3
     np.testing.assert_array_equal(np.asarray(base["embedding"][...]), want["embedding"])
@@ -87,7 +87,7 @@ def _step0_logits(run, ids: np.ndarray) -> np.ndarray:
 
 def _run_of(config, workdir):
     from iclm_jax.data import sources
-    from iclm_jax.train.loop import Run
+    from iclm_jax.train.run import Run
     return Run(config, str(workdir), sources.build(config.data, config.seed))
 
 
@@ -96,8 +96,9 @@ def test_heads_derived_from_a_pretrained_base_start_at_its_logits(tmp_path):
     """At step 0 (zero LoRA B, concat head = mean of the modules' base heads) the ICLM is the pretrained
     model alone: after model.init, and after init_from a run that loaded it. Reference: transformers."""
     import torch
+
     from iclm_jax import checkpoint
-    from iclm_jax.train.loop import start_fresh
+    from iclm_jax.train.run import start_fresh
     vocab = acre_word_tokenizer().vocab_size
     hf_model = _tiny_hf_llama_random_norms(tmp_path / "llama", vocab)
     ids = np.random.default_rng(0).integers(1, vocab, size=(3, 11))

@@ -7,7 +7,8 @@ import re
 
 import pytest
 
-from iclm_jax.data import acre, acre_generate, cli as data_cli, render
+from iclm_jax.data import acre, acre_generate, render
+from iclm_jax.data import cli as data_cli
 from iclm_jax.data.jsonl import load_jsonl
 from iclm_jax.data.render import Example, PackedExample, render_problem, render_query
 

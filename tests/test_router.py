@@ -1,5 +1,4 @@
 """VQ router: pooling, k-means++, EMA / gradient codebooks, routing modes, jit-purity of state."""
-import iclm_jax  # noqa: F401  (eager sharding off before any Variable is built)
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +6,9 @@ import optax
 import pytest
 from flax import nnx
 
-from iclm_jax.model.router import (Router, RouterStat, kmeans_plus_plus, pool_prompt, purity)
+import iclm_jax  # noqa: F401  (eager sharding off before any Variable is built)
+from iclm_jax.model.codebook import kmeans_plus_plus, purity
+from iclm_jax.model.router import Router, RouterStat, pool_prompt
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -1,4 +1,7 @@
 """The jitted train step: compiles once, learns a toy task, updates the MINE critic, honours frozen bases."""
+import importlib.util
+import pathlib
+
 import jax
 import ml_collections
 import numpy as np
@@ -9,9 +12,6 @@ from iclm_jax.checkpoint import to_storable
 from iclm_jax.train import build
 from iclm_jax.train.step import make_steps
 from tests.helpers import VOCAB, random_batch
-
-import importlib.util
-import pathlib
 
 _spec = importlib.util.spec_from_file_location(
     "acre_cfg", pathlib.Path(__file__).resolve().parent.parent / "experiments/configs/acre.py")

@@ -8,8 +8,13 @@ import pytest
 import tokenizers
 
 from iclm_jax.data import acre_generate, render
-from iclm_jax.data.tokenizer import (acre_word_tokenizer, build_word_tokenizer, load_tokenizer,
-                                     smollm2_gguf_path, smollm2_tokenizer)
+from iclm_jax.data.tokenizer import (
+    acre_word_tokenizer,
+    build_word_tokenizer,
+    load_tokenizer,
+    smollm2_gguf_path,
+    smollm2_tokenizer,
+)
 
 SPLITS = ("IID", "Sys", "Comp", "CompHeldout")
 

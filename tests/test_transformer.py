@@ -1,14 +1,13 @@
 """Transformer: logit parity with transformers' LlamaForCausalLM and the segment-mask semantics."""
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import iclm_jax  # noqa: F401  (eager sharding off before any construction)
-import jax
-import jax.numpy as jnp
-from flax import nnx
-
 from iclm_jax.model.canon import canon_mix
 from iclm_jax.model.transformer import Transformer, TransformerConfig, attention_mask
 
@@ -233,6 +232,7 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs():
     h16, h32 = hidden(bf16, ids, pos, seg), hidden(f32, ids, pos, seg)
     l16, l32 = logits(bf16, ids, pos, seg), logits(f32, ids, pos, seg)
     assert h16.dtype == jnp.float32 and l16.dtype == jnp.float32
-    # bfloat16 has an 8-bit mantissa: agreement to ~1e-2 of scale (seen: 3e-3, 5e-3) shows the same function is computed.
+    # bfloat16 has an 8-bit mantissa: agreement to ~1e-2 of scale (seen: 3e-3, 5e-3) shows the same
+    # function is computed.
     assert_same(h16, h32, rel=1e-2)
     assert_same(l16, l32, rel=1e-2)

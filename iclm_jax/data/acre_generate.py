@@ -23,8 +23,15 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
-from iclm_jax.data.acre import (NUM_CONTEXTS, TYPE_LABELS, Problem, _check_split, derive_label,
-                                split_objects, validate_problems)
+from iclm_jax.data.acre import (
+    NUM_CONTEXTS,
+    TYPE_LABELS,
+    Problem,
+    _check_split,
+    derive_label,
+    split_objects,
+    validate_problems,
+)
 
 # (min, max) potential blickets and (min, max) non-blickets per evidence trial, as the original.
 TRIALS = {"OnOffOff": ((2, 3), (3, 5)), "OnOnOff": ((2, 4), (3, 4))}

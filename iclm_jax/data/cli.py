@@ -11,8 +11,15 @@ import argparse
 import sys
 from typing import Sequence
 
-from iclm_jax.data.acre import (PARTS, SPLITS, AcreFormatError, _disagreements, format_stats, load_problems,
-                                save_problems)
+from iclm_jax.data.acre import (
+    PARTS,
+    SPLITS,
+    AcreFormatError,
+    _disagreements,
+    format_stats,
+    load_problems,
+    save_problems,
+)
 from iclm_jax.data.acre_generate import generate_problems
 from iclm_jax.data.jsonl import write_jsonl
 from iclm_jax.data.render import DOMAINS, render_problem

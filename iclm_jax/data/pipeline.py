@@ -197,40 +197,12 @@ def make_dataset(examples: Sequence, tok: Tokenizer, *, max_len: int, batch_size
     ds = ds.map(_Rows(examples, tok, max_len, num_slots, int(lo), int(hi)))
     it = ds.to_iter_dataset()
     if worker_count > 0:
-        from absl import flags   # grain's worker processes read absl flags
+        from absl import flags  # grain's worker processes read absl flags
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return it
 
-
-def mixture(datasets: Sequence[Sequence], weights: Sequence[float], seed: int,
-            length: int | None = None) -> list:
-    """A list of ``length`` items (default: all sources' total) drawing source k with probability
-    ``weights[k] / sum(weights)``; each source is walked in a fresh random order per pass, so no
-    item repeats before all items of its source were used. Deterministic given ``seed``."""
-    if len(datasets) != len(weights) or not datasets:
-        raise ValueError(f"mixture: {len(datasets)} datasets but {len(weights)} weights")
-    w = np.asarray(weights, np.float64)
-    if (w < 0).any() or w.sum() <= 0 or not np.isfinite(w).all():
-        raise ValueError(f"mixture weights must be >= 0 with a positive sum, got {list(weights)}")
-    for k, d in enumerate(datasets):
-        if w[k] > 0 and len(d) == 0:
-            raise ValueError(f"mixture: dataset {k} is empty but has weight {w[k]}")
-    length = sum(len(d) for d in datasets) if length is None else length
-    rng = np.random.default_rng(seed)
-    choice = rng.choice(len(datasets), size=length, p=w / w.sum())
-    order = []
-    for k, d in enumerate(datasets):
-        need = int((choice == k).sum())
-        passes = [rng.permutation(len(d)) for _ in range(math.ceil(need / len(d)))] if need else []
-        order.append(np.concatenate(passes)[:need] if passes else np.zeros(0, np.int64))
-    taken = [0] * len(datasets)
-    out = []
-    for k in choice:
-        out.append(datasets[k][order[k][taken[k]]])
-        taken[k] += 1
-    return out
 
 
 def acre_examples(problems, styles: Sequence[str] = DOMAINS, packed: bool = True, form: str = "full",

@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from iclm_jax.data import acre, acre_generate, jsonl, pipeline, render, tokenizer as tok_lib
+from iclm_jax.data import acre, acre_generate, jsonl, pipeline, render
+from iclm_jax.data import tokenizer as tok_lib
 from iclm_jax.data.stream import AcreStream
 from iclm_jax.fields import csv
 from iclm_jax.padding import round_up

@@ -65,7 +65,12 @@ _INIT = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
 
 class _Dense(nnx.Module):
-    """Affine layer with logical axis names on its params (nnx.Linear has no per-param names)."""
+    """Affine layer with logical axis names on its params, float32 accumulation and a float32 bias.
+
+    Not ``nnx.Linear(kernel_metadata=...)``: that draws an RNG key for the (zero) bias too, which would
+    shift every later critic layer's initialisation (recorded runs would not reproduce), and it adds the
+    bias in the compute dtype (bfloat16), where this adds it to the float32 accumulator.
+    """
 
     def __init__(self, n_in: int, n_out: int, names: tuple, *, rngs: nnx.Rngs, bias: bool = True):
         self.kernel = nnx.Param(_INIT(rngs.params(), (n_in, n_out), jnp.float32),

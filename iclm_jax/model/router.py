@@ -30,8 +30,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
+
+from iclm_jax.model.codebook import kmeans_plus_plus, sample_rows, sqdist
 
 UPDATES = ("ema", "gradient")
 MODES = ("hard", "soft", "gumbel", "oracle")
@@ -91,71 +92,6 @@ def pool_prompt(h: jax.Array, prompt_mask: jax.Array) -> jax.Array:
     return jnp.where(n > 0, s / jnp.maximum(n, 1.0), 0.0)
 
 
-def _sqdist(x: jax.Array, c: jax.Array) -> jax.Array:
-    """[N, c], [K, c] -> [N, K] squared L2, by explicit difference (exact for near points)."""
-    return jnp.sum(jnp.square(x[:, None, :] - c[None, :, :]), axis=-1)
-
-
-def kmeans_plus_plus(key: jax.Array, x: jax.Array, k: int,
-                     mask: jax.Array | None = None) -> jax.Array:
-    """k-means++ seeding (Arthur & Vassilvitskii 2007): [N, c] -> [k, c] rows of ``x``.
-
-    First pick uniform over the (``mask``-ed) rows, each next pick with probability ∝ D², the
-    squared distance to the nearest pick so far. If every remaining weight is 0 (fewer distinct
-    rows than k) it falls back to uniform, so duplicates are possible only then. Jit-able with
-    ``k`` static.
-    """
-    x = jnp.asarray(x, jnp.float32)
-    m = jnp.ones(x.shape[:1], jnp.float32) if mask is None else mask.astype(jnp.float32)
-    m = jnp.where(m.sum() > 0, m, 1.0)           # nothing valid: use every row
-    keys = jax.random.split(key, k)
-    first = jax.random.categorical(keys[0], jnp.log(m))
-    centers = jnp.zeros((k, x.shape[1]), jnp.float32).at[0].set(x[first])
-    d2 = jnp.sum(jnp.square(x - x[first]), axis=-1)
-
-    def body(i, carry):
-        centers, d2 = carry
-        w = d2 * m
-        w = jnp.where(w.sum() > 0, w, m)
-        j = jax.random.categorical(keys[i], jnp.log(w))
-        centers = centers.at[i].set(x[j])
-        return centers, jnp.minimum(d2, jnp.sum(jnp.square(x - x[j]), axis=-1))
-
-    centers, _ = jax.lax.fori_loop(1, k, body, (centers, d2))
-    return centers
-
-
-def _sample_rows(key: jax.Array, weight: jax.Array, k: int) -> jax.Array:
-    """k row indices drawn ∝ ``weight`` [B] without replacement when k <= B (Gumbel top-k)."""
-    logits = jnp.log(weight)
-    if k <= weight.shape[0]:
-        return jax.lax.top_k(logits + jax.random.gumbel(key, weight.shape), k)[1]
-    return jax.random.categorical(key, logits, shape=(k,))
-
-
-def purity(assign, labels, num_codes: int, num_labels: int) -> float:
-    """Fraction of labelled rows whose code's majority label equals their own label (NumPy).
-
-    Rows with a negative label (unknown) are ignored; NaN when no row is labelled.
-    """
-    assign = np.asarray(assign).reshape(-1)
-    labels = np.asarray(labels).reshape(-1)
-    if assign.shape != labels.shape:
-        raise ValueError(f"purity: assign {assign.shape} and labels {labels.shape} differ")
-    keep = labels >= 0
-    if not keep.any():
-        return float("nan")
-    table = np.zeros((num_codes, num_labels), np.int64)
-    np.add.at(table, (assign[keep], labels[keep]), 1)
-    return float(purity_of_counts(table))
-
-
-def purity_of_counts(counts):
-    """Purity of a code x label count table [C, L] (NumPy, or jax inside a step): each code's majority
-    label count, summed, over all counted rows; 0 when nothing is counted."""
-    return counts.max(axis=1).sum() / jnp.maximum(counts.sum(), 1)
-
-
 def _rng_stream(rngs: nnx.Rngs) -> nnx.RngStream:
     """The ``router`` stream if given (else ``default``, else ``params``), forked for the router."""
     if "router" in rngs or "default" in rngs:
@@ -187,6 +123,7 @@ class Router(nnx.Module):
         if update == "ema":
             self.ema_sums = RouterStat(jnp.array(codes, copy=True), out_sharding=("codes", None))
         self.counts = RouterStat(jnp.ones((num_codes,), jnp.float32), out_sharding=("codes",))
+        # Moving average of the mean routing weights: logged as route_usage (smoother than one batch).
         self.usage = RouterStat(jnp.full((num_codes,), 1.0 / num_codes, jnp.float32),
                                 out_sharding=("codes",))
         self.initialized = RouterStat(jnp.array(False))
@@ -261,7 +198,7 @@ class Router(nnx.Module):
             k_init, k_seed, k_gumbel = jax.random.split(key, 3)
             codebook = jax.lax.cond(init, lambda: codebook,
                                     lambda: kmeans_plus_plus(k_init, zs, k, mask=v))
-        dist = _sqdist(z, codebook)
+        dist = sqdist(z, codebook)
         nearest = jnp.argmin(dist, axis=1).astype(jnp.int32)
         hard = jax.nn.one_hot(nearest, k, dtype=jnp.float32)
 
@@ -314,9 +251,9 @@ class Router(nnx.Module):
         dead = counts < self.dead_threshold * share
         # Re-seed on rows ∝ D² to the nearest live code: rows a live code already serves well are
         # rarely taken, so a dead code lands where the quantiser is worst (k-means++ logic).
-        d2 = jnp.min(jnp.where(dead[None, :], jnp.inf, _sqdist(zs, new_codes)), axis=1)
+        d2 = jnp.min(jnp.where(dead[None, :], jnp.inf, sqdist(zs, new_codes)), axis=1)
         w = jnp.where(jnp.isfinite(d2), d2, 1.0) * v
-        seeds = zs[_sample_rows(key, jnp.where(w.sum() > 0, w, v), k)]
+        seeds = zs[sample_rows(key, jnp.where(w.sum() > 0, w, v), k)]
         new_codes = jnp.where(dead[:, None], seeds, new_codes)
         counts = jnp.where(dead, share, counts)
         keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731

@@ -18,10 +18,9 @@ from flax import nnx
 
 from iclm_jax import losses, sharding
 from iclm_jax.model import mi as mi_lib
+from iclm_jax.model.codebook import purity_of_counts
 from iclm_jax.model.iclm import param_filter
-from iclm_jax.model.router import purity_of_counts
 from iclm_jax.train.state import TrainState
-
 
 NONFINITE = ("stop", "skip")   # train.nonfinite: what a non-finite loss term or gradient does
 FINITE_TERMS = ("ce", "vq", "mi", "aux", "context_ce", "grad_norm")
@@ -48,10 +47,9 @@ def _train_step(graphdef, state, batch, *, loss_cfg: losses.LossConfig, num_doma
         x = jnp.tile(x, (len(zs), 1))
 
         def critic_loss(critic):
-            l, new_ema, i_dv = mi_lib.mine_critic_objective(critic, x, z, ts.mine_ema[...],
-                                                            decay=loss_cfg.mi.ema_decay,
-                                                            clip=loss_cfg.mi.clip)
-            return l, (new_ema, i_dv)
+            objective, new_ema, i_dv = mi_lib.mine_critic_objective(
+                critic, x, z, ts.mine_ema[...], decay=loss_cfg.mi.ema_decay, clip=loss_cfg.mi.clip)
+            return objective, (new_ema, i_dv)
 
         (_, (new_ema, i_dv)), cgrads = nnx.value_and_grad(critic_loss, has_aux=True)(ts.critic)
         ts.critic_opt.update(ts.critic, cgrads)
@@ -59,6 +57,8 @@ def _train_step(graphdef, state, batch, *, loss_cfg: losses.LossConfig, num_doma
         metrics["mine_critic_bound"] = i_dv
 
     metrics.update(_routing_metrics(out.route.index, batch, ts.model.cfg.num_modules, num_domains))
+    if ts.model.router is not None:   # the codebook's moving average of the routing weights
+        metrics["route_usage"] = ts.model.router.usage[...]
     metrics["tokens"] = jnp.sum(batch["segments"] > 0)
     # One flag per term, so a non-finite step can be reported by name (train.nonfinite).
     finite = {k: jnp.all(jnp.isfinite(metrics[k])) for k in FINITE_TERMS}

@@ -1,0 +1,158 @@
+"""A built run (mesh, data, jitted steps, sharded state) and the ways to fill its state: fresh, from
+another run, from a pretrained base, or restored from a finished run's workdir for evaluation."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+from flax import nnx
+
+from iclm_jax import checkpoint, evaluate, hf, sharding
+from iclm_jax.config_check import ConfigError
+from iclm_jax.data import acre, sources
+from iclm_jax.data.reference import fit_reference, score_reference
+from iclm_jax.data.tokenizer import load_tokenizer
+from iclm_jax.fields import csv
+from iclm_jax.padding import round_up
+from iclm_jax.train import build
+from iclm_jax.train.step import make_steps
+
+
+class Run:
+    """A built run: mesh, data, jitted steps and the current (sharded) state."""
+
+    def __init__(self, config, workdir: str, data: sources.RunData):
+        self.config, self.workdir, self.data = config, workdir, data
+        self.mesh = sharding.make_mesh(dict(config.mesh))
+        self.rules = sharding.rules_from_config(config.get("rules"))
+        vocab = data.tokenizer.vocab_size
+
+        def init():
+            return nnx.state(build.train_state(config, vocab))
+
+        # Built abstractly, then created directly in its shardings by a jitted init: no full copy on
+        # one device, and it works when the mesh spans several processes.
+        ts = nnx.eval_shape(lambda: build.train_state(config, vocab))
+        self.num_modules = ts.model.cfg.num_modules
+        self.loss_cfg = build.loss_config(config)
+        self.state_sharding = sharding.state_shardings(nnx.state(ts), self.mesh, self.rules)
+        self.graphdef, _, self.train_step, self.eval_step = make_steps(
+            ts, self.loss_cfg, num_domains=config.data.num_domains, num_slots=data.num_slots,
+            skip_nonfinite=config.train.nonfinite == "skip",
+            state_sharding=self.state_sharding, batch_sharding=sharding.batch_sharding(self.mesh, self.rules),
+            rules=self.rules)
+        self.state = jax.jit(init, out_shardings=self.state_sharding)()
+
+    def evaluate(self, examples) -> dict:
+        res = evaluate.run_eval_set(self.eval_step, self.state, examples, tok=self.data.tokenizer,
+                                    mesh=self.mesh, rules=self.rules, max_len=self.data.max_len,
+                                    num_slots=self.data.num_slots, batch_size=self.config.eval.batch_size)
+        return evaluate.summarise(res, self.num_modules)
+
+    def derive_heads(self) -> None:
+        """``ICLM.derive_heads`` on the placed state, in its shardings: after the base was replaced, the
+        heads derived from it (the concat head) become what the new base gives at construction."""
+        def derive(state):
+            ts = nnx.merge(self.graphdef, state)
+            ts.model.derive_heads()
+            return nnx.state(ts)
+        self.state = jax.jit(derive, out_shardings=self.state_sharding, donate_argnums=0)(self.state)
+
+    def state_bytes(self) -> int:
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(checkpoint.to_storable(self.state)))
+
+
+def start_fresh(run: Run, config) -> str:
+    """A new run's starting parameters: another run's (``init_from``), else a pretrained base
+    (``model.init``, with the heads derived from it), else the random init. Returns what it did."""
+    if config.init_from:
+        run.state = _init_from(run, config.init_from)
+        return f"initialised parameters from {config.init_from}"
+    if config.model.get("init"):
+        _load_pretrained_base(run, config)
+        return f"loaded the pretrained base {config.model.init}"
+    return ""
+
+
+def _init_from(run: Run, other: str):
+    """Parameters (model only) of another run's latest checkpoint; optimiser etc. start fresh."""
+    mngr = checkpoint.manager(other)
+    try:
+        restored, _, _, _ = checkpoint.restore(mngr, checkpoint.abstract_of(run.state))
+    except ValueError as e:
+        raise ConfigError(f"init_from={other!r}: its state does not fit this config ({e})")
+    finally:
+        mngr.close()
+    cur = nnx.to_pure_dict(run.state)
+    cur["model"] = nnx.to_pure_dict(restored)["model"]
+    state = run.state
+    nnx.replace_by_pure_dict(state, cur)
+    return state
+
+
+def _load_pretrained_base(run: Run, config) -> None:
+    """Pretrained weights (``model.init``: smollm2 | HF dir | .gguf) into the sharded base, in place."""
+    pcfg, weights = hf.load_pretrained(config.model.init, lazy=True)
+    m = config.model
+    ours = build.model_config(config, run.data.tokenizer.vocab_size).base
+    diffs = [f"model.{f}: {config.model.init} has {getattr(pcfg, f)!r}, config has {getattr(ours, f)!r}"
+             for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim",
+                       "tie_embeddings", "rope_theta")
+             if getattr(pcfg, f) != getattr(ours, f)]
+    if diffs:
+        raise ConfigError(f"model.init={m.init!r} does not fit the config:\n  "
+                                       + "\n  ".join(diffs))
+    base = run.state["model"]["base"]
+    hf.load_into(base, weights)
+    run.state["model"]["base"] = base
+    run.derive_heads()
+
+
+class LoadedRun(Run):
+    def evaluate_file(self, path: str, batch_size: int | None = None):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--data {path}: no such file")
+        d = self.config.data
+        examples, problems = sources.file_examples(path, tuple(csv(d.styles)), bool(d.packed),
+                                                   d.get("form", "full"))
+        need = max(sources.row_length(e, self.data.tokenizer) for e in examples) + 1
+        if need > self.data.max_len:
+            self.data.max_len = round_up(need, 32)
+        if batch_size:
+            self.config.eval.batch_size = batch_size
+        res = self.evaluate(examples)
+        ref = {}
+        if problems is not None:
+            if d.train_file:
+                train = acre.load_problems(d.train_file)
+            else:
+                generate = sources.GENERATORS[d.get("task", "acre")]
+                train = generate(d.train_split, "train", d.train_problems, self.config.seed)
+            ref = {k: score_reference(p, problems) for k, p in fit_reference(train).items()}
+        return os.path.basename(path), res, ref
+
+
+def load_run(workdir: str, mesh: dict | None = None) -> LoadedRun:
+    """A run restored onto ``mesh`` (default: every local device on the data axis), whatever mesh
+    it was trained on: orbax reshards while restoring."""
+    cfg_path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{cfg_path}: not a run directory (no config.json)")
+    with open(cfg_path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    with open(os.path.join(workdir, "data.json")) as f:
+        meta = json.load(f)
+    config.mesh = ml_collections.ConfigDict(mesh or {"data": -1})
+    ways = sharding.data_ways(sharding.make_mesh(dict(config.mesh)), sharding.rules_from_config(config.get("rules")))
+    config.eval.batch_size = round_up(config.eval.batch_size, ways)
+    tok = load_tokenizer(os.path.join(workdir, "tokenizer"))
+    data = sources.RunData(tok, [], None, [], meta["max_len"], meta["num_slots"])
+    run = LoadedRun(config, workdir, data)
+    mngr = checkpoint.manager(workdir)
+    state, _, step, _ = checkpoint.restore(mngr, checkpoint.abstract_of(run.state))
+    mngr.close()
+    run.state = state
+    run.step = step
+    return run
