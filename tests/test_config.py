@@ -7,9 +7,13 @@ import optax
 import pytest
 
 from iclm_jax.config_check import ConfigError, validate, validate_loaded
+from iclm_jax.data.sources import DataConfig
+from iclm_jax.losses import LossConfig
 from iclm_jax.model.mi import MIConfig
 from iclm_jax.model.router import RouterConfig
+from iclm_jax.model.transformer import TransformerConfig
 from iclm_jax.train import build
+from iclm_jax.train.loop import CheckpointConfig, EvalConfig, LoopConfig
 from iclm_jax.train.optim import OptimConfig, make_optimizer
 from tests.test_step import acre_cfg
 
@@ -153,6 +157,24 @@ def test_typed_groups_match_the_config_and_fill_what_older_configs_lack():
     assert build.optim_config(old).adam_eps == 1e-8
     assert build.model_config(old, 50).base.scan_layers is False
     assert build.loss_config(old).logit_chunk == 64
+
+
+@pytest.mark.parametrize("arg", ["demo", "cpu"])
+def test_every_typed_field_is_in_its_config_group(arg):
+    """A dataclass field missing from its group would silently take its default: every field of every
+    typed group is set by the config file (and every train field is read by one of its two readers)."""
+    config = acre_cfg.get_config(arg)
+    pairs = [(RouterConfig, "router"), (MIConfig, "mi"), (OptimConfig, "train"), (LoopConfig, "train"),
+             (EvalConfig, "eval"), (CheckpointConfig, "checkpoint"), (DataConfig, "data"),
+             (LossConfig, "loss"), (TransformerConfig, "model")]
+    for cls, group in pairs:
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in config[group]]
+        allowed = {LossConfig: {"routing_weight", "mi"}, TransformerConfig: set(),
+                   RouterConfig: {"eps"}}.get(cls, set())
+        assert set(missing) <= allowed, (cls.__name__, missing)
+    train_fields = {f.name for c in (OptimConfig, LoopConfig) for f in dataclasses.fields(c)}
+    assert set(config.train) == train_fields
+    assert set(config.data) == {f.name for f in dataclasses.fields(DataConfig)}
 
 
 def test_validate_loaded_refuses_oracle_routing_without_domain_labels():

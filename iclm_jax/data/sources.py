@@ -11,7 +11,7 @@ import os
 from iclm_jax.data import acre, acre_generate, jsonl, pipeline, render
 from iclm_jax.data import tokenizer as tok_lib
 from iclm_jax.data.stream import AcreStream
-from iclm_jax.fields import csv
+from iclm_jax.fields import csv, typed
 from iclm_jax.padding import round_up
 
 NUM_SLOTS_PACKED = 4
@@ -21,6 +21,29 @@ VAL_SET = "val"     # name of the generated validation set (data.val_problems) i
 # data.task -> its problem generator, generate_problems(split, part, n, seed)
 GENERATORS = {"acre": acre_generate.generate_problems}
 TASKS = tuple(GENERATORS)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The ``data`` config group (experiments/configs/acre.py documents each field). Fields with a default
+    are those older stored configs lack; the default is what such runs did."""
+    train_split: str
+    styles: str                   # comma list of renderings = domains
+    packed: bool
+    train_problems: int
+    eval_splits: str
+    eval_problems: int
+    train_file: str
+    eval_files: str
+    tokenizer: str
+    max_len: int
+    num_domains: int
+    workers: int
+    task: str = "acre"            # GENERATORS
+    form: str = "full"
+    extra_queries: bool = False
+    val_problems: int = 0
+    stream: bool = False
 
 
 @dataclasses.dataclass
@@ -60,17 +83,17 @@ def row_length(ex, tok: tok_lib.Tokenizer) -> int:
     return len(tok.encode(ex.prompt)) + len(tok.encode(ex.answer)) + extra + 1
 
 
-def build(data_cfg, seed: int) -> RunData:
-    d = data_cfg
+def build(data: DataConfig, seed: int) -> RunData:
+    """The run's data from a ``DataConfig`` (or the config's ``data`` group, read into one)."""
+    d = data if isinstance(data, DataConfig) else typed(DataConfig, data)
     styles = tuple(csv(d.styles))
-    packed = bool(d.packed)
-    form = d.get("form", "full")                 # older runs' stored configs have neither field
-    extra = bool(d.get("extra_queries", False))  # training rows only; evaluation asks the 4 queries
+    packed, form = d.packed, d.form
+    extra = d.extra_queries   # training rows only; evaluation asks the 4 queries
     tok = tok_lib.load_tokenizer(d.tokenizer)
-    generate = GENERATORS[d.get("task", "acre")]
+    generate = GENERATORS[d.task]
     if d.train_file:
         train_examples, train_problems = file_examples(d.train_file, styles, packed, form, extra)
-    elif d.get("stream", False):   # endless fresh problems; a finite head for references and lengths
+    elif d.stream:   # endless fresh problems; a finite head for references and lengths
         train_examples = AcreStream(d.train_split, "train", seed, styles, packed, form=form,
                                     extra_queries=extra)
         head = train_examples.problems(max(d.train_problems, STREAM_LEN_SAMPLE))
@@ -82,7 +105,7 @@ def build(data_cfg, seed: int) -> RunData:
         train_examples = pipeline.acre_examples(train_problems, styles=styles, packed=packed, form=form,
                                                 extra_queries=extra)
     evals = []
-    if d.get("val_problems", 0):   # generated validation problems of the training split: select on these
+    if d.val_problems:   # generated validation problems of the training split: select on these
         problems = generate(d.train_split, "val", d.val_problems, seed + 999)
         evals.append(EvalSet(VAL_SET, pipeline.acre_examples(problems, styles=styles, packed=packed,
                                                              form=form), problems))

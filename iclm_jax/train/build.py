@@ -2,18 +2,16 @@
 
 Each config group the code consumes has a frozen dataclass next to the code that reads it
 (``TransformerConfig``, ``LoraConfig`` in the ICLM's fields, ``RouterConfig``, ``MIConfig``, ``LossConfig``,
-``OptimConfig``); ``typed`` fills one from its group. Fields a stored config predates keep their
-defaults, so older runs still load.
+``OptimConfig``, ``DataConfig``; the loop's own in ``train/loop.py``); ``fields.typed`` fills one from its
+group. Fields a stored config predates keep their defaults, so older runs still load.
 """
 from __future__ import annotations
-
-import dataclasses
 
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from iclm_jax.fields import csv
+from iclm_jax.fields import csv, typed
 from iclm_jax.losses import LossConfig
 from iclm_jax.model.iclm import ICLM, ICLMConfig
 from iclm_jax.model.mi import MIConfig, MineCritic
@@ -23,13 +21,6 @@ from iclm_jax.train.optim import OptimConfig, make_optimizer
 from iclm_jax.train.state import TrainState
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def typed(cls, group, **overrides):
-    """``cls`` (a frozen dataclass) from the fields of ``group`` (a config group) it declares, then
-    ``overrides``; the group's other fields belong to other consumers."""
-    names = [f.name for f in dataclasses.fields(cls)]
-    return cls(**{**{k: group[k] for k in names if k in group}, **overrides})
 
 
 def router_config(config) -> RouterConfig:

@@ -11,6 +11,7 @@ the last good checkpoint (or skips the step with ``train.nonfinite='skip'``).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -25,11 +26,37 @@ from tqdm.auto import tqdm
 from iclm_jax import checkpoint, config_check, evaluate, report, sharding, sharding_report
 from iclm_jax.data import pipeline, sources
 from iclm_jax.data.reference import fit_reference, score_reference
-from iclm_jax.fields import csv
-from iclm_jax.train.optim import effective_warmup
+from iclm_jax.data.sources import DataConfig
+from iclm_jax.fields import csv, typed
+from iclm_jax.train.optim import OptimConfig, effective_warmup
 from iclm_jax.train.preemption import EXIT_PREEMPTED, PreemptionWatcher
 from iclm_jax.train.run import Run, start_fresh
 from iclm_jax.train.step import FINITE_TERMS
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """The loop's fields of the ``train`` group (the optimiser's are ``OptimConfig``)."""
+    steps: int
+    batch_size: int
+    log_every: int
+    time_limit_s: float = 0.0     # 0 = none; else stop training after this many seconds (evaluation excluded)
+    nonfinite: str = "stop"       # step.NONFINITE
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    every: int                    # 0 = at the end only
+    batch_size: int
+    during: str = ""              # comma list of the eval sets evaluated every `every` steps ("": all)
+    at_start: bool = False        # also before the first step
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int                    # 0 = at the end only
+    keep: int
+    best_metric: str = ""         # "<eval set>/<metric>": also keep the best checkpoint by it
 
 
 class NonFiniteError(FloatingPointError):
@@ -49,7 +76,7 @@ def train(config, workdir: str, *, quiet: bool = False) -> dict:
     tr.restore_or_init()
     try:
         tr.steps()
-        results = _evaluate_all(tr.run, tr.data, tr.writer, tr.step, tr.best, config, tr.clock())
+        results = _evaluate_all(tr.run, tr.data, tr.writer, tr.step, tr.best, tr.ckpt.best_metric, tr.clock())
     finally:
         tr.close()
     return tr.finish(results)
@@ -62,16 +89,19 @@ class _Training:
     def build(cls, config, workdir: str, quiet: bool) -> "_Training":
         tr = cls()
         tr.config, tr.workdir, tr.quiet = config, workdir, quiet
+        tr.loop, tr.eval = typed(LoopConfig, config.train), typed(EvalConfig, config.eval)
+        tr.ckpt, data_cfg = typed(CheckpointConfig, config.checkpoint), typed(DataConfig, config.data)
         tr.is_main = jax.process_index() == 0
         tr.stored_config = _prepare_workdir(config, workdir)
         # Resume and preemption notices go to stderr even with quiet (which hides the bar and tables).
         tr.say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if tr.is_main else (lambda *a: None)
-        warmup = effective_warmup(config.train.warmup_steps, config.train.steps)
-        if warmup != config.train.warmup_steps:
-            tr.say(f"train.warmup_steps={config.train.warmup_steps} exceeds train.steps={config.train.steps}: "
+        optim = typed(OptimConfig, config.train)
+        warmup = effective_warmup(optim.warmup_steps, optim.steps)
+        if warmup != optim.warmup_steps:
+            tr.say(f"train.warmup_steps={optim.warmup_steps} exceeds train.steps={optim.steps}: "
                    f"warming up over {warmup} steps (a tenth of the run)")
         tr.t0 = time.time()
-        data = tr.data = sources.build(config.data, config.seed)
+        data = tr.data = sources.build(data_cfg, config.seed)
         config_check.validate_loaded(config, data)
         if tr.is_main:
             data.tokenizer.save(os.path.join(workdir, "tokenizer"))
@@ -79,20 +109,18 @@ class _Training:
                 json.dump({"max_len": data.max_len, "num_slots": data.num_slots,
                            "train_examples": len(data.train_examples)}, f)
         run = tr.run = Run(config, workdir, data)
-        _check_disk(workdir, run.state_bytes(), config.checkpoint.keep)
+        _check_disk(workdir, run.state_bytes(), tr.ckpt.keep)
         if not quiet:
             tr.say(sharding_report.summary_line(run.state, run.mesh, run.rules))
-        t = config.train
-        stream = bool(config.data.get("stream", False))   # an endless source is read in order, once
+        stream, batch = data_cfg.stream, tr.loop.batch_size   # an endless source is read in order, once
         ds = pipeline.make_dataset(
             data.train_examples, data.tokenizer, max_len=data.max_len,
-            batch_size=t.batch_size, num_slots=data.num_slots, seed=config.seed, shuffle=not stream,
-            repeat=not stream, stream=stream, rows=sharding.process_rows(run.mesh, t.batch_size, run.rules),
-            worker_count=config.data.workers)
+            batch_size=batch, num_slots=data.num_slots, seed=config.seed, shuffle=not stream,
+            repeat=not stream, stream=stream, rows=sharding.process_rows(run.mesh, batch, run.rules),
+            worker_count=data_cfg.workers)
         tr.it = iter(ds)
-        tr.mngr = checkpoint.manager(workdir, config.checkpoint.keep)
-        tr.best = (checkpoint.manager(workdir, 1, "best", config.checkpoint.best_metric)
-                   if config.checkpoint.best_metric else None)
+        tr.mngr = checkpoint.manager(workdir, tr.ckpt.keep)
+        tr.best = (checkpoint.manager(workdir, 1, "best", tr.ckpt.best_metric) if tr.ckpt.best_metric else None)
         return tr
 
     def restore_or_init(self) -> None:
@@ -140,15 +168,15 @@ class _Training:
     def evaluate_during(self, step: int, best_mngr, time_s: float) -> None:
         """The eval sets of ``eval.during``, kept out of the training clock and of tokens/s."""
         e0 = time.time()
-        _evaluate_all(self.run, self.data, self.writer, step, best_mngr, self.config, time_s,
-                      only=csv(self.config.eval.get("during", "")))
+        _evaluate_all(self.run, self.data, self.writer, step, best_mngr, self.ckpt.best_metric, time_s,
+                      only=csv(self.eval.during))
         self.eval_s += time.time() - e0
         self.tok_t0 += time.time() - e0
 
     def steps(self) -> None:
         """Steps ``start + 1 ..`` to ``train.steps`` (or the time limit); saves the last one."""
-        config, run, t = self.config, self.run, self.config.train
-        if config.eval.get("at_start", False) and self.start == 0:   # the untrained (e.g. zero-shot) model
+        run, t = self.run, self.loop
+        if self.eval.at_start and self.start == 0:   # the untrained (e.g. zero-shot) model
             self.evaluate_during(0, None, 0.0)
         bar = tqdm(total=t.steps, initial=self.start, desc="train", disable=self.quiet or not self.is_main,
                    dynamic_ncols=True)
@@ -169,9 +197,9 @@ class _Training:
                 self.log(step, metrics, tokens, interval, bar)
                 tokens, interval = [], []
             bar.update(1)
-            if config.checkpoint.every and step % config.checkpoint.every == 0:
+            if self.ckpt.every and step % self.ckpt.every == 0:
                 self.save(step)
-            if config.eval.every and step % config.eval.every == 0 and step < t.steps:
+            if self.eval.every and step % self.eval.every == 0 and step < t.steps:
                 self.evaluate_during(step, self.best, self.clock())
             if self.watcher.should_stop(step, self.mngr):
                 self.save(step, force=True)
@@ -244,7 +272,7 @@ class _Training:
         return summary
 
 
-def _evaluate_all(run: Run, data, writer, step: int, best, config, time_s: float | None = None,
+def _evaluate_all(run: Run, data, writer, step: int, best, best_metric: str, time_s: float | None = None,
                   only: list[str] | None = None) -> dict:
     """Evaluate every eval set (or those named in ``only``, when any of them exists); each metrics.jsonl
     record carries ``time_s`` (training seconds at ``step``)."""
@@ -252,18 +280,18 @@ def _evaluate_all(run: Run, data, writer, step: int, best, config, time_s: float
     sets = [es for es in data.eval_sets if es.name in (only or ())] or data.eval_sets
     if best is not None:    # the best-checkpoint metric needs its set
         sets += [es for es in data.eval_sets
-                 if es.name == config.checkpoint.best_metric.partition("/")[0] and es not in sets]
+                 if es.name == best_metric.partition("/")[0] and es not in sets]
     for es in sets:
         results[es.name] = run.evaluate(es.examples)
         extra = {} if time_s is None else {"time_s": time_s}
         writer.write(step, {**_eval_scalars(results[es.name]), **extra}, prefix=f"eval/{es.name}")
     if best is not None:
-        name = config.checkpoint.best_metric
+        name = best_metric
         split, _, key = name.partition("/")
         if split not in results or key not in results[split]:
             raise config_check.ConfigError(f"checkpoint.best_metric={name!r}: no such eval metric; "
                                            f"have {sorted(results)} x {sorted(results[next(iter(results))])}")
-        checkpoint.save(best, step, run.state, _meta(config, data, step),
+        checkpoint.save(best, step, run.state, _meta(run.config, data, step),
                         metrics={name: results[split][key]})
     return results
 

@@ -14,7 +14,7 @@ from iclm_jax.config_check import ConfigError
 from iclm_jax.data import acre, sources
 from iclm_jax.data.reference import fit_reference, score_reference
 from iclm_jax.data.tokenizer import load_tokenizer
-from iclm_jax.fields import csv
+from iclm_jax.fields import csv, typed
 from iclm_jax.padding import round_up
 from iclm_jax.train import build
 from iclm_jax.train.step import make_steps
@@ -114,9 +114,8 @@ class LoadedRun(Run):
     def evaluate_file(self, path: str, batch_size: int | None = None):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--data {path}: no such file")
-        d = self.config.data
-        examples, problems = sources.file_examples(path, tuple(csv(d.styles)), bool(d.packed),
-                                                   d.get("form", "full"))
+        d = typed(sources.DataConfig, self.config.data)
+        examples, problems = sources.file_examples(path, tuple(csv(d.styles)), d.packed, d.form)
         need = max(sources.row_length(e, self.data.tokenizer) for e in examples) + 1
         if need > self.data.max_len:
             self.data.max_len = round_up(need, 32)
@@ -128,7 +127,7 @@ class LoadedRun(Run):
             if d.train_file:
                 train = acre.load_problems(d.train_file)
             else:
-                generate = sources.GENERATORS[d.get("task", "acre")]
+                generate = sources.GENERATORS[d.task]
                 train = generate(d.train_split, "train", d.train_problems, self.config.seed)
             ref = {k: score_reference(p, problems) for k, p in fit_reference(train).items()}
         return os.path.basename(path), res, ref
