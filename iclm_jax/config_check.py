@@ -33,6 +33,9 @@ class ConfigError(ValueError):
     """One or more invalid config fields; the message lists each with its allowed values."""
 
 
+WEIGHT_MAX = 1e3      # loss weights beyond this only make one term drown the rest (and overflow in bfloat16)
+
+
 class _Errors(list):
     def need(self, cond: bool, field: str, value, allowed: str) -> None:
         if not cond:
@@ -51,6 +54,12 @@ def validate(c, *, num_devices: int | None = None) -> None:
 
 def validate_loaded(c, data) -> None:
     """Checks that need the loaded data (``sources.RunData``)."""
+    n = c.data.num_domains
+    for name, examples in [("training", data.train_sample)] + [(es.name, es.examples) for es in data.eval_sets]:
+        bad = next((e for e in examples if e.domain >= n), None)
+        if bad is not None:
+            raise ConfigError(f"{bad.source or name}: domain {bad.domain} is not below data.num_domains={n} "
+                              f"(in the {name} examples); raise data.num_domains or fix the data")
     if c.router.mode == "oracle":
         unlabeled = sum(1 for e in data.train_sample if e.domain < 0)   # a stream: its head
         if unlabeled:
@@ -67,6 +76,7 @@ def _model(c, errs: _Errors) -> None:
         need(m.n_heads % m.n_kv_heads == 0, "model.n_heads", m.n_heads,
              f"a multiple of model.n_kv_heads={m.n_kv_heads}")
     need(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "> 0")
+    need(0 < m.norm_eps < 1, "model.norm_eps", m.norm_eps, "in (0, 1)")
     need(m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {tuple(DTYPES)}")
     need(m.get("remat", "none") in REMAT, "model.remat", m.get("remat"), f"one of {REMAT}")
     need(isinstance(m.get("scan_layers", False), bool), "model.scan_layers", m.get("scan_layers"),
@@ -90,7 +100,7 @@ def _model(c, errs: _Errors) -> None:
 def _lora(c, errs: _Errors) -> None:
     lo, need = c.lora, errs.need
     need(1 <= lo.rank <= c.model.d_model, "lora.rank", lo.rank, f"1 <= rank <= model.d_model={c.model.d_model}")
-    need(lo.alpha > 0, "lora.alpha", lo.alpha, "> 0")
+    need(0 < lo.alpha <= 1e4, "lora.alpha", lo.alpha, "in (0, 10000] (the adapter scale is alpha / rank)")
     need(0.0 <= lo.dropout < 1.0, "lora.dropout", lo.dropout, "in [0, 1)")
     bad = [x for x in csv(lo.targets) if x not in LORA_TARGETS]
     need(not bad and csv(lo.targets), "lora.targets", lo.targets, f"a comma list from {LORA_TARGETS}")
@@ -104,27 +114,31 @@ def _router(c, errs: _Errors) -> None:
     need(0.0 < r.ema_decay < 1.0, "router.ema_decay", r.ema_decay, "in (0, 1)")
     need(r.proj_dim >= 0, "router.proj_dim", r.proj_dim, ">= 0")
     need(r.temperature > 0, "router.temperature", r.temperature, "> 0")
-    need(r.weight >= 0, "router.weight", r.weight, ">= 0")
-    need(r.commitment >= 0, "router.commitment", r.commitment, ">= 0")
+    need(0 <= r.weight <= WEIGHT_MAX, "router.weight", r.weight, f"in [0, {WEIGHT_MAX:g}]")
+    need(0 <= r.commitment <= WEIGHT_MAX, "router.commitment", r.commitment, f"in [0, {WEIGHT_MAX:g}]")
+    need(0 <= r.dead_threshold < 1, "router.dead_threshold", r.dead_threshold,
+         "in [0, 1) (a fraction of a code's fair share of rows)")
     if r.source == "invariant" and not m.invariant and m.num_modules > 1:
         errs.append("router.source='invariant' needs model.invariant=True: use 'base' or 'adapter'")
-    if r.mode == "oracle":   # and every training example needs a domain label: validate_loaded
-        need(c.data.num_domains >= 1, "data.num_domains", c.data.num_domains, ">= 1 for router.mode='oracle'")
 
 
 def _mi(c, errs: _Errors) -> None:
     mi, need = c.mi, errs.need
     need(mi.estimator in ESTIMATORS, "mi.estimator", mi.estimator, f"one of {ESTIMATORS}")
-    need(mi.weight >= 0, "mi.weight", mi.weight, ">= 0")
+    need(0 <= mi.weight <= WEIGHT_MAX, "mi.weight", mi.weight, f"in [0, {WEIGHT_MAX:g}]")
     need(mi.apply_to in APPLY_TO, "mi.apply_to", mi.apply_to, f"one of {APPLY_TO}")
-    need(mi.critic_lr > 0, "mi.critic_lr", mi.critic_lr, "> 0")
+    need(0 < mi.critic_lr <= 1, "mi.critic_lr", mi.critic_lr, "in (0, 1]")
+    need(mi.critic_hidden >= 1, "mi.critic_hidden", mi.critic_hidden, "an integer >= 1")
+    need(mi.critic_depth >= 1, "mi.critic_depth", mi.critic_depth, "an integer >= 1")
+    need(mi.clip > 0, "mi.clip", mi.clip, "> 0 (critic scores are capped at it inside the exponent)")
     need(0.0 < mi.ema_decay < 1.0, "mi.ema_decay", mi.ema_decay, "in (0, 1)")
 
 
 def _loss(c, errs: _Errors) -> None:
     lo, need = c.loss, errs.need
-    need(lo.aux_weight >= 0, "loss.aux_weight", lo.aux_weight, ">= 0")
-    need(lo.get("context_weight", 0.0) >= 0, "loss.context_weight", lo.get("context_weight"), ">= 0")
+    need(0 <= lo.aux_weight <= WEIGHT_MAX, "loss.aux_weight", lo.aux_weight, f"in [0, {WEIGHT_MAX:g}]")
+    cw = lo.get("context_weight", 0.0)
+    need(0 <= cw <= WEIGHT_MAX, "loss.context_weight", cw, f"in [0, {WEIGHT_MAX:g}]")
     chunk = lo.get("logit_chunk", 64)
     need(isinstance(chunk, int) and chunk >= 1, "loss.logit_chunk", chunk, "an int >= 1")
 
@@ -138,6 +152,8 @@ def _data(c, errs: _Errors) -> None:
     bad = [x for x in csv(d.eval_splits) if x not in SPLITS]
     need(not bad, "data.eval_splits", d.eval_splits, f"a comma list from {SPLITS}")
     need(d.train_problems >= 1 or bool(d.train_file), "data.train_problems", d.train_problems, ">= 1")
+    need(d.eval_problems >= 0, "data.eval_problems", d.eval_problems, ">= 0")
+    need(d.num_domains >= 1, "data.num_domains", d.num_domains, "an integer >= 1")
     need(d.get("form", "full") in FORMS, "data.form", d.get("form"), f"one of {FORMS}")
     need(d.get("val_problems", 0) >= 0, "data.val_problems", d.get("val_problems"), ">= 0 (0 = none)")
     need(not d.get("extra_queries", False) or bool(d.packed), "data.extra_queries",
@@ -158,16 +174,21 @@ def _train(c, errs: _Errors) -> None:
     t, need = c.train, errs.need
     need(t.steps >= 1, "train.steps", t.steps, "an integer >= 1")
     need(t.batch_size >= 1, "train.batch_size", t.batch_size, "an integer >= 1")
-    need(t.lr > 0, "train.lr", t.lr, "> 0")
+    need(0 < t.lr <= 1, "train.lr", t.lr, "in (0, 1]")
+    need(0 <= t.final_lr_fraction <= 1, "train.final_lr_fraction", t.final_lr_fraction, "in [0, 1]")
+    need(0 <= t.b1 < 1, "train.b1", t.b1, "in [0, 1)")
+    need(0 <= t.b2 < 1, "train.b2", t.b2, "in [0, 1)")
+    need(t.get("time_limit_s", 0.0) >= 0, "train.time_limit_s", t.get("time_limit_s"), ">= 0 (0 = no limit)")
     need(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps,
          ">= 0 (above train.steps: a tenth of the steps is used)")
-    need(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, ">= 0")
+    need(0 <= t.weight_decay <= 1, "train.weight_decay", t.weight_decay, "in [0, 1]")
     need(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, ">= 0 (0 = off)")
     need(t.get("adam_eps", 1e-8) > 0, "train.adam_eps", t.get("adam_eps"), "> 0")
     need(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "an integer >= 1")
     need(t.log_every >= 1, "train.log_every", t.log_every, "an integer >= 1")
     need(t.nonfinite in NONFINITE, "train.nonfinite", t.nonfinite, f"one of {NONFINITE}")
     need(c.eval.batch_size >= 1, "eval.batch_size", c.eval.batch_size, "an integer >= 1")
+    need(c.eval.every >= 0, "eval.every", c.eval.every, ">= 0 (0 = at the end only)")
 
 
 def _checkpoint(c, errs: _Errors) -> None:

@@ -50,6 +50,12 @@ BAD = [
     ("data.max_len", -1), ("data.train_file", "/nonexistent.json"), ("model.rope_theta", 0.0),
     ("mi.apply_to", "some"), ("mi.critic_lr", 0.0), ("router.temperature", 0.0), ("train.adam_eps", 0.0),
     ("rules.embed", "fsdp,model"), ("mesh.slices", 0), ("model.canon", -1),
+    # numeric ranges (the harden issue's accepted-and-run cases)
+    ("train.final_lr_fraction", -5.0), ("train.b1", 2.0), ("train.b2", -1.0), ("eval.every", -1),
+    ("train.time_limit_s", -1.0), ("mi.clip", -1.0), ("mi.critic_hidden", 0), ("mi.critic_depth", 0),
+    ("data.num_domains", 0), ("router.dead_threshold", 5.0), ("lora.alpha", 1e30), ("mi.weight", 1e30),
+    ("data.eval_problems", -5), ("train.lr", 5.0), ("train.weight_decay", 2.0), ("model.norm_eps", 0.0),
+    ("loss.context_weight", 1e9), ("router.commitment", -1.0), ("mi.critic_lr", 3.0),
 ]
 
 
@@ -179,8 +185,20 @@ def test_every_typed_field_is_in_its_config_group(arg):
 
 def test_validate_loaded_refuses_oracle_routing_without_domain_labels():
     config = acre_cfg.get_config("oracle")
-    labeled, unlabeled = SimpleNamespace(domain=1), SimpleNamespace(domain=-1)
-    validate_loaded(config, SimpleNamespace(train_sample=[labeled, labeled]))
+    labeled, unlabeled = SimpleNamespace(domain=1, source=""), SimpleNamespace(domain=-1, source="")
+    validate_loaded(config, SimpleNamespace(train_sample=[labeled, labeled], eval_sets=[]))
     with pytest.raises(ConfigError, match="2 training examples have none"):
-        validate_loaded(config, SimpleNamespace(train_sample=[unlabeled, labeled, unlabeled]))
-    validate_loaded(acre_cfg.get_config(), SimpleNamespace(train_sample=[unlabeled]))   # hard routing: fine
+        validate_loaded(config, SimpleNamespace(train_sample=[unlabeled, labeled, unlabeled], eval_sets=[]))
+    validate_loaded(acre_cfg.get_config(), SimpleNamespace(train_sample=[unlabeled], eval_sets=[]))  # hard: fine
+
+
+def test_validate_loaded_refuses_a_domain_beyond_num_domains():
+    """A JSONL record with "domain": 7 would be routed to module 7 mod K by oracle routing."""
+    config = acre_cfg.get_config()
+    ok = SimpleNamespace(domain=1, source="")
+    seven = SimpleNamespace(domain=7, source="data.jsonl:3")
+    with pytest.raises(ConfigError, match=r"data.jsonl:3: domain 7 is not below data.num_domains=2"):
+        validate_loaded(config, SimpleNamespace(train_sample=[ok, seven], eval_sets=[]))
+    evals = [SimpleNamespace(name="IID", examples=[seven])]
+    with pytest.raises(ConfigError, match="IID examples"):
+        validate_loaded(config, SimpleNamespace(train_sample=[ok], eval_sets=evals))

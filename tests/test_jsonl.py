@@ -70,6 +70,9 @@ BAD = [
     ('{"input": "a", "ideal": "b", "type": "causal"}', "unknown type 'causal'"),
     ('{"input": "a", "ideal": "b", "type": [1]}', "'type' must be"),
     ('{"input": "a", "ideal": "b", "label": "on"}', "'label' must be"),
+    ('{"input": "a", "ideal": "b", "label": 9}', r"'label' must be an id in \[-1, 3\).*got 9"),
+    ('{"input": "a", "ideal": "b", "type": 99}', r"'type' must be .*got 99"),
+    ('{"input": "a", "ideal": "b", "domain": -4}', r"'domain' must be .*got -4"),
     ('{"input": "a", "queries": []}', "'queries' must be"),
     ('{"input": "a", "queries": [{"input": "q"}]}', r"queries\[0\] must be"),
 ]

@@ -25,7 +25,7 @@ import json
 import os
 from typing import Iterable
 
-from iclm_jax.data.acre import QUERY_TYPES
+from iclm_jax.data.acre import LABELS, QUERY_TYPES
 from iclm_jax.data.render import DOMAINS, Example, PackedExample
 
 
@@ -71,8 +71,9 @@ def _domain(rec: dict, where: str, domains: dict) -> int:
         if d not in domains:
             raise JsonlError(f"{where}: unknown domain {d!r}; known: {sorted(domains)}")
         return int(domains[d])
-    if not _is_int(d):
-        raise JsonlError(f"{where}: 'domain' must be an int or a string, got {type(d).__name__}")
+    if not _is_int(d) or d < -1:
+        raise JsonlError(f"{where}: 'domain' must be a name of {sorted(domains)} or an id >= -1 (-1 = unknown), "
+                         f"got {d!r}")
     return d
 
 
@@ -83,15 +84,17 @@ def _query_type(rec: dict, where: str) -> int:
         if t not in types:
             raise JsonlError(f"{where}: unknown type {t!r}; expected one of {types} or an int")
         return types.index(t)
-    if not _is_int(t):
-        raise JsonlError(f"{where}: 'type' must be an int or a string, got {type(t).__name__}")
+    if not _is_int(t) or not -1 <= t < len(QUERY_TYPES):
+        raise JsonlError(f"{where}: 'type' must be a name of {QUERY_TYPES} or an id in [-1, {len(QUERY_TYPES)}) "
+                         f"(-1 = unknown), got {t!r}")
     return t
 
 
 def _label(rec: dict, where: str) -> int:
     lab = rec.get("label", -1)
-    if not _is_int(lab):
-        raise JsonlError(f"{where}: 'label' must be an int, got {type(lab).__name__}")
+    if not _is_int(lab) or not -1 <= lab < len(LABELS):
+        raise JsonlError(f"{where}: 'label' must be an id in [-1, {len(LABELS)}) of {LABELS} (-1 = unknown), "
+                         f"got {lab!r}")
     return lab
 
 
