@@ -166,6 +166,47 @@ def test_sigterm_saves_current_step_and_exits_with_documented_status(reference_r
 
 
 @pytest.mark.slow
+def test_sigterm_on_a_periodic_save_step_exits_143_and_resumes_exactly(reference_run, tmp_path):
+    """checkpoint.every=1: the notice always lands on a step that was just saved (it used to exit 2 with
+    orbax's StepAlreadyExistsError)."""
+    from iclm_jax.train.preemption import EXIT_PREEMPTED
+    work = tmp_path / "run"
+    proc = _start(work, "--config.checkpoint.every=1")
+    _wait_for_steps(proc, work, 4)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=300)
+    err = proc.stderr.read()
+    assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
+    assert "preemption notice: saved step" in err and "Error" not in err
+    r = _run(work, "--config.checkpoint.every=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _losses(work) == _losses(reference_run)
+    _assert_same_state(_final_state(work), _final_state(reference_run))
+
+
+def test_sigterm_on_the_last_step_saves_it_and_the_rerun_only_evaluates(tmp_path, monkeypatch):
+    """A notice on the last step saves it and exits 143; rerunning evaluates and writes the summary."""
+    from iclm_jax.train import loop
+    from tests.test_step import acre_cfg
+    c = acre_cfg.get_config()
+    for flag in TINY[:-2]:
+        field, value = flag.removeprefix("--config.").split("=")
+        group, name = field.split(".")
+        c[group][name] = type(c[group][name])(value)
+    c.train.steps, c.checkpoint.every, c.train.batch_size = 3, 1, 8    # in-process: 8 (fake) devices
+    monkeypatch.setattr(loop.PreemptionWatcher, "should_stop", lambda self, step, mngr=None: step == 3)
+    work = str(tmp_path / "run")
+    with pytest.raises(loop.Preempted) as stopped:
+        loop.train(c, work, quiet=True)
+    assert stopped.value.step == 3 and stopped.value.code == 143
+    assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["1", "2", "3"]
+    assert not os.path.exists(os.path.join(work, "summary.json"))
+    summary = loop.train(c, work, quiet=True)
+    assert summary["resumed_from"] == 3 and summary["steps"] == 3 and "IID" in summary["eval"]
+    assert os.path.exists(os.path.join(work, "summary.json"))
+
+
+@pytest.mark.slow
 def test_nonfinite_stops_naming_step_and_term_and_keeps_last_good_checkpoint(tmp_path):
     work = tmp_path / "run"
     r = _run(work, "--config.train.lr=1e6", "--config.train.grad_clip=0", "--config.checkpoint.every=1")

@@ -127,8 +127,9 @@ class _Training:
         """Resume from the workdir's latest finalized checkpoint (refusing an incompatible config), else
         start fresh and write the config; then open the metrics writer and the preemption watcher."""
         config, workdir = self.config, self.workdir
-        self.start = 0
+        self.start, self.saved_step = 0, None
         latest = self.mngr.latest_step()
+        self.resumed = latest is not None
         if latest is not None:
             diffs = checkpoint.config_mismatch(self.stored_config or {}, json.loads(config.to_json_best_effort()))
             if diffs:
@@ -162,8 +163,12 @@ class _Training:
         return self.time_offset + time.time() - self.train_t0 - self.eval_s
 
     def save(self, step: int, force: bool = False) -> None:
+        """Save ``step`` unless it is saved already (a preemption notice on a periodic save's step)."""
+        if step in (self.saved_step, self.start if self.resumed else None):
+            return
         checkpoint.save(self.mngr, step, self.run.state, _meta(self.config, self.data, step), self.it.get_state(),
                         force=force)
+        self.saved_step = step
 
     def evaluate_during(self, step: int, best_mngr, time_s: float) -> None:
         """The eval sets of ``eval.during``, kept out of the training clock and of tokens/s."""
@@ -211,8 +216,7 @@ class _Training:
         self.train_s = time.time() - self.train_t0 - self.eval_s
         self.wall_s = time.time() - self.train_t0
         bar.close()
-        if self.mngr.latest_step() != self.step:
-            self.save(self.step)
+        self.save(self.step)
 
     def log(self, step: int, metrics: dict, tokens: list, interval: list, bar) -> None:
         """One metrics.jsonl record: the last step's metrics, answer metrics over the whole interval."""
