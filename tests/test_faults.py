@@ -184,6 +184,24 @@ def test_sigterm_on_a_periodic_save_step_exits_143_and_resumes_exactly(reference
     _assert_same_state(_final_state(work), _final_state(reference_run))
 
 
+@pytest.mark.slow
+def test_a_second_writer_on_a_workdir_is_refused_while_the_first_trains(tmp_path):
+    """Two real processes on one workdir: the second exits 2 naming the first; the first finishes alone."""
+    work = tmp_path / "run"
+    first = _start(work, "--config.checkpoint.every=1", "--config.train.steps=40")
+    _wait_for_steps(first, work, 2)
+    second = _run(work, "--config.checkpoint.every=1", "--config.train.steps=40")
+    assert second.returncode == 2, second.stderr[-2000:]
+    line = second.stderr.strip().splitlines()[-1]
+    assert f"is in use by another run (pid {first.pid} on " in line and "WorkdirBusy" in line
+    first.wait(timeout=600)
+    assert first.returncode == 0, first.stderr.read()[-2000:]
+    steps = [json.loads(x)["step"] for x in open(work / "metrics.jsonl") if json.loads(x)["split"] == "train"]
+    assert steps == list(range(1, 41))                      # no duplicated steps from a second writer
+    r = _run(work, "--config.checkpoint.every=1", "--config.train.steps=40")   # the lock is free again
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def test_sigterm_on_the_last_step_saves_it_and_the_rerun_only_evaluates(tmp_path, monkeypatch):
     """A notice on the last step saves it and exits 143; rerunning evaluates and writes the summary."""
     from iclm_jax.train import loop

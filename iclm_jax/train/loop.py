@@ -28,6 +28,7 @@ from iclm_jax.data import pipeline, sources
 from iclm_jax.data.reference import fit_reference, score_reference
 from iclm_jax.data.sources import DataConfig
 from iclm_jax.fields import csv, typed
+from iclm_jax.train import workdir_lock
 from iclm_jax.train.optim import OptimConfig, effective_warmup
 from iclm_jax.train.preemption import EXIT_PREEMPTED, PreemptionWatcher
 from iclm_jax.train.run import Run, start_fresh
@@ -72,27 +73,29 @@ class Preempted(SystemExit):
 def train(config, workdir: str, *, quiet: bool = False) -> dict:
     """Train per ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the summary."""
     config_check.validate(config)
-    tr = _Training.build(config, workdir, quiet)
-    tr.restore_or_init()
-    try:
-        tr.steps()
-        results = _evaluate_all(tr.run, tr.data, tr.writer, tr.step, tr.best, tr.ckpt.best_metric, tr.clock())
-    finally:
-        tr.close()
-    return tr.finish(results)
+    stored_config = _prepare_workdir(config, workdir)
+    with workdir_lock.hold(workdir, enabled=jax.process_index() == 0):
+        tr = _Training.build(config, workdir, quiet, stored_config)
+        tr.restore_or_init()
+        try:
+            tr.steps()
+            results = _evaluate_all(tr.run, tr.data, tr.writer, tr.step, tr.best, tr.ckpt.best_metric, tr.clock())
+        finally:
+            tr.close()
+        return tr.finish(results)
 
 
 class _Training:
     """One ``train`` call's state: the run, its data iterator, checkpoint managers and clocks."""
 
     @classmethod
-    def build(cls, config, workdir: str, quiet: bool) -> "_Training":
+    def build(cls, config, workdir: str, quiet: bool, stored_config: dict | None) -> "_Training":
         tr = cls()
         tr.config, tr.workdir, tr.quiet = config, workdir, quiet
         tr.loop, tr.eval = typed(LoopConfig, config.train), typed(EvalConfig, config.eval)
         tr.ckpt, data_cfg = typed(CheckpointConfig, config.checkpoint), typed(DataConfig, config.data)
         tr.is_main = jax.process_index() == 0
-        tr.stored_config = _prepare_workdir(config, workdir)
+        tr.stored_config = stored_config
         # Resume and preemption notices go to stderr even with quiet (which hides the bar and tables).
         tr.say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if tr.is_main else (lambda *a: None)
         optim = typed(OptimConfig, config.train)
