@@ -3,6 +3,7 @@ latest checkpoint of a run for ``transformers`` / ``peft`` users (the layout: ``
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from flax import nnx
@@ -15,6 +16,10 @@ from iclm_jax.train.run import load_run
 def export(workdir: str, out: str, *, force: bool = False,
            shard_bytes: int = DEFAULT_SHARD_BYTES, custom: bool = True) -> str:
     """Export the latest checkpoint of the run in ``workdir`` to ``out`` (see module docstring)."""
+    w, o = os.path.realpath(workdir), os.path.realpath(out)
+    if o == w or o.startswith(w + os.sep) or w.startswith(o + os.sep):
+        raise OutputError(f"--out {out}: is, is inside or holds --workdir {workdir}; export to a separate "
+                          "directory (an export never replaces a run, even with --force)")
     final = check_out(out, force)             # before the checkpoint load (seconds to minutes)
     model, tokenizer, max_len = _load_run(workdir)
     return export_model(model, tokenizer, final, force=force, shard_bytes=shard_bytes,

@@ -322,6 +322,28 @@ def test_cli_checks_out_before_loading(problem, tmp_path, capsys, monkeypatch, r
     assert all(w in err for w in words), err
 
 
+@pytest.mark.parametrize("where", ["same", "inside", "above", "dotdot", "other_run", "holds_other_run"])
+@pytest.mark.parametrize("force", [False, True])
+def test_cli_never_replaces_a_run(where, force, tmp_path, capsys, monkeypatch):
+    """--out equal to, inside or above the workdir, or holding any run: exit 2, nothing touched."""
+    monkeypatch.setattr(export_cli, "_load_run", lambda workdir: pytest.fail("checkpoint loaded first"))
+    runs = tmp_path / "runs"
+    work, other = runs / "e2", runs / "e3"
+    for r in (work, other):
+        (r / "checkpoints" / "10").mkdir(parents=True)
+        (r / "config.json").write_text("{}")
+    (tmp_path / "unrelated.txt").write_text("keep me")
+    out = {"same": work, "inside": work / "export", "above": runs, "dotdot": other / "run" / "..",
+           "other_run": other, "holds_other_run": tmp_path}[where]
+    argv = ["--workdir", str(work), "--out", str(out)] + (["--force"] if force else [])
+    assert export_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("iclm-export: --out ") and "never replaces a run" in err, err
+    for r in (work, other):
+        assert (r / "checkpoints" / "10").is_dir() and (r / "config.json").read_text() == "{}"
+    assert (tmp_path / "unrelated.txt").read_text() == "keep me"
+
+
 @pytest.mark.parametrize("where", ["safetensors", "json"])
 def test_cli_disk_full_is_one_line(where, tmp_path, capsys, monkeypatch, tok):
     """A full disk while writing (simulated ENOSPC): exit 2, one line, nothing left behind."""

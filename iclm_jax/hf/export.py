@@ -184,6 +184,10 @@ def check_out(out: str, force: bool) -> str:
     if os.path.lexists(final) and not os.path.isdir(final):
         raise OutputError(f"--out {final}: exists and is not a directory")
     try:
+        run = _run_inside(final) if os.path.isdir(final) else None
+        if run is not None:
+            raise OutputError(f"--out {final}: holds a training run ({run}); an export never replaces a run, "
+                              "even with --force")
         if os.path.isdir(final) and os.listdir(final) and not force:
             raise OutputError(f"--out {final}: directory exists and is not empty; pass --force to "
                               f"replace it")
@@ -200,6 +204,20 @@ def check_out(out: str, force: bool) -> str:
         raise OutputError(f"--out {final}: cannot create a directory in {existing} "
                           f"({e.strerror})") from None
     return final
+
+
+def is_run_dir(path: str) -> bool:
+    """A training run's workdir: it has ``checkpoints/`` or the workdir lock."""
+    return os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isfile(os.path.join(path, ".lock"))
+
+
+def _run_inside(path: str) -> str | None:
+    """The first run directory at or below ``path``, if any."""
+    for root, dirs, _ in os.walk(path):
+        if is_run_dir(root):
+            return root
+        dirs[:] = [d for d in dirs if not d.startswith(".iclm-export")]
+    return None
 
 
 def _write_all(model, tokenizer, tmp: str, *, shard_bytes: int, max_positions: int,
