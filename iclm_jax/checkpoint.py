@@ -8,24 +8,12 @@ that is ignored, and the previous step stays the latest.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
-
-# Config fields that define the shapes and meaning of the saved state: a resumed run must match them.
-STRUCTURAL_FIELDS = (
-    "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads",
-    "model.head_dim", "model.mlp_dim", "model.tie_embeddings", "model.num_modules", "model.invariant",
-    "model.aggregator", "model.train_base", "lora.rank", "lora.targets", "router.source",
-    "router.update", "router.proj_dim", "router.center", "mi.estimator", "mi.critic_hidden",
-    "mi.critic_depth", "data.tokenizer", "train.grad_accum", "seed", "model.canon",
-)
-# Values a field takes in a stored config written before the field existed.
-_ABSENT_MEANS = {"model.canon": 0}
 
 
 def _is_key(x) -> bool:
@@ -95,25 +83,6 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: nnx.State, step: int | 
     return from_storable(abstract_state, out["state"]), out["meta"], step, data
 
 
-def config_mismatch(stored: dict, current: dict) -> list[str]:
-    """Structural fields whose values differ between a checkpoint's config and the current one."""
-    diffs = []
-    for field in STRUCTURAL_FIELDS:
-        a, b = (_ABSENT_MEANS.get(field) if v is None else v
-                for v in (_get(stored, field), _get(current, field)))
-        if a != b:
-            diffs.append(f"{field}: checkpoint has {a!r}, config has {b!r}")
-    return diffs
-
-
-def _get(d: dict, dotted: str):
-    for part in dotted.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return None
-        d = d[part]
-    return d
-
-
 def _jsonable(x):
     """grain iterator states are dicts of ints/strings/bytes; bytes go through latin-1."""
     if isinstance(x, bytes):
@@ -133,11 +102,3 @@ def from_jsonable(x):
     if isinstance(x, list):
         return [from_jsonable(v) for v in x]
     return x
-
-
-def read_config(workdir: str) -> dict | None:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)

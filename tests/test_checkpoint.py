@@ -2,10 +2,12 @@
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 from flax import nnx
 
 from iclm_jax import checkpoint, sharding
-from iclm_jax.train import build
+from iclm_jax.config_check import ConfigError
+from iclm_jax.train import build, resume
 from iclm_jax.train.step import make_steps
 from tests.helpers import VOCAB, random_batch
 from tests.test_step import tiny_config
@@ -59,17 +61,30 @@ def test_unfinished_step_is_never_latest(tmp_path):
     assert checkpoint.manager(str(tmp_path)).latest_step() == 1
 
 
-def test_config_mismatch_lists_each_structural_field():
-    a = {"model": {"num_modules": 2, "d_model": 64}, "lora": {"rank": 8}, "seed": 0}
-    b = {"model": {"num_modules": 4, "d_model": 64}, "lora": {"rank": 4}, "seed": 0}
-    diffs = checkpoint.config_mismatch(a, b)
-    assert "model.num_modules: checkpoint has 2, config has 4" in diffs
-    assert "lora.rank: checkpoint has 8, config has 4" in diffs
-    assert not any(d.startswith("model.d_model") for d in diffs)
+def test_resume_mismatch_lists_each_changed_field_but_the_resumable_ones():
+    a = {"model": {"num_modules": 2, "d_model": 64, "rope_theta": 1e4}, "lora": {"rank": 8}, "seed": 0,
+         "train": {"steps": 10, "lr": 1e-3}, "mesh": {"data": 8}}
+    b = {"model": {"num_modules": 4, "d_model": 64, "rope_theta": 5e5}, "lora": {"rank": 4}, "seed": 0,
+         "train": {"steps": 20, "lr": 1e-3}, "mesh": {"data": 1, "fsdp": 8}}
+    assert resume.mismatch(a, b) == ["lora.rank: checkpoint has 8, config has 4",
+                                     "model.num_modules: checkpoint has 2, config has 4",
+                                     "model.rope_theta: checkpoint has 10000.0, config has 500000.0"]
 
 
-def test_a_field_newer_than_the_stored_config_counts_as_its_old_meaning():
-    old = {"model": {"d_model": 64}}                       # written before model.canon existed
-    assert checkpoint.config_mismatch(old, {"model": {"d_model": 64, "canon": 0}}) == []
-    assert checkpoint.config_mismatch(old, {"model": {"d_model": 64, "canon": 4}}) == [
+def test_a_field_newer_than_the_stored_config_counts_as_its_typed_default():
+    old = {"model": {"d_model": 64}, "data": {"styles": "text"}}      # written before canon, form existed
+    new = {"model": {"d_model": 64, "canon": 0}, "data": {"styles": "text", "form": "full"}}
+    assert resume.mismatch(old, new) == []
+    assert resume.mismatch(old, {"model": {"d_model": 64, "canon": 4}, "data": {"styles": "text"}}) == [
         "model.canon: checkpoint has 0, config has 4"]
+    assert resume.mismatch(old, {"model": {"d_model": 64, "new_field": 1}, "data": {"styles": "text"}}) == [
+        "model.new_field: checkpoint has no such field, config has 1"]
+
+
+def test_a_missing_or_truncated_stored_config_is_named(tmp_path):
+    assert resume.read_stored_config(str(tmp_path), has_checkpoint=False) is None
+    with pytest.raises(ConfigError, match=r"config.json: missing, but the workdir holds checkpoints"):
+        resume.read_stored_config(str(tmp_path), has_checkpoint=True)
+    (tmp_path / "config.json").write_text('{"model": {"d_model": 6')
+    with pytest.raises(ConfigError, match=r"config.json: not a readable config"):
+        resume.read_stored_config(str(tmp_path), has_checkpoint=True)

@@ -13,7 +13,7 @@ from iclm_jax.model.mi import MIConfig
 from iclm_jax.model.router import RouterConfig
 from iclm_jax.model.transformer import TransformerConfig
 from iclm_jax.train import build
-from iclm_jax.train.loop import CheckpointConfig, EvalConfig, LoopConfig
+from iclm_jax.train.build import CheckpointConfig, EvalConfig, LoopConfig
 from iclm_jax.train.optim import OptimConfig, make_optimizer
 from tests.test_step import acre_cfg
 

@@ -264,10 +264,15 @@ def test_full_disk_is_refused_before_training(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_incompatible_resume_config_names_each_field(reference_run, tmp_path):
     work = _copy_run(reference_run, tmp_path)
-    r = _run(work, "--config.model.num_modules=3", "--config.lora.rank=4")
+    r = _run(work, "--config.model.num_modules=3", "--config.lora.rank=4", "--config.model.rope_theta=500000")
     assert r.returncode == 2
     assert "model.num_modules: checkpoint has 2, config has 3" in r.stderr
     assert "lora.rank: checkpoint has 2, config has 4" in r.stderr
+    assert "model.rope_theta: checkpoint has 10000.0, config has 500000.0" in r.stderr   # not just shapes
+    os.remove(work / "config.json")
+    r = _run(work)
+    assert r.returncode == 2 and "config.json: missing, but the workdir holds checkpoints" in r.stderr
+    assert r.stderr.strip().count("\n") == 0, r.stderr
 
 
 @pytest.mark.slow

@@ -2,10 +2,13 @@
 
 Each config group the code consumes has a frozen dataclass next to the code that reads it
 (``TransformerConfig``, ``LoraConfig`` in the ICLM's fields, ``RouterConfig``, ``MIConfig``, ``LossConfig``,
-``OptimConfig``, ``DataConfig``; the loop's own in ``train/loop.py``); ``fields.typed`` fills one from its
-group. Fields a stored config predates keep their defaults, so older runs still load.
+``OptimConfig``, ``DataConfig``; the loop's ``LoopConfig``, ``EvalConfig`` and ``CheckpointConfig`` are
+here); ``fields.typed`` fills one from its group. Fields a stored config predates keep their defaults,
+so older runs still load.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import jax.numpy as jnp
 import optax
@@ -21,6 +24,31 @@ from iclm_jax.train.optim import OptimConfig, make_optimizer
 from iclm_jax.train.state import TrainState
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """The loop's fields of the ``train`` group (the optimiser's are ``OptimConfig``)."""
+    steps: int
+    batch_size: int
+    log_every: int
+    time_limit_s: float = 0.0     # 0 = none; else stop training after this many seconds (evaluation excluded)
+    nonfinite: str = "stop"       # step.NONFINITE
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    every: int                    # 0 = at the end only
+    batch_size: int
+    during: str = ""              # comma list of the eval sets evaluated every `every` steps ("": all)
+    at_start: bool = False        # also before the first step
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int                    # 0 = at the end only
+    keep: int
+    best_metric: str = ""         # "<eval set>/<metric>": also keep the best checkpoint by it
 
 
 def router_config(config) -> RouterConfig:

@@ -11,7 +11,6 @@ the last good checkpoint (or skips the step with ``train.nonfinite='skip'``).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -28,36 +27,12 @@ from iclm_jax.data import pipeline, sources
 from iclm_jax.data.reference import fit_reference, score_reference
 from iclm_jax.data.sources import DataConfig
 from iclm_jax.fields import csv, typed
-from iclm_jax.train import workdir_lock
+from iclm_jax.train import resume, workdir_lock
+from iclm_jax.train.build import CheckpointConfig, EvalConfig, LoopConfig
 from iclm_jax.train.optim import OptimConfig, effective_warmup
 from iclm_jax.train.preemption import EXIT_PREEMPTED, PreemptionWatcher
 from iclm_jax.train.run import Run, start_fresh
 from iclm_jax.train.step import FINITE_TERMS
-
-
-@dataclasses.dataclass(frozen=True)
-class LoopConfig:
-    """The loop's fields of the ``train`` group (the optimiser's are ``OptimConfig``)."""
-    steps: int
-    batch_size: int
-    log_every: int
-    time_limit_s: float = 0.0     # 0 = none; else stop training after this many seconds (evaluation excluded)
-    nonfinite: str = "stop"       # step.NONFINITE
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalConfig:
-    every: int                    # 0 = at the end only
-    batch_size: int
-    during: str = ""              # comma list of the eval sets evaluated every `every` steps ("": all)
-    at_start: bool = False        # also before the first step
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointConfig:
-    every: int                    # 0 = at the end only
-    keep: int
-    best_metric: str = ""         # "<eval set>/<metric>": also keep the best checkpoint by it
 
 
 class NonFiniteError(FloatingPointError):
@@ -73,9 +48,10 @@ class Preempted(SystemExit):
 def train(config, workdir: str, *, quiet: bool = False) -> dict:
     """Train per ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the summary."""
     config_check.validate(config)
-    stored_config = _prepare_workdir(config, workdir)
+    _prepare_workdir(workdir)
     with workdir_lock.hold(workdir, enabled=jax.process_index() == 0):
-        tr = _Training.build(config, workdir, quiet, stored_config)
+        resume.check(config, workdir)
+        tr = _Training.build(config, workdir, quiet)
         tr.restore_or_init()
         try:
             tr.steps()
@@ -89,13 +65,12 @@ class _Training:
     """One ``train`` call's state: the run, its data iterator, checkpoint managers and clocks."""
 
     @classmethod
-    def build(cls, config, workdir: str, quiet: bool, stored_config: dict | None) -> "_Training":
+    def build(cls, config, workdir: str, quiet: bool) -> "_Training":
         tr = cls()
         tr.config, tr.workdir, tr.quiet = config, workdir, quiet
         tr.loop, tr.eval = typed(LoopConfig, config.train), typed(EvalConfig, config.eval)
         tr.ckpt, data_cfg = typed(CheckpointConfig, config.checkpoint), typed(DataConfig, config.data)
         tr.is_main = jax.process_index() == 0
-        tr.stored_config = stored_config
         # Resume and preemption notices go to stderr even with quiet (which hides the bar and tables).
         tr.say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if tr.is_main else (lambda *a: None)
         optim = typed(OptimConfig, config.train)
@@ -127,19 +102,13 @@ class _Training:
         return tr
 
     def restore_or_init(self) -> None:
-        """Resume from the workdir's latest finalized checkpoint (refusing an incompatible config), else
-        start fresh and write the config; then open the metrics writer and the preemption watcher."""
+        """Resume from the workdir's latest finalized checkpoint (``resume.check`` has accepted its config),
+        else start fresh; write the config; open the metrics writer and the preemption watcher."""
         config, workdir = self.config, self.workdir
         self.start, self.saved_step = 0, None
         latest = self.mngr.latest_step()
         self.resumed = latest is not None
         if latest is not None:
-            diffs = checkpoint.config_mismatch(self.stored_config or {}, json.loads(config.to_json_best_effort()))
-            if diffs:
-                raise config_check.ConfigError(
-                    f"workdir {workdir} holds a checkpoint (step {latest}) of an incompatible config:\n  "
-                    + "\n  ".join(diffs) + "\nuse a new --workdir, or --config.init_from to start from "
-                    "its parameters")
             self.run.state, _, self.start, data_state = checkpoint.restore(
                 self.mngr, checkpoint.abstract_of(self.run.state), with_data=True)
             if data_state is not None:
@@ -149,7 +118,7 @@ class _Training:
             started = start_fresh(self.run, config)
             if started:
                 self.say(started)
-        if self.is_main and latest is None:      # a fresh run (re)writes its config; a resumed one keeps it
+        if self.is_main:   # a resumed run differs from its stored config in resume.RESUMABLE fields at most
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 f.write(config.to_json_best_effort(indent=2))
         self.writer = report.MetricsWriter(workdir)
@@ -303,8 +272,8 @@ def _evaluate_all(run: Run, data, writer, step: int, best, best_metric: str, tim
     return results
 
 
-def _prepare_workdir(config, workdir: str) -> dict | None:
-    """Create/validate the workdir before anything expensive; return a stored config, if any."""
+def _prepare_workdir(workdir: str) -> None:
+    """Create the workdir and check that it is writable, before anything expensive."""
     try:
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, f".write_probe.{os.getpid()}")
@@ -313,7 +282,6 @@ def _prepare_workdir(config, workdir: str) -> dict | None:
         os.remove(probe)
     except OSError as e:
         raise OSError(f"workdir {workdir!r} is not writable: {e}") from e
-    return checkpoint.read_config(workdir)
 
 
 def _check_disk(workdir: str, state_bytes: int, keep: int) -> None:

@@ -1,0 +1,114 @@
+"""Whether a workdir's stored config may be resumed by the current one.
+
+Every field must match except those in ``RESUMABLE``: how long and how often a run trains, logs, saves
+and evaluates, what it evaluates, and where it runs (mesh, sharding rules, compute-only memory options).
+Anything else changes the model, its training data or its optimisation, so resuming under it would
+continue a different run than ``config.json`` describes. A field the stored config lacks (the run
+predates it) counts as the default the typed config gives it, which is how that run is rebuilt.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from iclm_jax.config_check import ConfigError
+from iclm_jax.data.sources import DataConfig
+from iclm_jax.losses import LossConfig
+from iclm_jax.model.mi import MIConfig
+from iclm_jax.model.router import RouterConfig
+from iclm_jax.model.transformer import TransformerConfig
+from iclm_jax.train.build import CheckpointConfig, EvalConfig, LoopConfig
+from iclm_jax.train.optim import OptimConfig
+
+# Fields (or whole groups, "group.*") that may differ between a checkpoint's config and a resuming one.
+RESUMABLE = (
+    "train.steps", "train.log_every", "train.time_limit_s", "train.nonfinite",
+    "eval.*", "checkpoint.*", "mesh.*", "rules.*", "init_from",
+    "data.workers", "data.eval_splits", "data.eval_problems", "data.eval_files", "data.val_problems",
+    "model.remat", "model.scan_layers", "loss.logit_chunk",
+)
+_GROUPS = {"model": (TransformerConfig,), "router": (RouterConfig,), "mi": (MIConfig,), "loss": (LossConfig,),
+           "train": (OptimConfig, LoopConfig), "eval": (EvalConfig,), "checkpoint": (CheckpointConfig,),
+           "data": (DataConfig,)}
+_MISSING = object()
+
+
+def _absent_defaults() -> dict:
+    out = {}
+    for group, classes in _GROUPS.items():
+        for cls in classes:
+            for f in dataclasses.fields(cls):
+                if f.default is not dataclasses.MISSING:
+                    out[f"{group}.{f.name}"] = f.default
+    return out
+
+
+ABSENT_MEANS = _absent_defaults()
+
+
+def resumable(field: str) -> bool:
+    return field in RESUMABLE or f"{field.split('.')[0]}.*" in RESUMABLE
+
+
+def mismatch(stored: dict, current: dict) -> list[str]:
+    """``"field: checkpoint has A, config has B"`` for every non-resumable field that differs."""
+    a, b = _flatten(stored), _flatten(current)
+    diffs = []
+    for field in sorted(set(a) | set(b)):
+        if resumable(field):
+            continue
+        x, y = (d.get(field, ABSENT_MEANS.get(field, _MISSING)) for d in (a, b))
+        if x != y:
+            show = lambda v: "no such field" if v is _MISSING else repr(v)   # noqa: E731
+            diffs.append(f"{field}: checkpoint has {show(x)}, config has {show(y)}")
+    return diffs
+
+
+def check(config, workdir: str) -> None:
+    """Refuse to resume ``workdir``'s checkpoints under an incompatible ``config`` (each field named)."""
+    steps = _finalized_steps(workdir)
+    stored = read_stored_config(workdir, bool(steps))
+    if not steps:
+        return
+    diffs = mismatch(stored, json.loads(config.to_json_best_effort()))
+    if diffs:
+        raise ConfigError(f"workdir {workdir} holds a checkpoint (step {max(steps)}) of an incompatible config:\n  "
+                          + "\n  ".join(diffs) + "\nuse a new --workdir, or --config.init_from to start from "
+                          "its parameters")
+
+
+def _finalized_steps(workdir: str) -> list[int]:
+    """Steps orbax finalized under ``workdir/checkpoints`` (an unfinished save has a suffixed name)."""
+    d = os.path.join(workdir, "checkpoints")
+    return [int(n) for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
+
+
+def read_stored_config(workdir: str, has_checkpoint: bool) -> dict | None:
+    """The workdir's ``config.json`` (None in a new workdir); refuse a missing or unreadable one beside
+    checkpoints, naming the file."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        if has_checkpoint:
+            raise ConfigError(f"{path}: missing, but the workdir holds checkpoints; the config they were "
+                              "trained with is unknown (restore the file, or use a new --workdir)")
+        return None
+    try:
+        with open(path) as f:
+            stored = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not a readable config ({e}); restore it, or use a new --workdir") from None
+    if not isinstance(stored, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(stored).__name__}")
+    return stored
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
