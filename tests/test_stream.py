@@ -259,3 +259,15 @@ def test_streaming_run_killed_and_resumed_equals_an_uninterrupted_one(tmp_path):
     assert sorted(_losses(work)) == list(range(1, 7))
     assert _losses(work) == _losses(ref)
     _assert_same_state(_final_state(work), _final_state(ref))
+
+
+def test_build_refuses_eval_rows_that_do_not_fit_the_training_slots(tmp_path):
+    """A JSONL train file (one query per row) with generated packed eval splits (4 per row): refused
+    when the data is built, naming the eval set, not after training at the final evaluation."""
+    plain = tmp_path / "train.jsonl"
+    plain.write_text('{"input": [{"role": "user", "content": "1 + 1 ="}], "ideal": "2", "domain": 0}\n')
+    c = _config(train_file=str(plain), eval_splits="IID", eval_problems=2)
+    with pytest.raises(ValueError, match=r"eval set 'IID' packs 4 queries per row but the training rows hold 1"):
+        sources.build(c.data, 0)
+    c.data.packed = False                                          # the fix the message names
+    assert sources.build(c.data, 0).num_slots == 1

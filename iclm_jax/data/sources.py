@@ -74,6 +74,18 @@ def file_examples(path: str, styles, packed: bool, form: str = "full", extra_que
                                   extra_queries=extra_queries), problems
 
 
+def _check_slots(num_slots: int, sets) -> None:
+    """Every row must fit the training rows' query slots: refuse before training, not at the final eval."""
+    for name, examples in sets:
+        bad = next((e for e in examples if isinstance(e, render.PackedExample) and len(e.queries) > num_slots),
+                   None)
+        if bad is not None:
+            raise ValueError(
+                f"{bad.source or name}: {name} packs {len(bad.queries)} queries per row but the training rows "
+                f"hold {num_slots}; use one layout everywhere (data.packed=False asks one query per row; "
+                "data.eval_splits='' evaluates only data.eval_files)")
+
+
 def row_length(ex, tok: tok_lib.Tokenizer) -> int:
     """Tokens a row needs (inputs exclude the final EOS, so prompt + answer (+ BOS) is an upper bound)."""
     extra = 1 if tok.bos_id is not None else 0
@@ -121,6 +133,7 @@ def build(data: DataConfig, seed: int) -> RunData:
     stream = isinstance(train_examples, AcreStream)
     if not stream:
         train_sample = measured = train_examples
+    _check_slots(num_slots, [("the training data", measured)] + [(f"eval set {e.name!r}", e.examples) for e in evals])
     longest = max(row_length(e, tok) for s in [measured] + [e.examples for e in evals] for e in s)
     # A stream's rows are measured on a sample: leave room for rarer, longer problems (a text row
     # grows by 8 tokens per object; 2000 problems' longest is within 2 objects of the maximum).
