@@ -174,7 +174,7 @@ def _train(c, errs: _Errors) -> None:
     t, need = c.train, errs.need
     need(t.steps >= 1, "train.steps", t.steps, "an integer >= 1")
     need(t.batch_size >= 1, "train.batch_size", t.batch_size, "an integer >= 1")
-    need(0 < t.lr <= 1, "train.lr", t.lr, "in (0, 1]")
+    need(0 < t.lr < float("inf"), "train.lr", t.lr, "> 0 and finite")
     need(0 <= t.final_lr_fraction <= 1, "train.final_lr_fraction", t.final_lr_fraction, "in [0, 1]")
     need(0 <= t.b1 < 1, "train.b1", t.b1, "in [0, 1)")
     need(0 <= t.b2 < 1, "train.b2", t.b2, "in [0, 1)")
@@ -187,6 +187,7 @@ def _train(c, errs: _Errors) -> None:
     need(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "an integer >= 1")
     need(t.log_every >= 1, "train.log_every", t.log_every, "an integer >= 1")
     need(t.nonfinite in NONFINITE, "train.nonfinite", t.nonfinite, f"one of {NONFINITE}")
+    need(0 <= t.get("skip_limit", 1.0) <= 1, "train.skip_limit", t.get("skip_limit"), "in [0, 1]")
     need(c.eval.batch_size >= 1, "eval.batch_size", c.eval.batch_size, "an integer >= 1")
     need(c.eval.every >= 0, "eval.every", c.eval.every, ">= 0 (0 = at the end only)")
 

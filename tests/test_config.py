@@ -54,7 +54,7 @@ BAD = [
     ("train.final_lr_fraction", -5.0), ("train.b1", 2.0), ("train.b2", -1.0), ("eval.every", -1),
     ("train.time_limit_s", -1.0), ("mi.clip", -1.0), ("mi.critic_hidden", 0), ("mi.critic_depth", 0),
     ("data.num_domains", 0), ("router.dead_threshold", 5.0), ("lora.alpha", 1e30), ("mi.weight", 1e30),
-    ("data.eval_problems", -5), ("train.lr", 5.0), ("train.weight_decay", 2.0), ("model.norm_eps", 0.0),
+    ("data.eval_problems", -5), ("train.lr", float("inf")), ("train.weight_decay", 2.0), ("model.norm_eps", 0.0),
     ("loss.context_weight", 1e9), ("router.commitment", -1.0), ("mi.critic_lr", 3.0),
 ]
 

@@ -236,11 +236,18 @@ def test_nonfinite_stops_naming_step_and_term_and_keeps_last_good_checkpoint(tmp
     assert saved and saved[-1] == step - 1
     assert "Traceback" not in r.stderr
 
-    skip = tmp_path / "skip"
-    r = _run(skip, "--config.train.lr=1e6", "--config.train.grad_clip=0", "--config.train.nonfinite=skip")
+    skip = tmp_path / "skip"                                     # skipping without a limit: runs to the end
+    r = _run(skip, "--config.train.lr=1e6", "--config.train.grad_clip=0", "--config.train.nonfinite=skip",
+             "--config.train.skip_limit=1.0")
     assert r.returncode == 0, r.stderr[-3000:]
     last = [json.loads(x) for x in open(skip / "metrics.jsonl") if '"train"' in x][-1]
     assert last["skipped_steps"] >= 1
+    limited = tmp_path / "limited"                               # the default limit: stops, naming the terms
+    r = _run(limited, "--config.train.lr=1e6", "--config.train.grad_clip=0", "--config.train.nonfinite=skip")
+    assert r.returncode == 3, r.stderr[-3000:]
+    line = [x for x in r.stderr.splitlines() if "NonFiniteError" in x][0]
+    assert "steps were skipped (non-finite " in line and "above train.skip_limit=0.5" in line, line
+    assert "Traceback" not in r.stderr
 
 
 def test_unwritable_workdir_is_refused_before_training(tmp_path):

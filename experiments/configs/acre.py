@@ -86,6 +86,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         adam_eps=1e-8,             # Adam's eps (model and MINE critic): its update g/(|g|+eps) has slope 1/eps at 0
         log_every=20, time_limit_s=0.0,   # 0 = no limit; else stop training after this many seconds
         nonfinite="stop",          # a NaN/Inf loss term or gradient: stop (naming step and term) | skip
+        skip_limit=0.5,            # skip: stop when more than this fraction of the last 20 steps were skipped
     )
     # every=0: evaluate at the end only. Every `every` steps only the sets named in `during` are evaluated
     # ("val" = the generated validation set of data.val_problems; "" or no such set: all of them).

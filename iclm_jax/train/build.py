@@ -34,6 +34,7 @@ class LoopConfig:
     log_every: int
     time_limit_s: float = 0.0     # 0 = none; else stop training after this many seconds (evaluation excluded)
     nonfinite: str = "stop"       # step.NONFINITE
+    skip_limit: float = 1.0       # nonfinite=skip: stop above this fraction of skipped steps (older runs: never)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,7 @@ the last good checkpoint (or skips the step with ``train.nonfinite='skip'``).
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
@@ -33,6 +34,8 @@ from iclm_jax.train.optim import OptimConfig, effective_warmup
 from iclm_jax.train.preemption import EXIT_PREEMPTED, PreemptionWatcher
 from iclm_jax.train.run import Run, start_fresh
 from iclm_jax.train.step import FINITE_TERMS
+
+SKIP_WINDOW, SKIP_MIN = 20, 5   # train.skip_limit: the fraction of the last 20 steps (once 5 have run)
 
 
 class NonFiniteError(FloatingPointError):
@@ -158,6 +161,7 @@ class _Training:
         bar = tqdm(total=t.steps, initial=self.start, desc="train", disable=self.quiet or not self.is_main,
                    dynamic_ncols=True)
         tokens, interval = [], []   # interval: per-step answer count sums (losses.answer_counts)
+        skipped = collections.deque(maxlen=SKIP_WINDOW)   # nonfinite=skip: was each recent step skipped
         for step in range(self.start + 1, t.steps + 1):
             self.step = step
             batch = next(self.it)
@@ -165,11 +169,17 @@ class _Training:
             tokens.append(metrics["tokens"])  # of the GLOBAL batch (ours is a block); read when logging
             interval.append({k: v for k, v in metrics.items() if k.startswith("n/")})
             if t.nonfinite == "stop" and not bool(metrics["finite"]):
-                bad = [k for k in FINITE_TERMS if not bool(metrics[f"finite/{k}"])]
                 raise NonFiniteError(
-                    f"step {step}: non-finite {', '.join(bad)}; stopped without saving this step "
+                    f"step {step}: non-finite {_bad_terms(metrics)}; stopped without saving this step "
                     f"(last good checkpoint: {self.mngr.latest_step()}). Lower train.lr or set "
                     "train.nonfinite='skip' to skip such steps.")
+            if t.nonfinite == "skip":
+                skipped.append(not bool(metrics["finite"]))
+                if len(skipped) >= SKIP_MIN and sum(skipped) > t.skip_limit * len(skipped):
+                    raise NonFiniteError(
+                        f"step {step}: {sum(skipped)} of the last {len(skipped)} steps were skipped (non-finite "
+                        f"{_bad_terms(metrics)}), above train.skip_limit={t.skip_limit}; stopped without saving "
+                        f"this step (last good checkpoint: {self.mngr.latest_step()}). Lower train.lr.")
             if step % t.log_every == 0 or step == t.steps:
                 self.log(step, metrics, tokens, interval, bar)
                 tokens, interval = [], []
@@ -290,6 +300,10 @@ def _check_disk(workdir: str, state_bytes: int, keep: int) -> None:
     if free < need:
         raise OSError(f"workdir {workdir!r}: {free / 2**20:.1f} MiB free, checkpoints need about "
                       f"{need / 2**20:.1f} MiB ({keep + 1} x {state_bytes / 2**20:.1f} MiB state)")
+
+
+def _bad_terms(metrics) -> str:
+    return ", ".join(k for k in FINITE_TERMS if not bool(metrics[f"finite/{k}"])) or "none"
 
 
 def _eval_scalars(r: dict) -> dict:

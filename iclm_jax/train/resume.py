@@ -23,7 +23,7 @@ from iclm_jax.train.optim import OptimConfig
 
 # Fields (or whole groups, "group.*") that may differ between a checkpoint's config and a resuming one.
 RESUMABLE = (
-    "train.steps", "train.log_every", "train.time_limit_s", "train.nonfinite",
+    "train.steps", "train.log_every", "train.time_limit_s", "train.nonfinite", "train.skip_limit",
     "eval.*", "checkpoint.*", "mesh.*", "rules.*", "init_from",
     "data.workers", "data.eval_splits", "data.eval_problems", "data.eval_files", "data.val_problems",
     "model.remat", "model.scan_layers", "loss.logit_chunk",
