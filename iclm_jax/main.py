@@ -17,10 +17,11 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The default exists in a source checkout (editable install); an installed wheel needs --config.
 _DEFAULT_CONFIG = os.path.join(_REPO, "experiments", "configs", "acre.py")
 
+# No default here: a default is loaded (with the command line's overrides) when the flag is defined, at
+# import, where a bad override could only be a traceback. ``_parse_flags`` supplies it instead.
 config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG if os.path.isfile(_DEFAULT_CONFIG) else None,
-    "get_config(arg) file, optionally ':arg' (default: experiments/configs/acre.py of a source checkout).",
-    lock_config=True)
+    "config", None, "get_config(arg) file, optionally ':arg' (default: experiments/configs/acre.py of a "
+    "source checkout).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (logs, checkpoints, plots).")
 flags.DEFINE_bool("quiet", False, "No progress bar or tables.")
 
@@ -57,9 +58,34 @@ def main(argv) -> None:
 EXIT_CODES = {"NonFiniteError": 3}
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parse, with every failure (a bad flag value, an unknown config field or variant, an
+    unreadable config file) as one line and exit status 2, like any other refused input."""
+    if os.path.isfile(_DEFAULT_CONFIG) and not any(a == "--config" or a.startswith("--config=") for a in argv):
+        argv = [argv[0], f"--config={_DEFAULT_CONFIG}", *argv[1:]]
+    try:
+        rest = flags.FLAGS(argv)
+        if flags.FLAGS.config is not None:   # overrides apply lazily, on first access: fail here, not in main
+            flags.FLAGS.config.lock()
+        return rest
+    except Exception as e:   # noqa: BLE001  (config files are user code: any error is a refused input)
+        name = str(e).strip("'\"")
+        culprit = next((a for a in argv[1:] if a.startswith("--config") and name and name in a), None)
+        where = f" ({culprit})" if culprit else ""
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        if isinstance(e, AttributeError):
+            detail = f"no such config field {name!r}"
+        elif any(x.startswith("Traceback") for x in lines):    # an error inside the config file's code
+            detail = f"{lines[0].split(': Error whilst')[0]}: {lines[-1]}"
+        else:
+            detail = " ".join(lines)
+        print(f"iclm-train: bad command line{where}: {detail}", file=sys.stderr)
+        sys.exit(2)
+
+
 def run_train() -> None:
     """Console script ``iclm-train``."""
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

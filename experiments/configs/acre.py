@@ -110,6 +110,8 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     )
 
     for v in filter(None, (s.strip() for s in arg.split(","))):
+        if v not in _VARIANTS:
+            raise ValueError(f"unknown config variant {v!r}; known: {', '.join(_VARIANTS)}")
         _VARIANTS[v](c)
     return c
 
