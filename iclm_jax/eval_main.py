@@ -9,6 +9,13 @@ from iclm_jax.evaluate import modules_table, results_table
 from iclm_jax.train.run import load_run
 
 
+def _batch_size(text: str) -> int:
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{n}: expected an integer >= 1 (0 = the run's eval.batch_size)")
+    return n
+
+
 def run_eval(argv=None) -> int:
     """Console script ``iclm-eval``."""
     p = argparse.ArgumentParser(prog="iclm-eval",
@@ -16,7 +23,8 @@ def run_eval(argv=None) -> int:
     p.add_argument("--workdir", required=True, help="a trained run directory")
     p.add_argument("--data", required=True, action="append",
                    help="ACRE release JSON or evals JSONL (repeatable)")
-    p.add_argument("--batch_size", type=int, default=0)
+    p.add_argument("--batch_size", type=_batch_size, default=0,
+                   help="rows per eval batch (default: the run's eval.batch_size; rounded up to the batch split)")
     args = p.parse_args(argv)
     try:
         run = load_run(args.workdir)

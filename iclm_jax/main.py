@@ -40,10 +40,10 @@ def main(argv) -> None:
         print(f"iclm-train: {e}", file=sys.stderr)
         sys.exit(2)
     if not flags.FLAGS.workdir:
-        raise app.UsageError("--workdir is required")
+        _refuse("--workdir is required")
     if flags.FLAGS.config is None:
-        raise app.UsageError("--config is required outside a source checkout, e.g. "
-                             "--config=experiments/configs/acre.py:cpu from the repository")
+        _refuse("--config is required outside a source checkout (give a get_config file, e.g. the "
+                "repository's experiments/configs/acre.py:cpu)")
     try:
         train(flags.FLAGS.config, flags.FLAGS.workdir, quiet=flags.FLAGS.quiet)
     except (ConfigError, NonFiniteError, OSError, ValueError) as e:
@@ -56,6 +56,11 @@ def main(argv) -> None:
 # Documented exit statuses: 0 done, 2 refused input (config, data, workdir), 3 non-finite loss,
 # 143 preempted (SIGTERM: a checkpoint of the current step was saved; rerun the same command to resume).
 EXIT_CODES = {"NonFiniteError": 3}
+
+
+def _refuse(message: str) -> None:
+    print(f"iclm-train: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -79,8 +84,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
             detail = f"{lines[0].split(': Error whilst')[0]}: {lines[-1]}"
         else:
             detail = " ".join(lines)
-        print(f"iclm-train: bad command line{where}: {detail}", file=sys.stderr)
-        sys.exit(2)
+        _refuse(f"bad command line{where}: {detail}")
 
 
 def run_train() -> None:

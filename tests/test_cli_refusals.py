@@ -29,3 +29,12 @@ def test_bad_command_line_is_one_line_and_exit_2(tmp_path, args, message):
     assert lines[0].startswith("iclm-train: ") and message in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert len(lines) == 1 or lines[0].endswith("invalid config:"), r.stderr    # config errors: one per line
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_missing_workdir_and_a_negative_eval_batch_are_refused_with_exit_2(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "iclm_jax.main"], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and r.stderr.strip() == "iclm-train: --workdir is required", r.stderr
+    r = subprocess.run([sys.executable, "-m", "iclm_jax.eval_main", "--workdir", str(tmp_path), "--data", "x.json",
+                        "--batch_size=-5"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--batch_size: -5: expected an integer >= 1" in r.stderr, r.stderr

@@ -92,3 +92,15 @@ def test_empty_and_missing_file(tmp_path):
         load_jsonl(path)
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         load_jsonl(str(tmp_path / "nope.jsonl"))
+
+
+def test_a_non_utf8_byte_and_deep_nesting_name_file_and_line(tmp_path):
+    good = json.dumps({"input": "a", "ideal": "b"}).encode()
+    path = tmp_path / "bytes.jsonl"
+    path.write_bytes(good + b"\n" + b'{"input": "caf\xe9", "ideal": "b"}\n')
+    with pytest.raises(JsonlError, match=rf"^{re.escape(str(path))}:2: not UTF-8 \(byte 0xe9 at column 15\)"):
+        load_jsonl(str(path))
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text(json.dumps({"input": "a", "ideal": "b"}) + "\n" + "[" * 200_000 + "\n")
+    with pytest.raises(JsonlError, match=rf"^{re.escape(str(deep))}:2: JSON nested too deeply"):
+        load_jsonl(str(deep))

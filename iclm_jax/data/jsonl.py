@@ -130,15 +130,21 @@ def load_jsonl(path: str, *, domains: dict | None = None) -> list[Example | Pack
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such JSONL file")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
+    with open(path, "rb") as f:      # line by line: memory does not grow with the file, only the records
+        for n, raw in enumerate(f, start=1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise JsonlError(f"{where}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{n}"
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise JsonlError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise JsonlError(f"{where}: JSON nested too deeply") from None
             out.append(_record(rec, where, domains))
     if not out:
         raise JsonlError(f"{path}:1: empty file (no records)")

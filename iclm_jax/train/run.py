@@ -120,7 +120,7 @@ class LoadedRun(Run):
         if need > self.data.max_len:
             self.data.max_len = round_up(need, 32)
         if batch_size:
-            self.config.eval.batch_size = batch_size
+            self.config.eval.batch_size = round_up(batch_size, sharding.data_ways(self.mesh, self.rules))
         res = self.evaluate(examples)
         ref = {}
         if problems is not None:
