@@ -5,15 +5,27 @@ data (orbax cannot serialise key dtypes) and re-wrapped on restore. Restoring in
 carry shardings places (and reshards) every array directly, so a run saved on 8 devices resumes on 1.
 Only *finalized* steps are ever listed by orbax: a save killed mid-write leaves a temporary directory
 that is ignored, and the previous step stays the latest.
+
+Integrity: orbax records no checksums, so a flipped byte in a data file would restore silently. After a
+save finalizes, ``record_integrity`` writes the SHA-256 of every file of the step to
+``<checkpoints>/../.<name>_integrity/<step>.json``; ``restore`` verifies them first and, when a step fails
+(a digest differs, a file is missing or unreadable, orbax cannot read it), falls back to the previous
+finalized step and says which and why (``restore(..., fallback=False)`` refuses instead). A step saved
+without a record (older runs, or a process killed between finalizing and recording) is restored
+unverified.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
 
 def _is_key(x) -> bool:
@@ -65,15 +77,67 @@ def save(mngr: ocp.CheckpointManager, step: int, state: nnx.State, meta: dict[st
     return mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
 
 
+class CorruptCheckpoint(ValueError):
+    """A checkpoint step failed its integrity check or could not be read (the message says which)."""
+
+
 def restore(mngr: ocp.CheckpointManager, abstract_state: nnx.State, step: int | None = None,
-            with_data: bool = False) -> tuple[nnx.State, dict, int, Any]:
+            with_data: bool = False, fallback: bool = True, say=None,
+            quarantine: str | None = None) -> tuple[nnx.State, dict, int, Any]:
     """Restore the latest (or given) finalized step into ``abstract_state`` (ShapeDtypeStructs).
 
-    Returns (state, meta, step, data_state or None).
+    A step that fails verification or reading is skipped for the previous one (``say`` is told which and
+    why) when ``fallback``; else, or when no step is left, ``CorruptCheckpoint`` names the step and file.
+    With ``quarantine`` (a directory), the skipped steps are moved there, so a resumed run can save those
+    steps again (orbax never saves a step at or below its latest). Returns (state, meta, step, data or None).
     """
-    step = mngr.latest_step() if step is None else step
-    if step is None:
+    steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
+    if not steps:
         raise FileNotFoundError(f"no finalized checkpoint under {mngr.directory}")
+    failures = []
+    for s in steps:
+        verified = False
+        try:
+            verified = verify_integrity(mngr, s)
+            out = _restore_step(mngr, abstract_state, s, with_data)
+        except CorruptCheckpoint as e:
+            failures.append(str(e))
+        except Exception as e:   # noqa: BLE001  (a truncated or garbled file: orbax/tensorstore raise anything)
+            if verified:         # intact files: the state does not fit (a caller's error, not corruption)
+                raise
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            failures.append(f"checkpoint step {s} in {mngr.directory} could not be read ({type(e).__name__}: "
+                            f"{first})")
+        else:
+            if failures:
+                bad = [b for b in steps if b > s]
+                if quarantine:
+                    _quarantine(mngr, bad, quarantine)
+                if say is not None:
+                    moved = f" (moved to {quarantine})" if quarantine else ""
+                    say("; ".join(failures) + f"; restored step {s} instead{moved}")
+            return out
+        if not fallback:
+            break
+    left = "" if not fallback else "; no usable checkpoint left"
+    raise CorruptCheckpoint("; ".join(failures) + left)
+
+
+def _quarantine(mngr, steps: list[int], where: str) -> None:
+    if jax.process_index() == 0:
+        os.makedirs(where, exist_ok=True)
+        for s in steps:
+            dest = os.path.join(where, f"{os.path.basename(os.fspath(mngr.directory))}_{s}_{int(time.time())}")
+            os.replace(os.path.join(os.fspath(mngr.directory), str(s)), dest)
+            record = _integrity_path(mngr, s)
+            if os.path.exists(record):
+                os.replace(record, os.path.join(dest, "integrity.json"))
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("iclm_quarantine")
+    mngr.reload()
+
+
+def _restore_step(mngr, abstract_state, step: int, with_data: bool):
     items = dict(state=ocp.args.StandardRestore(_abstract_storable(abstract_state)),
                  meta=ocp.args.JsonRestore())
     if with_data and "data" in mngr.item_metadata(step):
@@ -81,6 +145,60 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: nnx.State, step: int | 
     out = mngr.restore(step, args=ocp.args.Composite(**items))
     data = out["data"] if "data" in items else None
     return from_storable(abstract_state, out["state"]), out["meta"], step, data
+
+
+def _integrity_path(mngr, step: int) -> str:
+    d = os.fspath(mngr.directory)
+    return os.path.join(os.path.dirname(d), f".{os.path.basename(d)}_integrity", f"{step}.json")
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def record_integrity(mngr: ocp.CheckpointManager, step: int) -> None:
+    """Wait for ``step``'s save to finalize, then record the SHA-256 of each of its files."""
+    mngr.wait_until_finished()
+    if step not in mngr.all_steps() or jax.process_index() != 0 or os.path.exists(_integrity_path(mngr, step)):
+        return          # a finalized step never changes: its first record stands
+    root = os.path.join(os.fspath(mngr.directory), str(step))
+    digests = {os.path.relpath(os.path.join(d, n), root): _sha256(os.path.join(d, n))
+               for d, _, files in os.walk(root) for n in files}
+    path = _integrity_path(mngr, step)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(f"{path}.tmp", "w") as f:
+        json.dump({"step": step, "sha256": digests}, f)
+    os.replace(f"{path}.tmp", path)
+    keep = {f"{s}.json" for s in mngr.all_steps()}       # drop the records of steps orbax deleted
+    for name in os.listdir(os.path.dirname(path)):
+        if name.endswith(".json") and name not in keep:
+            os.remove(os.path.join(os.path.dirname(path), name))
+
+
+def verify_integrity(mngr: ocp.CheckpointManager, step: int) -> bool:
+    """True if ``step`` matches its record, False if it has none; else ``CorruptCheckpoint``."""
+    path = _integrity_path(mngr, step)
+    if not os.path.isfile(path):
+        return False
+    where = f"checkpoint step {step} in {mngr.directory}"
+    try:
+        with open(path) as f:
+            want = json.load(f)["sha256"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CorruptCheckpoint(f"{where}: its integrity record {path} is unreadable ({e})") from None
+    root = os.path.join(os.fspath(mngr.directory), str(step))
+    for rel, digest in sorted(want.items()):
+        try:
+            got = _sha256(os.path.join(root, rel))
+        except OSError as e:
+            raise CorruptCheckpoint(f"{where} is damaged: {rel} unreadable ({e.strerror})") from None
+        if got != digest:
+            raise CorruptCheckpoint(f"{where} is damaged: {rel} differs from its SHA-256 at save time")
+    return True
 
 
 def _jsonable(x):

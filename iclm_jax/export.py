@@ -8,6 +8,7 @@ import sys
 
 from flax import nnx
 
+from iclm_jax.checkpoint import CorruptCheckpoint
 from iclm_jax.hf.export import NotExportable, OutputError, check_out, export_model
 from iclm_jax.hf.files import DEFAULT_SHARD_BYTES
 from iclm_jax.train.run import load_run
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         path = export(args.workdir, args.out, force=args.force, shard_bytes=args.shard_bytes)
-    except (OutputError, NotExportable, FileNotFoundError) as e:
+    except (OutputError, NotExportable, FileNotFoundError, CorruptCheckpoint) as e:
         print(f"iclm-export: {e}", file=sys.stderr)
         return 2
     print(f"exported {args.workdir} -> {path}")

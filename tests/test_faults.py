@@ -135,6 +135,46 @@ def test_interrupted_save_leaves_previous_checkpoint_usable(reference_run, tmp_p
     _assert_same_state(_final_state(work), _final_state(reference_run))
 
 
+def _largest_file(step_dir):
+    files = [p for p in step_dir.rglob("*") if p.is_file()]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.slow
+def test_a_flipped_or_truncated_checkpoint_falls_back_to_the_previous_one(reference_run, tmp_path):
+    """400 flipped bytes in the latest step's largest data file: caught by its SHA-256, the run resumes
+    from the step before (saying which and why) and ends bit-identical to the reference; eval and export
+    refuse the damaged step by name. A truncated file in a step without a record is caught by orbax."""
+    from iclm_jax.checkpoint import CorruptCheckpoint
+    from iclm_jax.train.run import load_run
+    work = _copy_run(reference_run, tmp_path)
+    assert (work / ".checkpoints_integrity" / f"{STEPS}.json").is_file()
+    target = _largest_file(work / "checkpoints" / str(STEPS))
+    data = bytearray(target.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 400] = bytes(b ^ 0xFF for b in data[mid:mid + 400])
+    target.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpoint, match=rf"checkpoint step {STEPS} in .* is damaged: .* differs from"):
+        load_run(str(work))
+    rel = target.relative_to(work / "checkpoints" / str(STEPS))
+    r = subprocess.run([sys.executable, "-m", "iclm_jax.eval_main", "--workdir", str(work), "--data", "x.json"],
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and f"is damaged: {rel} differs" in r.stderr, r.stderr[-2000:]
+    r = _run(work, "--config.checkpoint.every=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"restored step {STEPS - 1} instead" in r.stderr and f"resuming from step {STEPS - 1}" in r.stderr
+    assert len(list((work / "corrupt_checkpoints").iterdir())) == 1      # kept aside, not deleted
+    assert _losses(work) == _losses(reference_run)
+    _assert_same_state(_final_state(work), _final_state(reference_run))
+
+    cut = _copy_run(reference_run, tmp_path / "cut")                 # truncated, and no record to catch it
+    target = cut / "checkpoints" / str(STEPS) / rel
+    target.write_bytes(target.read_bytes()[:100])
+    os.remove(cut / ".checkpoints_integrity" / f"{STEPS}.json")
+    with pytest.raises(CorruptCheckpoint, match=rf"checkpoint step {STEPS} in .* could not be read"):
+        load_run(str(cut))
+
+
 @pytest.mark.slow
 def test_resume_message_names_the_finalized_step(reference_run, tmp_path):
     work = _copy_run(reference_run, tmp_path)

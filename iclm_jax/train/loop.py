@@ -108,12 +108,13 @@ class _Training:
         """Resume from the workdir's latest finalized checkpoint (``resume.check`` has accepted its config),
         else start fresh; write the config; open the metrics writer and the preemption watcher."""
         config, workdir = self.config, self.workdir
-        self.start, self.saved_step = 0, None
+        self.start, self.saved_step, self.unrecorded = 0, None, []
         latest = self.mngr.latest_step()
         self.resumed = latest is not None
         if latest is not None:
             self.run.state, _, self.start, data_state = checkpoint.restore(
-                self.mngr, checkpoint.abstract_of(self.run.state), with_data=True)
+                self.mngr, checkpoint.abstract_of(self.run.state), with_data=True, say=self.say,
+                quarantine=os.path.join(workdir, "corrupt_checkpoints"))
             if data_state is not None:
                 self.it.set_state(checkpoint.from_jsonable(data_state))
             self.say(f"resuming from step {self.start}: the latest finalized checkpoint in {self.mngr.directory}")
@@ -141,9 +142,16 @@ class _Training:
         """Save ``step`` unless it is saved already (a preemption notice on a periodic save's step)."""
         if step in (self.saved_step, self.start if self.resumed else None):
             return
+        self.record_integrity()      # of the previous save, finished by now (saves are asynchronous)
         checkpoint.save(self.mngr, step, self.run.state, _meta(self.config, self.data, step), self.it.get_state(),
                         force=force)
         self.saved_step = step
+        self.unrecorded.append((self.mngr, step))
+
+    def record_integrity(self) -> None:
+        for mngr, step in self.unrecorded:
+            checkpoint.record_integrity(mngr, step)
+        self.unrecorded = []
 
     def evaluate_during(self, step: int, best_mngr, time_s: float) -> None:
         """The eval sets of ``eval.during``, kept out of the training clock and of tokens/s."""
@@ -218,6 +226,7 @@ class _Training:
     def close(self) -> None:
         self.watcher.close()
         self.mngr.wait_until_finished()
+        self.record_integrity()
         self.mngr.close()
         if self.best is not None:
             self.best.wait_until_finished()
@@ -279,6 +288,7 @@ def _evaluate_all(run: Run, data, writer, step: int, best, best_metric: str, tim
                                            f"have {sorted(results)} x {sorted(results[next(iter(results))])}")
         checkpoint.save(best, step, run.state, _meta(run.config, data, step),
                         metrics={name: results[split][key]})
+        checkpoint.record_integrity(best, step)
     return results
 
 

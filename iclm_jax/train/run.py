@@ -80,7 +80,9 @@ def _init_from(run: Run, other: str):
     """Parameters (model only) of another run's latest checkpoint; optimiser etc. start fresh."""
     mngr = checkpoint.manager(other)
     try:
-        restored, _, _, _ = checkpoint.restore(mngr, checkpoint.abstract_of(run.state))
+        restored, _, _, _ = checkpoint.restore(mngr, checkpoint.abstract_of(run.state), fallback=False)
+    except checkpoint.CorruptCheckpoint as e:
+        raise ConfigError(f"init_from={other!r}: {e}") from None
     except ValueError as e:
         raise ConfigError(f"init_from={other!r}: its state does not fit this config ({e})")
     finally:
@@ -150,8 +152,10 @@ def load_run(workdir: str, mesh: dict | None = None) -> LoadedRun:
     data = sources.RunData(tok, [], None, [], meta["max_len"], meta["num_slots"])
     run = LoadedRun(config, workdir, data)
     mngr = checkpoint.manager(workdir)
-    state, _, step, _ = checkpoint.restore(mngr, checkpoint.abstract_of(run.state))
-    mngr.close()
+    try:
+        state, _, step, _ = checkpoint.restore(mngr, checkpoint.abstract_of(run.state), fallback=False)
+    finally:
+        mngr.close()
     run.state = state
     run.step = step
     return run
