@@ -48,12 +48,44 @@ def validate(c, *, num_devices: int | None = None) -> None:
     for check in (_model, _lora, _router, _mi, _loss, _data, _train, _checkpoint):
         check(c, errs)
     _mesh(c, errs, jax.device_count() if num_devices is None else num_devices)
+    if not errs:
+        _memory(c, errs, c.data.max_len)      # 0 = automatic: checked once the data gives the length
     if errs:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errs))
 
 
+def memory_floor(batch: int, max_len: int, n_heads: int) -> int:
+    """Bytes a step needs at least, whatever the model: its int32/float32 batch arrays (9 per row
+    position, double-buffered by the input pipeline) and one layer's float32 attention scores."""
+    return batch * max_len * 9 * 4 * 2 + batch * n_heads * max_len * max_len * 4
+
+
+def _available_bytes() -> int:
+    """The device's memory where it reports one (GPU, TPU), else the host's available memory."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _memory(c, errs: _Errors, max_len: int) -> None:
+    if max_len <= 0:
+        return
+    ways = max(jax.device_count() // max(int(c.mesh.get("tensor", 1)), 1) // max(int(c.mesh.get("module", 1)), 1), 1)
+    per_device = -(-max(c.train.batch_size, c.eval.batch_size) // ways)
+    need, have = memory_floor(per_device, max_len, c.model.n_heads), _available_bytes()
+    if need > have:
+        errs.append(f"train.batch_size={c.train.batch_size} x data.max_len={max_len}: a step needs at least "
+                    f"{need / 2**30:.1f} GiB per device (batch arrays and one layer's attention scores), "
+                    f"{have / 2**30:.1f} GiB available; lower them")
+
+
 def validate_loaded(c, data) -> None:
     """Checks that need the loaded data (``sources.RunData``)."""
+    errs = _Errors()
+    _memory(c, errs, data.max_len)
+    if errs:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errs))
     n = c.data.num_domains
     for name, examples in [("training", data.train_sample)] + [(es.name, es.examples) for es in data.eval_sets]:
         bad = next((e for e in examples if e.domain >= n), None)

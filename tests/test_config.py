@@ -56,6 +56,7 @@ BAD = [
     ("data.num_domains", 0), ("router.dead_threshold", 5.0), ("lora.alpha", 1e30), ("mi.weight", 1e30),
     ("data.eval_problems", -5), ("train.lr", float("inf")), ("train.weight_decay", 2.0), ("model.norm_eps", 0.0),
     ("loss.context_weight", 1e9), ("router.commitment", -1.0), ("mi.critic_lr", 3.0),
+    ("data.max_len", 10_000_000),                    # memory: one layer's attention scores alone need PiB
 ]
 
 
@@ -186,10 +187,23 @@ def test_every_typed_field_is_in_its_config_group(arg):
 def test_validate_loaded_refuses_oracle_routing_without_domain_labels():
     config = acre_cfg.get_config("oracle")
     labeled, unlabeled = SimpleNamespace(domain=1, source=""), SimpleNamespace(domain=-1, source="")
-    validate_loaded(config, SimpleNamespace(train_sample=[labeled, labeled], eval_sets=[]))
+    validate_loaded(config, SimpleNamespace(max_len=64, train_sample=[labeled, labeled], eval_sets=[]))
     with pytest.raises(ConfigError, match="2 training examples have none"):
-        validate_loaded(config, SimpleNamespace(train_sample=[unlabeled, labeled, unlabeled], eval_sets=[]))
-    validate_loaded(acre_cfg.get_config(), SimpleNamespace(train_sample=[unlabeled], eval_sets=[]))  # hard: fine
+        validate_loaded(config, SimpleNamespace(max_len=64, train_sample=[unlabeled, labeled, unlabeled], eval_sets=[]))
+    hard = acre_cfg.get_config()                                         # hard routing: fine
+    validate_loaded(hard, SimpleNamespace(max_len=64, train_sample=[unlabeled], eval_sets=[]))
+
+
+def test_a_step_that_cannot_fit_in_memory_is_refused_with_the_estimate():
+    """train.batch_size=1e9 used to die in a MemoryError inside process_rows; max_len=1e7 to hang."""
+    from iclm_jax.config_check import memory_floor
+    assert memory_floor(2, 10, 3) == 2 * 10 * 72 + 2 * 3 * 100 * 4
+    config = acre_cfg.get_config()
+    config.train.batch_size = 1_000_000_000
+    with pytest.raises(ConfigError, match=r"train.batch_size=1000000000 x data.max_len=160: a step needs at least "
+                                          r"[0-9.]+ GiB per device .* GiB available"):
+        validate_loaded(config, SimpleNamespace(max_len=160, train_sample=[], eval_sets=[]))
+    validate_loaded(acre_cfg.get_config(), SimpleNamespace(max_len=160, train_sample=[], eval_sets=[]))
 
 
 def test_validate_loaded_refuses_a_domain_beyond_num_domains():
@@ -198,7 +212,7 @@ def test_validate_loaded_refuses_a_domain_beyond_num_domains():
     ok = SimpleNamespace(domain=1, source="")
     seven = SimpleNamespace(domain=7, source="data.jsonl:3")
     with pytest.raises(ConfigError, match=r"data.jsonl:3: domain 7 is not below data.num_domains=2"):
-        validate_loaded(config, SimpleNamespace(train_sample=[ok, seven], eval_sets=[]))
+        validate_loaded(config, SimpleNamespace(max_len=64, train_sample=[ok, seven], eval_sets=[]))
     evals = [SimpleNamespace(name="IID", examples=[seven])]
     with pytest.raises(ConfigError, match="IID examples"):
-        validate_loaded(config, SimpleNamespace(train_sample=[ok], eval_sets=evals))
+        validate_loaded(config, SimpleNamespace(max_len=64, train_sample=[ok], eval_sets=evals))
