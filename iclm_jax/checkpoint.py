@@ -74,6 +74,9 @@ def save(mngr: ocp.CheckpointManager, step: int, state: nnx.State, meta: dict[st
     items = dict(state=ocp.args.StandardSave(to_storable(state)), meta=ocp.args.JsonSave(meta))
     if data_state is not None:
         items["data"] = ocp.args.JsonSave(_jsonable(data_state))
+    record = _integrity_path(mngr, step)
+    if jax.process_index() == 0 and os.path.exists(record):   # a record left by a step deleted by hand
+        os.remove(record)
     return mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
 
 
@@ -161,10 +164,11 @@ def _sha256(path: str) -> str:
 
 
 def record_integrity(mngr: ocp.CheckpointManager, step: int) -> None:
-    """Wait for ``step``'s save to finalize, then record the SHA-256 of each of its files."""
+    """Wait for ``step``'s save to finalize, then record the SHA-256 of each of its files (call it only
+    for a step ``save`` really wrote: orbax skips a step at or below its latest)."""
     mngr.wait_until_finished()
-    if step not in mngr.all_steps() or jax.process_index() != 0 or os.path.exists(_integrity_path(mngr, step)):
-        return          # a finalized step never changes: its first record stands
+    if step not in mngr.all_steps() or jax.process_index() != 0:
+        return
     root = os.path.join(os.fspath(mngr.directory), str(step))
     digests = {os.path.relpath(os.path.join(d, n), root): _sha256(os.path.join(d, n))
                for d, _, files in os.walk(root) for n in files}

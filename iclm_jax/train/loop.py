@@ -143,10 +143,10 @@ class _Training:
         if step in (self.saved_step, self.start if self.resumed else None):
             return
         self.record_integrity()      # of the previous save, finished by now (saves are asynchronous)
-        checkpoint.save(self.mngr, step, self.run.state, _meta(self.config, self.data, step), self.it.get_state(),
-                        force=force)
+        if checkpoint.save(self.mngr, step, self.run.state, _meta(self.config, self.data, step),
+                           self.it.get_state(), force=force):
+            self.unrecorded.append((self.mngr, step))
         self.saved_step = step
-        self.unrecorded.append((self.mngr, step))
 
     def record_integrity(self) -> None:
         for mngr, step in self.unrecorded:
@@ -286,9 +286,9 @@ def _evaluate_all(run: Run, data, writer, step: int, best, best_metric: str, tim
         if split not in results or key not in results[split]:
             raise config_check.ConfigError(f"checkpoint.best_metric={name!r}: no such eval metric; "
                                            f"have {sorted(results)} x {sorted(results[next(iter(results))])}")
-        checkpoint.save(best, step, run.state, _meta(run.config, data, step),
-                        metrics={name: results[split][key]})
-        checkpoint.record_integrity(best, step)
+        if checkpoint.save(best, step, run.state, _meta(run.config, data, step),
+                           metrics={name: results[split][key]}):
+            checkpoint.record_integrity(best, step)
     return results
 
 
