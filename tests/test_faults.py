@@ -242,26 +242,41 @@ def test_a_second_writer_on_a_workdir_is_refused_while_the_first_trains(tmp_path
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-def test_sigterm_on_the_last_step_saves_it_and_the_rerun_only_evaluates(tmp_path, monkeypatch):
-    """A notice on the last step saves it and exits 143; rerunning evaluates and writes the summary."""
-    from iclm_jax.train import loop
-    from tests.test_step import acre_cfg
-    c = acre_cfg.get_config()
-    for flag in TINY[:-2]:
-        field, value = flag.removeprefix("--config.").split("=")
-        group, name = field.split(".")
-        c[group][name] = type(c[group][name])(value)
-    c.train.steps, c.checkpoint.every, c.train.batch_size = 3, 1, 8    # in-process: 8 (fake) devices
-    monkeypatch.setattr(loop.PreemptionWatcher, "should_stop", lambda self, step, mngr=None: step == 3)
-    work = str(tmp_path / "run")
-    with pytest.raises(loop.Preempted) as stopped:
-        loop.train(c, work, quiet=True)
-    assert stopped.value.step == 3 and stopped.value.code == 143
-    assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["1", "2", "3"]
-    assert not os.path.exists(os.path.join(work, "summary.json"))
-    summary = loop.train(c, work, quiet=True)
-    assert summary["resumed_from"] == 3 and summary["steps"] == 3 and "IID" in summary["eval"]
-    assert os.path.exists(os.path.join(work, "summary.json"))
+_LAST_STEP_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, os.getcwd())
+from iclm_jax.train import loop
+from tests.test_step import acre_cfg
+c = acre_cfg.get_config()
+for flag in json.loads(sys.argv[2]):
+    field, value = flag.removeprefix("--config.").split("=")
+    group, name = field.split(".")
+    c[group][name] = type(c[group][name])(value)
+c.train.steps, c.checkpoint.every = 3, 1
+loop.PreemptionWatcher.should_stop = lambda self, step, mngr=None: step == 3
+try:
+    loop.train(c, sys.argv[1], quiet=True)
+except loop.Preempted as e:
+    first = {"step": e.step, "code": e.code, "ckpts": sorted(os.listdir(os.path.join(sys.argv[1], "checkpoints"))),
+             "summary": os.path.exists(os.path.join(sys.argv[1], "summary.json"))}
+summary = loop.train(c, sys.argv[1], quiet=True)
+print(json.dumps({"first": first, "resumed_from": summary["resumed_from"], "steps": summary["steps"],
+                  "evals": sorted(summary["eval"])}))
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_on_the_last_step_saves_it_and_the_rerun_only_evaluates(tmp_path):
+    """A notice on the last step saves it and exits 143; rerunning evaluates and writes the summary. (A
+    process of its own: two in-process runs in a long-lived pytest worker once aborted inside XLA.)"""
+    flags = [f for f in TINY if f.startswith("--config.")]
+    r = subprocess.run([sys.executable, "-c", _LAST_STEP_SCRIPT, str(tmp_path / "run"), json.dumps(flags)],
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["first"] == {"step": 3, "code": 143, "ckpts": ["1", "2", "3"], "summary": False}
+    assert out["resumed_from"] == 3 and out["steps"] == 3 and out["evals"] == ["IID"]
+    assert (tmp_path / "run" / "summary.json").exists()
 
 
 @pytest.mark.slow
