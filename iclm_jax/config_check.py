@@ -71,7 +71,8 @@ def _available_bytes() -> int:
 def _memory(c, errs: _Errors, max_len: int) -> None:
     if max_len <= 0:
         return
-    ways = max(jax.device_count() // max(int(c.mesh.get("tensor", 1)), 1) // max(int(c.mesh.get("module", 1)), 1), 1)
+    shape = resolve_axes(dict(c.mesh), jax.device_count())
+    ways = data_ways(AbstractMesh(tuple(shape.values()), tuple(shape)), rules_from_config(c.get("rules")))
     per_device = -(-max(c.train.batch_size, c.eval.batch_size) // ways)
     need, have = memory_floor(per_device, max_len, c.model.n_heads), _available_bytes()
     if need > have:

@@ -28,9 +28,9 @@ from iclm_jax.data import pipeline, sources
 from iclm_jax.data.reference import fit_reference, score_reference
 from iclm_jax.data.sources import DataConfig
 from iclm_jax.fields import csv, typed
-from iclm_jax.train import resume, workdir_lock
+from iclm_jax.train import build, resume, workdir_lock
 from iclm_jax.train.build import CheckpointConfig, EvalConfig, LoopConfig
-from iclm_jax.train.optim import OptimConfig, effective_warmup
+from iclm_jax.train.optim import effective_warmup
 from iclm_jax.train.preemption import EXIT_PREEMPTED, PreemptionWatcher
 from iclm_jax.train.run import Run, start_fresh
 from iclm_jax.train.step import FINITE_TERMS
@@ -76,7 +76,7 @@ class _Training:
         tr.is_main = jax.process_index() == 0
         # Resume and preemption notices go to stderr even with quiet (which hides the bar and tables).
         tr.say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if tr.is_main else (lambda *a: None)
-        optim = typed(OptimConfig, config.train)
+        optim = build.optim_config(config)
         warmup = effective_warmup(optim.warmup_steps, optim.steps)
         if warmup != optim.warmup_steps:
             tr.say(f"train.warmup_steps={optim.warmup_steps} exceeds train.steps={optim.steps}: "
