@@ -65,8 +65,12 @@ def manager(workdir: str, keep: int = 3, subdir: str = "checkpoints", best_metri
     if best_metric:
         opts.update(best_fn=lambda m: m[best_metric], best_mode=best_mode,
                     keep_checkpoints_without_metrics=False)
+    # Handlers named per item, so reading a step's item metadata needs no restore args (orbax warns
+    # "Item ... could not be restored" six times per resume otherwise).
+    handlers = dict(state=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler(),
+                    data=ocp.JsonCheckpointHandler())
     return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, subdir)),
-                                 options=ocp.CheckpointManagerOptions(**opts))
+                                 options=ocp.CheckpointManagerOptions(**opts), item_handlers=handlers)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: nnx.State, meta: dict[str, Any],
@@ -163,13 +167,24 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def finalized_steps(d: str) -> list[int]:
+    """The steps whose save finalized under the checkpoint directory ``d``, read from the directory
+    (orbax's own list also holds a step whose save is pending or failed): a finalized step is a directory
+    named by its number (orbax renames its temporary directory when the save completes)."""
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return []
+    return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(d, n)))
+
+
 def record_integrity(mngr: ocp.CheckpointManager, step: int) -> None:
     """Wait for ``step``'s save to finalize, then record the SHA-256 of each of its files (call it only
     for a step ``save`` really wrote: orbax skips a step at or below its latest)."""
     mngr.wait_until_finished()
-    if step not in mngr.all_steps() or jax.process_index() != 0:
-        return
     root = os.path.join(os.fspath(mngr.directory), str(step))
+    if step not in mngr.all_steps() or jax.process_index() != 0 or not os.path.isdir(root):
+        return
     digests = {os.path.relpath(os.path.join(d, n), root): _sha256(os.path.join(d, n))
                for d, _, files in os.walk(root) for n in files}
     path = _integrity_path(mngr, step)

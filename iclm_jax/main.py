@@ -31,9 +31,14 @@ def main(argv) -> None:
     # Deferred on purpose: jax.distributed.initialize (below) must come before anything touches a
     # jax backend, and the training stack is only needed once flags are parsed.
     from iclm_jax.config_check import ConfigError
+    from iclm_jax.train.disk_space import DiskFull
     from iclm_jax.train.loop import NonFiniteError, train
 
     logging.set_verbosity(logging.WARNING)   # orbax and jax log every step at INFO
+    # A full disk makes orbax's and asyncio's background writers log a traceback each; our one line
+    # (DiskFull, below) says it all.
+    logging.get_absl_handler().addFilter(_not_disk_full)
+    sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
     try:
         distributed.initialize_from_flags()
     except (RuntimeError, ValueError) as e:
@@ -46,6 +51,12 @@ def main(argv) -> None:
                 "repository's experiments/configs/acre.py:cpu)")
     try:
         train(flags.FLAGS.config, flags.FLAGS.workdir, quiet=flags.FLAGS.quiet)
+    except DiskFull as e:
+        # Exit at once: the metrics writer's and orbax's threads and atexit hooks would each retry their
+        # writes on the full disk and print a traceback. The finalized checkpoints are on disk already.
+        print(f"iclm-train: DiskFull: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(EXIT_CODES["DiskFull"])
     except (ConfigError, NonFiniteError, OSError, ValueError) as e:
         # Bad config, bad data files (AcreFormatError / JsonlError name file and problem or line),
         # an unwritable or full workdir, a NaN: one clear line, not a traceback.
@@ -53,9 +64,27 @@ def main(argv) -> None:
         sys.exit(EXIT_CODES.get(type(e).__name__, 2))
 
 
-# Documented exit statuses: 0 done, 2 refused input (config, data, workdir), 3 non-finite loss,
+# Documented exit statuses: 0 done, 2 refused input (config, data, workdir), 3 non-finite loss, 4 disk
+# full during the run (the finalized checkpoints are intact; free space and rerun the same command),
 # 143 preempted (SIGTERM: a checkpoint of the current step was saved; rerun the same command to resume).
-EXIT_CODES = {"NonFiniteError": 3}
+EXIT_CODES = {"NonFiniteError": 3, "DiskFull": 4}
+
+
+def _quiet_closed_loops(hook):
+    """After a save fails (a full disk), tensorstore's pending writes report back to orbax's event loops,
+    closed by then, and each reports ``RuntimeError: Event loop is closed`` as unraisable: dropped."""
+    def quiet(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            hook(unraisable)
+    return quiet
+
+
+def _not_disk_full(record) -> bool:
+    try:
+        text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+    except Exception:   # noqa: BLE001  (a malformed record: let the handler show it)
+        return True
+    return "No space left on device" not in text and "os_error_code='28'" not in text
 
 
 def _refuse(message: str) -> None:

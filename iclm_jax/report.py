@@ -43,8 +43,11 @@ class MetricsWriter:
         flat = _scalarise(metrics)
         for k, v in flat.items():
             self.tb.add_scalar(f"{prefix}/{k}", v, step)
-        self._f.write(json.dumps({"step": step, "split": prefix, **flat}) + "\n")
-        self._f.flush()
+        try:
+            self._f.write(json.dumps({"step": step, "split": prefix, **flat}) + "\n")
+            self._f.flush()
+        except OSError as e:    # name the file (a full disk's OSError has none)
+            raise OSError(e.errno, e.strerror, self.path) from e
 
     def close(self) -> None:
         if self.active:

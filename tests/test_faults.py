@@ -143,8 +143,9 @@ def _largest_file(step_dir):
 @pytest.mark.slow
 def test_a_flipped_or_truncated_checkpoint_falls_back_to_the_previous_one(reference_run, tmp_path):
     """400 flipped bytes in the latest step's largest data file: caught by its SHA-256, the run resumes
-    from the step before (saying which and why) and ends bit-identical to the reference; eval and export
-    refuse the damaged step by name. A truncated file in a step without a record is caught by orbax."""
+    from the step before (saying which and why) and ends bit-identical to the reference; eval, export
+    and a new run's init_from refuse the damaged step by name. A truncated file in a step without a
+    record is caught by orbax."""
     from iclm_jax.checkpoint import CorruptCheckpoint
     from iclm_jax.train.run import load_run
     work = _copy_run(reference_run, tmp_path)
@@ -160,6 +161,9 @@ def test_a_flipped_or_truncated_checkpoint_falls_back_to_the_previous_one(refere
     r = subprocess.run([sys.executable, "-m", "iclm_jax.eval_main", "--workdir", str(work), "--data", "x.json"],
                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and f"is damaged: {rel} differs" in r.stderr, r.stderr[-2000:]
+    r = _run(tmp_path / "child", f"--config.init_from={work}")       # a new run starting from it: refused
+    assert r.returncode == 2 and f"is damaged: {rel} differs" in r.stderr, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     r = _run(work, "--config.checkpoint.every=1")
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"restored step {STEPS - 1} instead" in r.stderr and f"resuming from step {STEPS - 1}" in r.stderr
@@ -313,14 +317,102 @@ def test_unwritable_workdir_is_refused_before_training(tmp_path):
     assert "is not writable" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_full_disk_is_refused_before_training(tmp_path, monkeypatch):
-    from collections import namedtuple
+def test_full_disk_is_refused_before_training_and_before_a_save(tmp_path, monkeypatch):
+    from iclm_jax.train import disk_space
+    monkeypatch.setattr(disk_space, "free_mib", lambda p: 1.0)
+    with pytest.raises(disk_space.DiskFull, match=r"1.0 MiB free, checkpoints need about 4\.2 MiB \(4 x 1\.1"):
+        disk_space.check_before_training(str(tmp_path), 2**19, 3)                  # 4 x (0.55 + 0.5)
+    with pytest.raises(disk_space.DiskFull, match=r"saving step 7 to .* needs about 1\.6 MiB, 1\.0 MiB free; "
+                                                   r"the last finalized checkpoint \(step 5\) is intact"):
+        disk_space.check_before_save(str(tmp_path), 2**20, 7, [4, 5])
+    disk_space.check_before_save(str(tmp_path), 2**19 // 2, 7, [])      # 0.8 MiB fits in 1.0
 
-    from iclm_jax.train import loop
-    usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10, 10, 0))
-    with pytest.raises(OSError, match="MiB free, checkpoints need"):
-        loop._check_disk(str(tmp_path), 10 * 2**20, 3)
+
+def test_a_full_disk_is_recognised_in_each_shape_it_takes(tmp_path):
+    """Our own files raise OSError ENOSPC (with or without a file name); orbax/tensorstore a ValueError
+    whose text names the file; a wrapper keeps the cause. Anything else is not a full disk."""
+    import errno
+
+    from iclm_jax.train.disk_space import as_disk_full
+    orbax = ValueError('RESOURCE_EXHAUSTED: Error writing local file "/w/checkpoints/2.orbax-checkpoint-tmp/'
+                       'state/_sharding": Failed writing: "/w/x.__lock": No space left on device '
+                       "[os_error_code='28']")
+    full = as_disk_full(orbax, str(tmp_path), [1])
+    assert str(full).startswith("disk full: writing /w/checkpoints/2.orbax-checkpoint-tmp/state/_sharding failed, ")
+    assert "MiB free; the last finalized checkpoint (step 1) is intact" in str(full)
+    mine = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "metrics.jsonl"))
+    assert f"writing {tmp_path / 'metrics.jsonl'} failed" in str(as_disk_full(mine, str(tmp_path), []))
+    assert "no checkpoint was finalized yet" in str(as_disk_full(mine, str(tmp_path), []))
+    try:
+        try:
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+        except OSError as e:
+            raise RuntimeError("saving failed") from e
+    except RuntimeError as wrapped:
+        assert f"a write under {tmp_path} failed" in str(as_disk_full(wrapped, str(tmp_path), [3]))
+    assert as_disk_full(ValueError("RESOURCE_EXHAUSTED: out of memory"), str(tmp_path), []) is None
+    assert as_disk_full(OSError(errno.EACCES, "Permission denied"), str(tmp_path), []) is None
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 8 MiB filesystem (tmpfs), unmounted afterwards."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        pytest.skip(f"no real small filesystem here (mount: {r.stderr.strip()}); the shapes a full disk takes "
+                    "are covered by test_a_full_disk_is_recognised_in_each_shape_it_takes")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _fill(path) -> None:
+    """Write zeros to ``path`` until its filesystem is full (printing what else is on it, for a failure)."""
+    print(subprocess.run(["du", "-a", os.path.dirname(path)], capture_output=True, text=True).stdout)
+    try:
+        with open(path, "wb") as f:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+    except OSError as e:
+        print(f"filled: {e}")
+
+
+@pytest.mark.slow
+def test_a_disk_filling_up_mid_run_ends_it_in_one_line_and_the_rerun_resumes(small_disk):
+    """A real full filesystem mid-run: exit 4 within seconds with one line naming the file, the free space
+    and the intact step; a rerun on the still-full disk is refused the same way; after freeing space the
+    rerun resumes from that step and finishes."""
+    work, filler = small_disk / "run", small_disk / "filler"
+    first = _start(work, "--config.checkpoint.every=1", "--config.train.steps=2000")
+    try:
+        _wait_for_steps(first, work, 3)
+        _fill(filler)
+        t0 = time.time()
+        _, err = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert time.time() - t0 < 60, "a full disk must end the run promptly"
+    assert first.returncode == 4, err[-3000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("iclm-train: DiskFull: disk full: "), err[-3000:]
+    assert f"{work}" in lines[0] and "MiB free; the last finalized checkpoint (step " in lines[0]
+    step = int(lines[0].split("(step ")[1].split(")")[0])
+    assert (work / "checkpoints" / str(step)).is_dir()
+
+    again = _run(work, "--config.checkpoint.every=1", f"--config.train.steps={step + 3}")
+    assert again.returncode == 4, again.stderr[-3000:]
+    assert again.stderr.strip().startswith("iclm-train: DiskFull: ") and len(again.stderr.strip().splitlines()) == 1
+    assert "MiB free" in again.stderr
+
+    filler.unlink(missing_ok=True)
+    done = _run(work, "--config.checkpoint.every=1", f"--config.train.steps={step + 3}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming from step {step}: " in done.stderr
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["resumed_from"] == step and summary["steps"] == step + 3
 
 
 @pytest.mark.slow

@@ -16,11 +16,14 @@ command line (``python -m iclm_jax.data.acre generate|check|stats|render``) in `
 """
 from __future__ import annotations
 
+import array
 import json
 import os
 import sys
 from collections import Counter
 from typing import Sequence
+
+from iclm_jax.data import indexed
 
 QUERY_TYPES = ("direct", "indirect", "screen_off", "potential")
 LABELS = ("off", "undetermined", "on")
@@ -147,18 +150,23 @@ def validate_problems(problems: object, path: str = "<problems>") -> None:
                               f"got {type(problems).__name__}")
     if not problems:
         raise AcreFormatError(path, None, "contains no problems (empty array)")
-    n_panels = NUM_CONTEXTS + NUM_QUERIES
     for i, problem in enumerate(problems):
-        if not isinstance(problem, list):
-            raise AcreFormatError(path, i, f"a problem must be an array of {n_panels} panels, "
-                                  f"got {type(problem).__name__}")
-        if len(problem) != n_panels:
-            raise AcreFormatError(path, i, f"has {len(problem)} panels, expected {n_panels} "
-                                  f"({NUM_CONTEXTS} contexts + {NUM_QUERIES} queries)")
-        for j, panel in enumerate(problem):
-            msg = _panel_problem(panel, j)
-            if msg is not None:
-                raise AcreFormatError(path, i, msg, panel_index=j)
+        validate_problem(problem, i, path)
+
+
+def validate_problem(problem: object, i: int, path: str = "<problems>") -> None:
+    """``validate_problems`` for problem ``i`` alone."""
+    n_panels = NUM_CONTEXTS + NUM_QUERIES
+    if not isinstance(problem, list):
+        raise AcreFormatError(path, i, f"a problem must be an array of {n_panels} panels, "
+                              f"got {type(problem).__name__}")
+    if len(problem) != n_panels:
+        raise AcreFormatError(path, i, f"has {len(problem)} panels, expected {n_panels} "
+                              f"({NUM_CONTEXTS} contexts + {NUM_QUERIES} queries)")
+    for j, panel in enumerate(problem):
+        msg = _panel_problem(panel, j)
+        if msg is not None:
+            raise AcreFormatError(path, i, msg, panel_index=j)
 
 
 def load_problems(path: str | os.PathLike) -> list[Problem]:
@@ -178,6 +186,31 @@ def load_problems(path: str | os.PathLike) -> list[Problem]:
                               f"{e.msg}") from None
     validate_problems(problems, path)
     return problems
+
+
+def index_problems(path: str | os.PathLike) -> indexed.IndexedRecords:
+    """``load_problems`` for a file of any size: one incremental pass validates every problem and keeps
+    its byte range; item ``i`` is read and parsed again on access (memory does not grow with the file)."""
+    path = os.fspath(path)
+    starts, ends = array.array("q"), array.array("q")
+    try:
+        for start, end, _, problem in indexed.json_array_elements(path):
+            validate_problem(problem, len(starts), path)
+            starts.append(start)
+            ends.append(end)
+    except (OSError, UnicodeDecodeError) as e:
+        raise AcreFormatError(path, None, f"cannot read: {e}") from None
+    except indexed.ArrayFormatError as e:
+        what = e.message if e.message in ("file is empty",) else (
+            f"{e.message} at line {e.line}, column {e.column}")
+        raise AcreFormatError(path, None, what) from None
+    if not starts:
+        raise AcreFormatError(path, None, "contains no problems (empty array)")
+    return indexed.IndexedRecords(path, starts, ends, range(len(starts)), _parse_problem)
+
+
+def _parse_problem(raw: bytes, index: int) -> Problem:
+    return json.loads(raw)
 
 
 def save_problems(problems: Sequence[Problem], path: str | os.PathLike) -> None:

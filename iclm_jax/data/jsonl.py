@@ -21,10 +21,13 @@ equal (apart from ``source``, set to ``path:line`` on load) when prompts follow 
 """
 from __future__ import annotations
 
+import array
+import functools
 import json
 import os
 from typing import Iterable
 
+from iclm_jax.data import indexed
 from iclm_jax.data.acre import LABELS, QUERY_TYPES
 from iclm_jax.data.render import DOMAINS, Example, PackedExample
 
@@ -126,29 +129,52 @@ def _record(rec, where: str, domains: dict) -> Example | PackedExample:
 
 def load_jsonl(path: str, *, domains: dict | None = None) -> list[Example | PackedExample]:
     """Every record of ``path``; ``domains`` maps domain names to ids (default: ``DOMAINS``)."""
-    domains = {name: i for i, name in enumerate(DOMAINS)} if domains is None else domains
+    return list(_records(path, domains))
+
+
+def index_jsonl(path: str, *, domains: dict | None = None) -> indexed.IndexedRecords:
+    """``load_jsonl`` for a file of any size: one pass validates every line and keeps its byte range; record
+    ``i`` is read and parsed again on access (memory does not grow with the file)."""
+    starts, ends, lines = array.array("q"), array.array("q"), array.array("q")
+    for start, end, n, _ in _records(path, domains, positions=True):
+        starts.append(start)
+        ends.append(end)
+        lines.append(n)
+    domains = _domains(domains)
+    return indexed.IndexedRecords(path, starts, ends, lines, functools.partial(_parse_line, path=path,
+                                                                             domains=domains))
+
+
+def _domains(domains: dict | None) -> dict:
+    return {name: i for i, name in enumerate(DOMAINS)} if domains is None else domains
+
+
+def _records(path: str, domains: dict | None, positions: bool = False):
+    domains = _domains(domains)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such JSONL file")
-    out = []
-    with open(path, "rb") as f:      # line by line: memory does not grow with the file, only the records
-        for n, raw in enumerate(f, start=1):
-            where = f"{path}:{n}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise JsonlError(f"{where}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise JsonlError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            except RecursionError:
-                raise JsonlError(f"{where}: JSON nested too deeply") from None
-            out.append(_record(rec, where, domains))
-    if not out:
+    empty = True
+    for start, end, n, raw in indexed.jsonl_lines(path):   # line by line: memory does not grow with the file
+        rec = _parse_line(raw, n, path=path, domains=domains)
+        empty = False
+        yield (start, end, n, rec) if positions else rec
+    if empty:
         raise JsonlError(f"{path}:1: empty file (no records)")
-    return out
+
+
+def _parse_line(raw: bytes, n: int, *, path: str, domains: dict) -> Example | PackedExample:
+    where = f"{path}:{n}"
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise JsonlError(f"{where}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise JsonlError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise JsonlError(f"{where}: JSON nested too deeply") from None
+    return _record(rec, where, domains)
 
 
 def _meta(rec: dict, qtype: int, label: int) -> dict:

@@ -18,11 +18,12 @@ def _queries(problems):
 
 
 def fit_reference(train_problems) -> dict[str, object]:
-    labels = Counter(q["label"] for q in _queries(train_problems))
-    majority = labels.most_common(1)[0][0]
+    labels: Counter = Counter()
     by_count: dict[int, Counter] = defaultdict(Counter)
-    for q in _queries(train_problems):
+    for q in _queries(train_problems):     # one pass: the problems may be read from a large file
+        labels[q["label"]] += 1
         by_count[len(q["objects"])][q["label"]] += 1
+    majority = labels.most_common(1)[0][0]
     count_rule = {n: c.most_common(1)[0][0] for n, c in by_count.items()}
     return {"majority": lambda q: majority,
             "object_count": lambda q: count_rule.get(len(q["objects"]), majority)}

@@ -1,7 +1,8 @@
 """From the run config's ``data`` group to examples: train set, eval sets, tokenizer, row length.
 
 ACRE problems are generated (or read from release files), rendered in each configured style (a style is a
-domain) and packed one problem per row; evals-style JSONL files are read as they are.
+domain) and packed one problem per row; evals-style JSONL files are read as they are. A training file is
+read on demand (``indexed``, ``rendered``): memory does not grow with its size.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 
 from iclm_jax.data import acre, acre_generate, jsonl, pipeline, render
 from iclm_jax.data import tokenizer as tok_lib
+from iclm_jax.data.rendered import RenderedProblems
 from iclm_jax.data.stream import AcreStream
 from iclm_jax.fields import csv, typed
 from iclm_jax.padding import round_up
@@ -66,24 +68,32 @@ class RunData:
     train_sample: list | None = None
 
 
-def file_examples(path: str, styles, packed: bool, form: str = "full", extra_queries: bool = False):
+def file_examples(path: str, styles, packed: bool, form: str = "full", extra_queries: bool = False,
+                  lazy: bool = False):
+    """(examples, ACRE problems or None) of a JSONL or release file; ``lazy``: read on demand (a training
+    file of any size: one validating pass keeps byte ranges, not records; see ``indexed``)."""
     if path.endswith(".jsonl"):
-        return jsonl.load_jsonl(path), None
+        return (jsonl.index_jsonl(path) if lazy else jsonl.load_jsonl(path)), None
+    if lazy:
+        problems = acre.index_problems(path)
+        return RenderedProblems(problems, styles, packed, form, extra_queries, name=path), problems
     problems = acre.load_problems(path)
     return pipeline.acre_examples(problems, styles=styles, packed=packed, form=form,
                                   extra_queries=extra_queries), problems
 
 
-def _check_slots(num_slots: int, sets) -> None:
-    """Every row must fit the training rows' query slots: refuse before training, not at the final eval."""
-    for name, examples in sets:
-        bad = next((e for e in examples if isinstance(e, render.PackedExample) and len(e.queries) > num_slots),
-                   None)
-        if bad is not None:
+def _measure(num_slots: int, tok: tok_lib.Tokenizer, name: str, examples) -> int:
+    """The longest row of ``examples`` in tokens, in one pass that also refuses a row with more queries than
+    the training rows' slots (before training, not at the final eval)."""
+    longest = 0
+    for e in examples:
+        if isinstance(e, render.PackedExample) and len(e.queries) > num_slots:
             raise ValueError(
-                f"{bad.source or name}: {name} packs {len(bad.queries)} queries per row but the training rows "
+                f"{e.source or name}: {name} packs {len(e.queries)} queries per row but the training rows "
                 f"hold {num_slots}; use one layout everywhere (data.packed=False asks one query per row; "
                 "data.eval_splits='' evaluates only data.eval_files)")
+        longest = max(longest, row_length(e, tok))
+    return longest
 
 
 def row_length(ex, tok: tok_lib.Tokenizer) -> int:
@@ -104,7 +114,7 @@ def build(data: DataConfig, seed: int) -> RunData:
     tok = tok_lib.load_tokenizer(d.tokenizer)
     generate = GENERATORS[d.task]
     if d.train_file:
-        train_examples, train_problems = file_examples(d.train_file, styles, packed, form, extra)
+        train_examples, train_problems = file_examples(d.train_file, styles, packed, form, extra, lazy=True)
     elif d.stream:   # endless fresh problems; a finite head for references and lengths
         train_examples = AcreStream(d.train_split, "train", seed, styles, packed, form=form,
                                     extra_queries=extra)
@@ -133,8 +143,8 @@ def build(data: DataConfig, seed: int) -> RunData:
     stream = isinstance(train_examples, AcreStream)
     if not stream:
         train_sample = measured = train_examples
-    _check_slots(num_slots, [("the training data", measured)] + [(f"eval set {e.name!r}", e.examples) for e in evals])
-    longest = max(row_length(e, tok) for s in [measured] + [e.examples for e in evals] for e in s)
+    longest = max(_measure(num_slots, tok, name, ex) for name, ex in
+                  [("the training data", measured)] + [(f"eval set {e.name!r}", e.examples) for e in evals])
     # A stream's rows are measured on a sample: leave room for rarer, longer problems (a text row
     # grows by 8 tokens per object; 2000 problems' longest is within 2 objects of the maximum).
     auto = round_up(longest + longest // 16, 8) + 8 if stream else round_up(longest + 1, 32)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -28,7 +27,7 @@ from iclm_jax.data import pipeline, sources
 from iclm_jax.data.reference import fit_reference, score_reference
 from iclm_jax.data.sources import DataConfig
 from iclm_jax.fields import csv, typed
-from iclm_jax.train import build, resume, workdir_lock
+from iclm_jax.train import build, disk_space, resume, workdir_lock
 from iclm_jax.train.build import CheckpointConfig, EvalConfig, LoopConfig
 from iclm_jax.train.optim import effective_warmup
 from iclm_jax.train.preemption import EXIT_PREEMPTED, PreemptionWatcher
@@ -49,8 +48,19 @@ class Preempted(SystemExit):
 
 
 def train(config, workdir: str, *, quiet: bool = False) -> dict:
-    """Train per ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the summary."""
+    """Train per ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the summary. A full
+    disk at any point (before training, a save, a metrics write) raises ``disk_space.DiskFull``."""
     config_check.validate(config)
+    try:
+        return _train(config, workdir, quiet)
+    except (OSError, ValueError) as e:   # a full disk surfaces as either, from our files or orbax's
+        full = disk_space.as_disk_full(e, workdir, checkpoint.finalized_steps(os.path.join(workdir, "checkpoints")))
+        if full is None or full is e:
+            raise
+        raise full from None
+
+
+def _train(config, workdir: str, quiet: bool) -> dict:
     _prepare_workdir(workdir)
     with workdir_lock.hold(workdir, enabled=jax.process_index() == 0):
         resume.check(config, workdir)
@@ -59,8 +69,10 @@ def train(config, workdir: str, *, quiet: bool = False) -> dict:
         try:
             tr.steps()
             results = _evaluate_all(tr.run, tr.data, tr.writer, tr.step, tr.best, tr.ckpt.best_metric, tr.clock())
-        finally:
-            tr.close()
+        except BaseException:     # close, but keep the first error (a failed save's, not the writer's)
+            tr.close(raising=False)
+            raise
+        tr.close()
         return tr.finish(results)
 
 
@@ -90,7 +102,8 @@ class _Training:
                 json.dump({"max_len": data.max_len, "num_slots": data.num_slots,
                            "train_examples": len(data.train_examples)}, f)
         run = tr.run = Run(config, workdir, data)
-        _check_disk(workdir, run.state_bytes(), tr.ckpt.keep)
+        tr.state_bytes = run.state_bytes()
+        disk_space.check_before_training(workdir, tr.state_bytes, tr.ckpt.keep)
         if not quiet:
             tr.say(sharding_report.summary_line(run.state, run.mesh, run.rules))
         stream, batch = data_cfg.stream, tr.loop.batch_size   # an endless source is read in order, once
@@ -143,6 +156,8 @@ class _Training:
         if step in (self.saved_step, self.start if self.resumed else None):
             return
         self.record_integrity()      # of the previous save, finished by now (saves are asynchronous)
+        disk_space.check_before_save(os.fspath(self.mngr.directory), self.state_bytes, step,
+                                     checkpoint.finalized_steps(os.fspath(self.mngr.directory)))
         if checkpoint.save(self.mngr, step, self.run.state, _meta(self.config, self.data, step),
                            self.it.get_state(), force=force):
             self.unrecorded.append((self.mngr, step))
@@ -223,15 +238,20 @@ class _Training:
         bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last.get('answer_acc', float('nan')):.2f}",
                         mi=f"{last['mi']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
 
-    def close(self) -> None:
-        self.watcher.close()
-        self.mngr.wait_until_finished()
-        self.record_integrity()
-        self.mngr.close()
+    def close(self, raising: bool = True) -> None:
+        """Finish pending saves and close everything; every part is tried, the first failure re-raised
+        (``raising``) or dropped (a save that failed for a full disk must not leave the rest open)."""
+        parts = [self.watcher.close, self.mngr.wait_until_finished, self.record_integrity, self.mngr.close]
         if self.best is not None:
-            self.best.wait_until_finished()
-            self.best.close()
-        self.writer.close()
+            parts += [self.best.wait_until_finished, self.best.close]
+        errors = []
+        for part in parts + [self.writer.close]:
+            try:
+                part()
+            except Exception as e:   # noqa: BLE001  (re-raised below, after the rest is closed)
+                errors.append(e)
+        if errors and raising:
+            raise errors[0]
 
     def finish(self, results: dict) -> dict:
         """Reference predictors, plots and ``summary.json`` (and the tables, unless quiet)."""
@@ -294,22 +314,16 @@ def _evaluate_all(run: Run, data, writer, step: int, best, best_metric: str, tim
 
 def _prepare_workdir(workdir: str) -> None:
     """Create the workdir and check that it is writable, before anything expensive."""
+    probe = os.path.join(workdir, f".write_probe.{os.getpid()}")
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_probe.{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
+        if os.path.exists(probe):
+            os.remove(probe)
         raise OSError(f"workdir {workdir!r} is not writable: {e}") from e
-
-
-def _check_disk(workdir: str, state_bytes: int, keep: int) -> None:
-    free = shutil.disk_usage(workdir).free
-    need = state_bytes * (keep + 1)
-    if free < need:
-        raise OSError(f"workdir {workdir!r}: {free / 2**20:.1f} MiB free, checkpoints need about "
-                      f"{need / 2**20:.1f} MiB ({keep + 1} x {state_bytes / 2**20:.1f} MiB state)")
 
 
 def _bad_terms(metrics) -> str:

@@ -127,7 +127,7 @@ class LoadedRun(Run):
         ref = {}
         if problems is not None:
             if d.train_file:
-                train = acre.load_problems(d.train_file)
+                train = acre.index_problems(d.train_file)
             else:
                 generate = sources.GENERATORS[d.task]
                 train = generate(d.train_split, "train", d.train_problems, self.config.seed)
