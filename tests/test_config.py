@@ -18,7 +18,7 @@ from iclm_jax.train.optim import OptimConfig, make_optimizer
 from tests.test_step import acre_cfg
 
 
-@pytest.mark.parametrize("arg", ["demo", "baseline", "no_invariant", "plugin", "oracle", "paper",
+@pytest.mark.parametrize("arg", ["demo", "iclm", "no_mi", "baseline", "no_invariant", "plugin", "oracle", "paper",
                                  "baseline,text", "symbolic", "cpu", "cpu,baseline,symbolic", "cpu,short",
                                  "cpu,baseline,symbolic,short"])
 def test_variants_validate(arg):

@@ -2,6 +2,8 @@
 
     get_config()            # "demo": the tiny from-scratch CPU ICLM (K = 2) the tests build on
     get_config("baseline")  # one LoRA module, no router, no invariant module, no MI (same code, K = 1)
+    get_config("iclm")      # the full ICLM (= the default; a name for sweeps and tables)
+    get_config("no_mi")     # the ICLM without the MI term (mi.estimator=none)
     get_config("no_invariant")   # K modules + router, invariant_weight 0 ablation
     get_config("plugin")    # the paper's plug-in MI estimator instead of MINE
     get_config("oracle")    # perfect router: route by the known rendering domain
@@ -12,6 +14,9 @@
 Variants combine with commas: get_config("baseline,text") trains on the text rendering only, and
 get_config("cpu,baseline,symbolic") is the single-module CPU recipe on the symbolic rendering.
 Every field is overridable from the command line, e.g. --config.train.steps=20.
+
+get_sweep(arg) is the ablation grid for `python -m iclm_jax.sweep --config=experiments/configs/acre.py:ARG`:
+each variant of SWEEP_VARIANTS x seeds 0 and 1, on top of ARG (e.g. "cpu").
 """
 import ml_collections
 
@@ -116,9 +121,21 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     return c
 
 
+SWEEP_VARIANTS = ("iclm", "baseline", "no_mi", "no_invariant", "oracle", "plugin")
+
+
+def get_sweep(arg: str = "") -> list[dict]:
+    del arg   # the grid is the same on top of any base variant
+    return [{"variant": v, "seed": s} for v in SWEEP_VARIANTS for s in (0, 1)]
+
+
 def _baseline(c):
     c.model.num_modules = 1
     c.model.invariant = False
+    c.mi.estimator = "none"
+
+
+def _no_mi(c):
     c.mi.estimator = "none"
 
 
@@ -195,6 +212,7 @@ def _short(c):
     c.data.val_problems, c.data.eval_problems = 100, 300
 
 
-_VARIANTS = {"demo": lambda c: None, "cpu": _cpu, "short": _short, "baseline": _baseline, "no_invariant": _no_invariant,
+_VARIANTS = {"demo": lambda c: None, "iclm": lambda c: None, "no_mi": _no_mi, "cpu": _cpu, "short": _short,
+             "baseline": _baseline, "no_invariant": _no_invariant,
              "plugin": _plugin, "oracle": _oracle, "paper": _paper, "text": _text,
              "symbolic": _symbolic}

@@ -1,0 +1,121 @@
+"""Sweeps from the command line (also installed as ``iclm-sweep``):
+
+    python -m iclm_jax.sweep --config=experiments/configs/acre.py:cpu --workdir=runs/sweep \\
+        [--launcher=local|slurm|tpu] [--dry-run] [--only=REGEX] [--sbatch=ARG ...]
+    python -m iclm_jax.sweep collect runs/sweep
+
+The config file's ``get_sweep(arg)`` lists the points (see ``points``). ``local`` trains them here in
+sequence (rerun the same command to resume: finished points are skipped); ``slurm`` writes
+``<workdir>/sweep.sbatch`` and submits it with sbatch (``--dry-run``: writes and prints it only);
+``tpu`` runs ``launch/tpu_pod.sh`` once per point (``--dry-run``: prints the commands). ``collect``
+writes results.md, results.csv and results.png. Exit status: 0, 1 if a point failed, 2 refused input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+from iclm_jax.sweep import collect as collect_lib
+from iclm_jax.sweep import launchers, points
+
+LAUNCHERS = ("local", "slurm", "tpu")
+
+
+def _refuse(message: str) -> None:
+    print(f"iclm-sweep: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):   # one line, exit 2 (argparse prints usage first)
+        _refuse(message)
+
+
+def _parse(argv):
+    if argv[:1] == ["collect"]:
+        p = _Parser(prog="iclm-sweep collect")
+        p.add_argument("workdir")
+        return "collect", p.parse_args(argv[1:])
+    p = _Parser(prog="iclm-sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="file.py[:arg] defining get_sweep(arg) and get_config(arg)")
+    p.add_argument("--workdir", required=True, help="the sweep's directory: one subdirectory per point")
+    p.add_argument("--launcher", choices=LAUNCHERS, default="local")
+    p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                   help="list the points and what would run; run nothing")
+    p.add_argument("--only", default="", help="a regular expression: only the points whose name matches")
+    p.add_argument("--sbatch", action="append", default=[],
+                   help="an #SBATCH line for each task, e.g. --sbatch=--nodes=1 (repeatable)")
+    return "run", p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    what, a = _parse(argv)
+    try:
+        if what == "collect":
+            out = collect_lib.collect(a.workdir)
+            print(open(os.path.join(a.workdir, "results.md")).read(), end="")
+            print(f"wrote {a.workdir}/results.md, results.csv" + (", results.png" if out["png"] else ""))
+            return 0
+        pts = points.load(a.config)
+        chosen = points.select(pts, a.only)
+    except (points.SweepError, FileNotFoundError) as e:
+        _refuse(str(e))
+    command = "python -m iclm_jax.sweep " + " ".join(shlex.quote(x) for x in argv)
+    if not a.dry_run or a.launcher == "slurm":
+        os.makedirs(a.workdir, exist_ok=True)
+        with open(os.path.join(a.workdir, collect_lib.SWEEP_FILE), "w") as f:
+            json.dump({"config": a.config, "command": command,
+                       "points": [{"name": p.name, "dirname": p.dirname, "group": p.group, "seed": p.seed,
+                                   "values": p.values, "args": p.train_args(a.workdir)} for p in pts]},
+                      f, indent=2, default=str)
+    print(f"{len(chosen)} of {len(pts)} points, launcher {a.launcher}{' (dry run)' if a.dry_run else ''}")
+    if a.launcher == "local":
+        if a.dry_run:
+            for p in chosen:
+                state = "finished" if launchers.finished(a.workdir, p) else "to run"
+                print(f"[{p.index + 1}/{len(pts)}] {p.name} ({state}): iclm-train "
+                      + " ".join(shlex.quote(x) for x in p.train_args(a.workdir)))
+            return 0
+        failed = launchers.run_local(chosen, a.workdir, len(pts))
+        print(f"{len(chosen) - len(failed)} of {len(chosen)} points done; collect with: "
+              f"python -m iclm_jax.sweep collect {a.workdir}")
+        return 1 if failed else 0
+    if a.launcher == "slurm":
+        script = os.path.join(a.workdir, "sweep.sbatch")
+        with open(script, "w") as f:
+            f.write(launchers.slurm_script(chosen, a.workdir, a.sbatch))
+        if a.dry_run:
+            print(open(script).read(), end="")
+            print(f"wrote {script}; submit with: sbatch {script}")
+            return 0
+        return _call(["sbatch", script])
+    cmds = launchers.tpu_commands(chosen, a.workdir)
+    for c in cmds:
+        print(shlex.join(c))
+    if a.dry_run:
+        return 0
+    for c in cmds:
+        if _call(c) != 0:
+            return 1
+    return 0
+
+
+def _call(cmd: list[str]) -> int:
+    try:
+        return subprocess.call(cmd)
+    except FileNotFoundError:
+        _refuse(f"{cmd[0]}: command not found (--dry-run writes and prints what would run)")
+
+
+def cli() -> None:
+    """Console script ``iclm-sweep``."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

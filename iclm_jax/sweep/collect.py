@@ -1,0 +1,127 @@
+"""``collect``: one table from a sweep's finished points: ``results.csv`` (a row per point × eval set),
+``results.md`` (mean ± std over seeds per group × eval set, beside the reference predictors) and
+``results.png`` (the same as bars with error bars, the majority predictor as a line).
+
+It reads ``sweep.json`` (written by the launch) for the points, and each point's ``summary.json``; a point
+without one is listed as not finished. ``answer_acc`` is the eval's ``all`` accuracy (query exact match).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections import defaultdict
+
+import numpy as np
+
+SWEEP_FILE = "sweep.json"
+
+
+def _point_rows(workdir: str, point: dict) -> list[dict] | None:
+    path = os.path.join(workdir, point["dirname"], "summary.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        s = json.load(f)
+    rows = []
+    for split, r in s.get("eval", {}).items():
+        ref = s.get("reference", {}).get(split, {})
+        rows.append({"point": point["name"], "group": point["group"], "seed": point.get("seed"), "split": split,
+                     "answer_acc": r.get("all"), "answer_ce": r.get("answer_ce"),
+                     "purity": r.get("purity") if "module_1_rows" in r else None,   # one module: none
+                     "majority": ref.get("majority", {}).get("all"),
+                     "object_count": ref.get("object_count", {}).get("all"), "steps": s.get("steps"),
+                     "train_s": s.get("train_s")})
+    return rows
+
+
+def _mean_std(xs) -> tuple[float, float, int]:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return float("nan"), float("nan"), 0
+    return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else float("nan"), len(xs)
+
+
+def _cell(m: float, s: float, n: int, pct: bool = True) -> str:
+    if n == 0:
+        return "-"
+    k = 100 if pct else 1
+    return f"{k * m:.1f} ± {k * s:.1f} (n={n})" if n > 1 else f"{k * m:.1f} (n=1)"
+
+
+def collect(workdir: str) -> dict:
+    """Write results.csv/.md/.png in ``workdir``; returns {"groups": {group: {split: (mean, std, n)}}, ...}."""
+    path = os.path.join(workdir, SWEEP_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: not a sweep directory (no {SWEEP_FILE}; run the sweep first)")
+    with open(path) as f:
+        sweep = json.load(f)
+    rows, missing = [], []
+    for point in sweep["points"]:
+        r = _point_rows(workdir, point)
+        if r is None:
+            missing.append(point["name"])
+        else:
+            rows.extend(r)
+    fields = ["point", "group", "seed", "split", "answer_acc", "answer_ce", "purity", "majority", "object_count",
+              "steps", "train_s"]
+    with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    groups = list(dict.fromkeys(p["group"] for p in sweep["points"]))
+    splits = list(dict.fromkeys(r["split"] for r in rows))
+    table = defaultdict(dict)
+    refs = {}
+    for g in groups:
+        for sp in splits:
+            sel = [r for r in rows if r["group"] == g and r["split"] == sp]
+            table[g][sp] = _mean_std([r["answer_acc"] for r in sel])
+    for sp in splits:
+        refs[sp] = {k: _mean_std([r[k] for r in rows if r["split"] == sp]) for k in ("majority", "object_count")}
+    lines = [f"# Sweep results: {sweep['config']}", "",
+             f"Answer accuracy (%, query exact match), mean ± std over seeds; {len(sweep['points']) - len(missing)} "
+             f"of {len(sweep['points'])} points finished. Reference predictors: the majority label and the "
+             "most frequent label per query object count, fitted on each point's training data.", "",
+             "| group | " + " | ".join(splits) + " |", "|---|" + "---|" * len(splits)]
+    for g in groups:
+        lines.append(f"| {g} | " + " | ".join(_cell(*table[g][sp]) for sp in splits) + " |")
+    for k in ("majority", "object_count"):
+        lines.append(f"| *{k} predictor* | " + " | ".join(_cell(*refs[sp][k]) for sp in splits) + " |")
+    if missing:
+        lines += ["", "Not finished: " + "; ".join(missing)]
+    lines += ["", f"Command: `{sweep.get('command', '')}`"]
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    png = _plot(workdir, groups, splits, table, refs) if rows else None
+    return {"groups": {g: dict(v) for g, v in table.items()}, "refs": refs, "missing": missing,
+            "rows": rows, "png": png}
+
+
+def _plot(workdir, groups, splits, table, refs) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * len(splits) / 2 + 3), 4.5))
+    width = 0.8 / max(len(groups), 1)
+    x = np.arange(len(splits))
+    for i, g in enumerate(groups):
+        means = [100 * table[g][sp][0] for sp in splits]
+        stds = [100 * np.nan_to_num(table[g][sp][1]) for sp in splits]
+        ax.bar(x + (i - (len(groups) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=g)
+    for j, sp in enumerate(splits):
+        m = refs[sp]["majority"][0]
+        if not np.isnan(m):
+            ax.hlines(100 * m, j - 0.45, j + 0.45, colors="black", linestyles="dashed",
+                      label="majority predictor" if j == 0 else None)
+    ax.set_xticks(x, splits)
+    ax.set_xlabel("eval set")
+    ax.set_ylabel("answer accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("sweep: mean ± std over seeds")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    out = os.path.join(workdir, "results.png")
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
