@@ -195,6 +195,7 @@ def _data(c, errs: _Errors) -> None:
          "False with data.train_file (a stream generates fresh problems; it reads no file)")
     need(d.max_len >= 0, "data.max_len", d.max_len, ">= 0 (0 = automatic)")
     need(d.workers >= 0, "data.workers", d.workers, ">= 0")
+    need(0 <= d.get("max_unk", 1.0) <= 1, "data.max_unk", d.get("max_unk"), "in [0, 1]")
     for f in [d.train_file] + csv(d.eval_files):
         if f:
             need(os.path.isfile(f), "data.train_file/eval_files", f, "an existing file")

@@ -16,6 +16,16 @@ def _batch_size(text: str) -> int:
     return n
 
 
+def _fraction(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        x = float("nan")
+    if not 0 <= x <= 1:
+        raise argparse.ArgumentTypeError(f"{text}: expected a fraction in [0, 1]")
+    return x
+
+
 def run_eval(argv=None) -> int:
     """Console script ``iclm-eval``."""
     p = argparse.ArgumentParser(prog="iclm-eval",
@@ -25,6 +35,8 @@ def run_eval(argv=None) -> int:
                    help="ACRE release JSON or evals JSONL (repeatable)")
     p.add_argument("--batch_size", type=_batch_size, default=0,
                    help="rows per eval batch (default: the run's eval.batch_size; rounded up to the batch split)")
+    p.add_argument("--max_unk", type=_fraction, default=None,
+                   help="accept a file with up to this fraction of <unk> tokens (default: the run's data.max_unk)")
     args = p.parse_args(argv)
     try:
         run = load_run(args.workdir)
@@ -34,7 +46,7 @@ def run_eval(argv=None) -> int:
     results, refs = {}, {}
     for path in args.data:
         try:
-            name, res, ref = run.evaluate_file(path, batch_size=args.batch_size or None)
+            name, res, ref = run.evaluate_file(path, batch_size=args.batch_size or None, max_unk=args.max_unk)
         except (FileNotFoundError, ValueError) as e:
             print(f"iclm-eval: {e}", file=sys.stderr)
             return 2

@@ -63,7 +63,9 @@ def summarise(res: dict, num_modules: int) -> dict:
         out[f"module_{m}"] = _acc(correct, present & sel[:, None])
         out[f"module_{m}_rows"] = int(sel.sum())
     module, domain = res["module"][real], res["domain"][real]
-    out["purity"] = purity(module, domain, int(module.max(initial=0)) + 1, int(domain.max(initial=0)) + 1)
+    # With fewer than two labelled domains every routing is trivially "pure": no number (NaN, "-").
+    out["purity"] = (purity(module, domain, int(module.max(initial=0)) + 1, int(domain.max(initial=0)) + 1)
+                     if len(set(domain[domain >= 0].tolist())) >= 2 else float("nan"))
     return out
 
 
@@ -118,7 +120,7 @@ def results_table(results: dict[str, dict], reference: dict[str, dict] | None = 
 
 def modules_table(results: dict[str, dict], num_modules: int) -> str:
     """Accuracy per rendering domain and per routed module, rows per module, router purity ("-" with
-    one module: nothing is routed, and one module is trivially "pure")."""
+    one module, or one domain: nothing is routed, or every routing is trivially "pure")."""
     doms = [f"domain_{d}" for d in DOMAINS]
     mods = [f"module_{m}" for m in range(num_modules)]
     rows = [[name] + [r[c] for c in doms + mods] + [" / ".join(str(r[f"{c}_rows"]) for c in mods),

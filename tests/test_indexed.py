@@ -132,7 +132,7 @@ rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 before = rss()
 examples, problems = sources.file_examples(sys.argv[1], ("symbolic", "text"), True, lazy=True)
 tok = tok_lib.load_tokenizer("acre_word")
-longest = sources._measure(4, tok, "train", examples)       # a full pass: parse, render, tokenize
+longest = sources.measure(4, tok, "train", examples)       # a full pass: parse, render, tokenize
 fit_reference(problems)
 print(len(examples), longest, rss() - before)
 """

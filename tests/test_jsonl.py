@@ -40,6 +40,13 @@ def test_load_messages_and_ideal(tmp_path):
     assert custom[1].domain == 5
 
 
+def test_a_numeric_ideal_is_its_json_text(tmp_path):
+    """Public evals files often give numbers: 4, 2.5, [10, "ten"] answer " 4", " 2.5", " 10"."""
+    path = _write(tmp_path, [json.dumps({"input": "2+2=", "ideal": 4}), json.dumps({"input": "5/2=", "ideal": 2.5}),
+                             json.dumps({"input": "5+5=", "ideal": [10, "ten"]})])
+    assert [e.answer for e in load_jsonl(path)] == [" 4", " 2.5", " 10"]
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_round_trip(tmp_path, packed):
     examples = []
@@ -63,7 +70,9 @@ BAD = [
     ('{"input": [], "ideal": "b"}', "'input' must be"),
     ('{"input": [{"role": "user"}], "ideal": "b"}', r"'input'\[0\] must be"),
     ('{"input": [{"role": 1, "content": "a"}], "ideal": "b"}', r"'input'\[0\] must be"),
-    ('{"input": "a", "ideal": 3}', "'ideal' must be"),
+    ('{"input": "a", "ideal": {"x": 3}}', "'ideal' must be a string, a number or a list of them, got dict"),
+    ('{"input": "a", "ideal": true}', "'ideal' must be a string, a number"),
+    ('{"input": "a", "ideal": [null]}', "'ideal' list must hold"),
     ('{"input": "a", "ideal": []}', "'ideal' list"),
     ('{"input": "a", "ideal": "b", "domain": 1.5}', "'domain' must be"),
     ('{"input": "a", "ideal": "b", "domain": "image"}', "unknown domain 'image'"),

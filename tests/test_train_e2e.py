@@ -61,9 +61,18 @@ def test_cli_train_then_eval(tmp_path):
     r = _run(["-m", "iclm_jax.data.acre", "generate", "--split", "Sys", "--part", "test", "--n", "6",
               "--seed", "5", "--out", str(data)])
     assert r.returncode == 0, r.stderr[-2000:]
-    r = _run(["-m", "iclm_jax.eval_main", "--workdir", str(work), "--data", str(data)])
+    from iclm_jax.data import acre, jsonl, pipeline
+    as_jsonl = tmp_path / "test.jsonl"                     # the same problems as evals JSONL (text rendering)
+    jsonl.write_jsonl(pipeline.acre_examples(acre.load_problems(data), styles=("text",)), as_jsonl)
+    r = _run(["-m", "iclm_jax.eval_main", "--workdir", str(work), "--data", str(data), "--data", str(as_jsonl)])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "test.json: model" in r.stdout and "object_count" in r.stdout and "purity" in r.stdout
+    assert "test.jsonl: majority answer (this set)" in r.stdout     # JSONL: the answer prior beside the model
+    foreign = tmp_path / "foreign.jsonl"                  # words the ACRE word tokenizer does not know
+    foreign.write_text(json.dumps({"input": "Does smoking cause cancer, statistically speaking?", "ideal": 1}) + "\n")
+    r = _run(["-m", "iclm_jax.eval_main", "--workdir", str(work), "--data", str(foreign)])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "% of its tokens are <unk> under data.tokenizer='acre_word' (above data.max_unk=0.05)" in r.stderr
 
 
 @pytest.mark.slow

@@ -81,6 +81,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         train_file="",             # optional ACRE release JSON or evals JSONL instead of generating
         eval_files="",             # optional comma-separated files to evaluate besides generated splits
         tokenizer="acre_word",     # acre_word | smollm2 | a directory holding tokenizer.json
+        max_unk=0.05,              # refuse a data file with more <unk> tokens than this fraction
         max_len=0,                 # 0 = longest example rounded up to 32
         num_domains=2,
         workers=0,                 # grain worker processes

@@ -3,7 +3,7 @@
 One JSON object per line (blank lines are skipped)::
 
     {"input": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."}],
-     "ideal": "answer" | ["answer", "alternative", ...],
+     "ideal": "answer" | 4 | ["answer", "alternative", ...],   # a number is its JSON text
      "domain": 1 | "text",            # optional: rendering/domain id or name
      "type": "direct" | 0,            # optional: ACRE query type name or id
      "label": 2}                      # optional: ACRE label id
@@ -56,14 +56,21 @@ def _prompt(value, where: str) -> str:
     return "\n".join(parts)
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _answer(value, where: str, field: str = "ideal") -> str:
+    """The answer text; a number (common in public evals files) is its JSON text (``4``, ``2.5``)."""
     if isinstance(value, list):
-        if not value or not all(isinstance(v, str) for v in value):
-            raise JsonlError(f"{where}: '{field}' list must hold at least one string, "
+        if not value or not all(isinstance(v, str) or _is_number(v) for v in value):
+            raise JsonlError(f"{where}: '{field}' list must hold at least one string or number, "
                              f"got {value!r}")
         value = value[0]
+    if _is_number(value):
+        value = json.dumps(value)
     if not isinstance(value, str):
-        raise JsonlError(f"{where}: '{field}' must be a string or a list of strings, "
+        raise JsonlError(f"{where}: '{field}' must be a string, a number or a list of them, "
                          f"got {type(value).__name__}")
     return value if value[:1].isspace() else " " + value
 

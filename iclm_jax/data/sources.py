@@ -46,6 +46,7 @@ class DataConfig:
     extra_queries: bool = False
     val_problems: int = 0
     stream: bool = False
+    max_unk: float = 1.0          # runs from before the check accepted any file
 
 
 @dataclasses.dataclass
@@ -82,27 +83,47 @@ def file_examples(path: str, styles, packed: bool, form: str = "full", extra_que
                                   extra_queries=extra_queries), problems
 
 
-def _measure(num_slots: int, tok: tok_lib.Tokenizer, name: str, examples) -> int:
+def measure(num_slots: int, tok: tok_lib.Tokenizer, name: str, examples, max_unk: float = 1.0,
+             tokenizer: str = "") -> int:
     """The longest row of ``examples`` in tokens, in one pass that also refuses a row with more queries than
-    the training rows' slots (before training, not at the final eval)."""
-    longest = 0
+    the training rows' slots (before training, not at the final eval), and a set whose fraction of
+    ``<unk>`` tokens exceeds ``max_unk`` (a tokenizer that does not fit the text)."""
+    longest = unknown = total = 0
+    unk_id = tok.token_to_id("<unk>")
     for e in examples:
         if isinstance(e, render.PackedExample) and len(e.queries) > num_slots:
             raise ValueError(
                 f"{e.source or name}: {name} packs {len(e.queries)} queries per row but the training rows "
                 f"hold {num_slots}; use one layout everywhere (data.packed=False asks one query per row; "
                 "data.eval_splits='' evaluates only data.eval_files)")
-        longest = max(longest, row_length(e, tok))
+        ids = _row_ids(e, tok)
+        longest = max(longest, _length(e, ids, tok))
+        if unk_id is not None:
+            unknown += sum(x.count(unk_id) for x in ids)
+            total += sum(map(len, ids))
+    if total and unknown / total > max_unk:
+        raise ValueError(
+            f"{name}: {100 * unknown / total:.0f}% of its tokens are <unk> under data.tokenizer={tokenizer!r} "
+            f"(above data.max_unk={max_unk}): it does not know this text; use data.tokenizer=smollm2 (byte-level "
+            "BPE, any text) or a directory holding a tokenizer.json that fits, or raise data.max_unk to accept it")
     return longest
+
+
+def _row_ids(ex, tok: tok_lib.Tokenizer) -> list[list[int]]:
+    """The token ids of a row's pieces: prompt and answer, or prefix then each query and answer."""
+    if isinstance(ex, render.PackedExample):
+        return [tok.encode(ex.prefix)] + [tok.encode(x) for q, a in ex.queries for x in (q, a)]
+    return [tok.encode(ex.prompt), tok.encode(ex.answer)]
 
 
 def row_length(ex, tok: tok_lib.Tokenizer) -> int:
     """Tokens a row needs (inputs exclude the final EOS, so prompt + answer (+ BOS) is an upper bound)."""
-    extra = 1 if tok.bos_id is not None else 0
-    if isinstance(ex, render.PackedExample):
-        n = len(tok.encode(ex.prefix)) + extra
-        return n + sum(len(tok.encode(q)) + len(tok.encode(a)) + 1 for q, a in ex.queries)
-    return len(tok.encode(ex.prompt)) + len(tok.encode(ex.answer)) + extra + 1
+    return _length(ex, _row_ids(ex, tok), tok)
+
+
+def _length(ex, ids: list[list[int]], tok: tok_lib.Tokenizer) -> int:
+    bos = 1 if tok.bos_id is not None else 0      # + one EOS per answer
+    return sum(map(len, ids)) + bos + (len(ex.queries) if isinstance(ex, render.PackedExample) else 1)
 
 
 def build(data: DataConfig, seed: int) -> RunData:
@@ -143,8 +164,9 @@ def build(data: DataConfig, seed: int) -> RunData:
     stream = isinstance(train_examples, AcreStream)
     if not stream:
         train_sample = measured = train_examples
-    longest = max(_measure(num_slots, tok, name, ex) for name, ex in
-                  [("the training data", measured)] + [(f"eval set {e.name!r}", e.examples) for e in evals])
+    longest = max(measure(num_slots, tok, name, ex, d.max_unk, d.tokenizer) for name, ex in
+                  [(d.train_file or "the training data", measured)]
+                  + [(f"eval set {e.name!r}", e.examples) for e in evals])
     # A stream's rows are measured on a sample: leave room for rarer, longer problems (a text row
     # grows by 8 tokens per object; 2000 problems' longest is within 2 objects of the maximum).
     auto = round_up(longest + longest // 16, 8) + 8 if stream else round_up(longest + 1, 32)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from iclm_jax import checkpoint, config_check, evaluate, report, sharding, sharding_report
 from iclm_jax.data import pipeline, sources
-from iclm_jax.data.reference import fit_reference, score_reference
+from iclm_jax.data.reference import fit_majority_answer, fit_reference, score_majority_answer, score_reference
 from iclm_jax.data.sources import DataConfig
 from iclm_jax.fields import csv, typed
 from iclm_jax.train import build, disk_space, resume, workdir_lock
@@ -258,12 +258,18 @@ class _Training:
         data, workdir, step, last = self.data, self.workdir, self.step, self.last
         refs = {}
         ref_predictors = fit_reference(data.train_problems) if data.train_problems else {}
+        sample = data.train_sample if data.train_sample is not None else data.train_examples
+        train_answers = None
         for es in data.eval_sets:
             if es.problems is not None and ref_predictors:
                 refs[es.name] = {k: score_reference(p, es.problems) for k, p in ref_predictors.items()}
+            elif es.problems is None:        # evals JSONL: the answer priors, from training and from itself
+                train_answers = train_answers or fit_majority_answer(sample)
+                refs[es.name] = {"majority answer (train)": score_majority_answer(train_answers, es.examples),
+                                 "majority answer (this set)": score_majority_answer(
+                                     fit_majority_answer(es.examples), es.examples)}
         majority_loss = {}
         if self.is_main:
-            sample = data.train_sample if data.train_sample is not None else data.train_examples
             majority_loss = {es.name: evaluate.answer_prior_loss(sample, es.examples, data.tokenizer)
                              for es in data.eval_sets}
             with open(os.path.join(workdir, "references.json"), "w") as f:    # read by plot_learning_curve

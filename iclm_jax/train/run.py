@@ -12,7 +12,7 @@ from flax import nnx
 from iclm_jax import checkpoint, evaluate, hf, sharding
 from iclm_jax.config_check import ConfigError
 from iclm_jax.data import acre, sources
-from iclm_jax.data.reference import fit_reference, score_reference
+from iclm_jax.data.reference import fit_majority_answer, fit_reference, score_majority_answer, score_reference
 from iclm_jax.data.tokenizer import load_tokenizer
 from iclm_jax.fields import csv, typed
 from iclm_jax.padding import round_up
@@ -113,12 +113,15 @@ def _load_pretrained_base(run: Run, config) -> None:
 
 
 class LoadedRun(Run):
-    def evaluate_file(self, path: str, batch_size: int | None = None):
+    def evaluate_file(self, path: str, batch_size: int | None = None, max_unk: float | None = None):
+        """(name, results, reference rows) of a release JSON or evals JSONL file; ``max_unk``: the largest
+        accepted fraction of ``<unk>`` tokens (default: the run's ``data.max_unk``)."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--data {path}: no such file")
         d = typed(sources.DataConfig, self.config.data)
         examples, problems = sources.file_examples(path, tuple(csv(d.styles)), d.packed, d.form)
-        need = max(sources.row_length(e, self.data.tokenizer) for e in examples) + 1
+        need = sources.measure(self.data.num_slots, self.data.tokenizer, path, examples,
+                               d.max_unk if max_unk is None else max_unk, d.tokenizer) + 1
         if need > self.data.max_len:
             self.data.max_len = round_up(need, 32)
         if batch_size:
@@ -132,6 +135,8 @@ class LoadedRun(Run):
                 generate = sources.GENERATORS[d.task]
                 train = generate(d.train_split, "train", d.train_problems, self.config.seed)
             ref = {k: score_reference(p, problems) for k, p in fit_reference(train).items()}
+        else:       # evals JSONL: the set's own answer prior (the best a prompt-blind predictor does)
+            ref = {"majority answer (this set)": score_majority_answer(fit_majority_answer(examples), examples)}
         return os.path.basename(path), res, ref
 
 
