@@ -72,6 +72,23 @@ def test_routed_module_output_equals_that_module_alone():
     assert not np.allclose(np.asarray(out.logits), np.asarray(model.module_logits(batch, 0)), atol=1e-3)
 
 
+def test_no_invariant_runs_no_invariant_module_and_gives_the_routed_modules_own_logits():
+    """The no_invariant ablation as the official code does it: K adapters only, no aggregator, no pooled
+    invariant state (so no MI term), and each row's logits are its routed module's own."""
+    from tests.test_step import acre_cfg
+    c = acre_cfg.get_config("no_invariant")
+    assert (c.model.invariant, c.router.source, c.mi.estimator) == (False, "base", "none")
+    model = nonzero_lora_b(tiny_iclm(num_modules=2, invariant=False, router_source="base",
+                                     router={"mode": "oracle"}))
+    assert model.aggregator is None and model.cfg.num_adapters == 2
+    batch = random_batch(domains=[1, 0, 1, 0])
+    out = model(batch, train=False)
+    assert out.pooled_inv is None
+    for row, module in enumerate([1, 0, 1, 0]):
+        np.testing.assert_allclose(np.asarray(out.logits[row]), np.asarray(model.module_logits(batch, module)[row]),
+                                   atol=1e-5)
+
+
 @pytest.mark.parametrize("source", ["invariant", "base", "adapter"])
 @pytest.mark.parametrize("mode", ["hard", "soft", "gumbel"])
 def test_router_sources_and_modes_train(source, mode):

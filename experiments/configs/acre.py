@@ -4,7 +4,7 @@
     get_config("baseline")  # one LoRA module, no router, no invariant module, no MI (same code, K = 1)
     get_config("iclm")      # the full ICLM (= the default; a name for sweeps and tables)
     get_config("no_mi")     # the ICLM without the MI term (mi.estimator=none)
-    get_config("no_invariant")   # K modules + router, invariant_weight 0 ablation
+    get_config("no_invariant")   # K modules + router on the base's states; no invariant module, no MI
     get_config("plugin")    # the paper's plug-in MI estimator instead of MINE
     get_config("oracle")    # perfect router: route by the known rendering domain
     get_config("paper")     # paper-like objective: gradient VQ, router adapter, MI on all modules, aux heads
@@ -39,7 +39,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         num_modules=2,             # K domain-specific modules
         invariant=True,            # the domain-invariant module
         aggregator="concat",       # concat | logits | probs
-        invariant_weight=0.5,      # for logits/probs aggregators; 0 = no-invariant ablation
+        invariant_weight=0.5,      # for logits/probs aggregators (the no_invariant variant drops the module)
     )
     c.lora = dict(rank=8, alpha=16.0, dropout=0.0, targets="q,k,v,o,gate,up,down")
 
@@ -141,8 +141,12 @@ def _no_mi(c):
 
 
 def _no_invariant(c):
-    c.model.aggregator = "logits"
-    c.model.invariant_weight = 0.0
+    # As the official code ablates it: the invariant module is not run at all (no adapter, no aggregator:
+    # the routed module's own head gives the logits), so there is no MI term, and the router reads the
+    # base's own states (it cannot read the invariant's).
+    c.model.invariant = False
+    c.router.source = "base"
+    c.mi.estimator = "none"
 
 
 def _plugin(c):
