@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from iclm_jax.evaluate import modules_table, results_table
+from iclm_jax.evaluate import modules_table, results_table, views_table
 from iclm_jax.train.run import load_run
 
 
@@ -54,6 +54,9 @@ def run_eval(argv=None) -> int:
     print(results_table(results, refs))
     print()
     print(modules_table(results, run.num_modules))
+    if any("views" in r for r in results.values()):
+        print()
+        print(views_table(results))
     return 0
 
 

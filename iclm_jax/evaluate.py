@@ -19,13 +19,17 @@ from iclm_jax.report import format_table
 
 
 def run_eval_set(eval_step, state, examples, *, tok, mesh, max_len: int, num_slots: int,
-                 batch_size: int, rules=sharding.DEFAULT_RULES) -> dict:
-    """Run the jitted eval step over every example once; gather per-query results on the host."""
+                 batch_size: int, rules=sharding.DEFAULT_RULES, route_index=None) -> dict:
+    """Run the jitted eval step over every example once; gather per-query results on the host.
+    ``route_index(batch) -> int32 [rows]``: the module (or slot) for each row of a host batch, passed to
+    the step as ``batch["route_index"]`` (the ``"forced"`` and ``"alone"`` views of ``step._eval_step``)."""
     ds = pipeline.make_dataset(examples, tok, max_len=max_len, batch_size=batch_size, num_slots=num_slots,
                                seed=0, shuffle=False, repeat=False, pad_last_batch=True,
                                rows=sharding.process_rows(mesh, batch_size, rules))
     rows = defaultdict(list)
     for batch in ds:
+        if route_index is not None:
+            batch = {**batch, "route_index": np.asarray(route_index(batch), np.int32)}
         placed = sharding.put_batch(batch, mesh, rules)
         out = eval_step(state, placed)
         if jax.process_count() > 1:
@@ -42,6 +46,7 @@ def run_eval_set(eval_step, state, examples, *, tok, mesh, max_len: int, num_slo
         rows["domain"].append(np.asarray(batch["domain"]))
         rows["answer_ce_sum"].append(np.reshape(out["answer_ce_sum"], (1,)).astype(np.float64))
         rows["answer_tokens"].append(np.reshape(out["answer_tokens"], (1,)).astype(np.float64))
+        rows["mi"].append(np.reshape(out["mi"], (1,)).astype(np.float64))
     return {k: np.concatenate(v) for k, v in rows.items()}
 
 
@@ -53,6 +58,8 @@ def summarise(res: dict, num_modules: int) -> dict:
     if "answer_ce_sum" in res:      # mean CE over the set's answer content targets (EOS excluded)
         n = float(np.sum(res["answer_tokens"]))
         out["answer_ce"] = float(np.sum(res["answer_ce_sum"]) / n) if n else float("nan")
+    if "mi" in res:                 # the configured MI estimate on held-out rows, mean over eval batches
+        out["mi"] = float(np.mean(res["mi"]))
     qt = res["query_type"]
     for t, name in enumerate(QUERY_TYPES):
         out[name] = _acc(correct, present & (qt == t))
@@ -105,6 +112,28 @@ def answer_prior_loss(train_examples, eval_examples, tok) -> float:
 def _acc(correct, mask) -> float:
     n = mask.sum()
     return float((correct & mask).sum() / n) if n else float("nan")
+
+
+def domain_modules(res: dict, num_modules: int) -> dict[int, int]:
+    """Each labelled domain's module: the one the router sent most of its rows to (-1: the module most
+    rows went to, for rows without a domain). The "oracle" routing of ``views``."""
+    real = res["present"].any(1)
+    module, domain = res["module"][real], res["domain"][real]
+    counts = np.bincount(module, minlength=num_modules)
+    out = {-1: int(np.argmax(counts)) if counts.any() else 0}
+    for d in sorted(set(domain[domain >= 0].tolist())):
+        out[int(d)] = int(np.argmax(np.bincount(module[domain == d], minlength=num_modules)))
+    return out
+
+
+def views_table(results: dict[str, dict]) -> str:
+    """Each eval set's accuracy under each view (``Run.evaluate(..., views=True)``): the model as routed,
+    routed by domain, and each module alone; overall and per rendering domain."""
+    cols = ["all"] + [f"domain_{d}" for d in DOMAINS]
+    rows = [[f"{name}: {view}"] + [v.get(c, float("nan")) for c in cols]
+            for name, r in results.items() for view, v in r.get("views", {}).items()]
+    return format_table(["eval set / view"] + ["all"] + list(DOMAINS), rows,
+                        "Per-module accuracy: the model as routed, routed by domain, each module alone")
 
 
 def results_table(results: dict[str, dict], reference: dict[str, dict] | None = None) -> str:

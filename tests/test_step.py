@@ -135,6 +135,52 @@ def test_eval_step_reports_exact_match_per_slot():
     assert float(out["answer_tokens"]) == len(ce) == 16
 
 
+def _answer_stats(logits, batch) -> tuple[np.ndarray, float]:
+    """Exact match per row and the summed CE over answer content targets, from full logits (as the eval
+    step counts them: every answer target but the row's last, the end token)."""
+    logits = np.asarray(logits, np.float64)
+    hit = logits.argmax(-1) == batch["targets"]
+    content = [np.flatnonzero(batch["loss_mask"][i] > 0)[:-1] for i in range(len(hit))]
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    ce = sum(-logp[i, t, batch["targets"][i, t]] for i in range(len(hit)) for t in content[i])
+    return np.array([hit[i][content[i]].all() for i in range(len(hit))]), ce
+
+
+def test_per_module_views_equal_each_module_alone_and_the_forced_routing():
+    """view="alone": module_logits(slot) (the slot's adapter on the base head); view="forced": the model with
+    each row's route replaced, checked against the same model routing by domain (router mode oracle)."""
+    from iclm_jax.train.step import make_view_steps
+    config = tiny_config()
+    graphdef, state, train_step, eval_step = _setup(config)
+    for s in range(40):
+        state, _ = train_step(state, toy_task_batch(s))
+    steps = make_view_steps(graphdef, build.loss_config(config), num_slots=1)
+    batch = toy_task_batch(321, b=16)
+    model = nnx.merge(graphdef, state).model
+    ces = []
+    for slot in (0, 1, model.cfg.invariant_slot):
+        out = steps["alone"](state, {**batch, "route_index": np.full(16, slot, np.int32)})
+        hit, ce = _answer_stats(model.module_logits(batch, slot), batch)
+        np.testing.assert_array_equal(np.asarray(out["correct"])[:, 0], hit)
+        np.testing.assert_allclose(float(out["answer_ce_sum"]), ce, rtol=1e-4)
+        assert (np.asarray(out["module"]) == slot).all()
+        ces.append(ce)
+    assert len(set(np.round(ces, 3))) == 3                 # three different modules
+    routed = eval_step(state, batch)
+    same = steps["forced"](state, {**batch, "route_index": np.asarray(routed["module"], np.int32)})
+    np.testing.assert_allclose(float(same["answer_ce_sum"]), float(routed["answer_ce_sum"]), rtol=1e-6)
+    flipped = (1 - np.asarray(routed["module"])).astype(np.int32)
+    out = steps["forced"](state, {**batch, "route_index": flipped})
+    assert (np.asarray(out["module"]) == flipped).all()
+    oracle = nnx.merge(graphdef, state).model             # the same model, routing rows by a domain = flipped
+    oracle.router.mode = "oracle"
+    hit, ce = _answer_stats(oracle({**batch, "domain": flipped}).logits, batch)
+    np.testing.assert_array_equal(np.asarray(out["correct"])[:, 0], hit)
+    np.testing.assert_allclose(float(out["answer_ce_sum"]), ce, rtol=1e-4)
+    assert abs(ce - float(routed["answer_ce_sum"])) > 1e-3  # the flip changed the answers' loss
+
+
 def test_weight_decay_spares_norms_and_the_gradient_codebook():
     from iclm_jax.train.optim import _decay_mask
     config = tiny_config()

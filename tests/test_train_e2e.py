@@ -35,6 +35,10 @@ def test_cli_train_then_eval(tmp_path):
         assert 0.0 <= res["all"] <= 1.0
         assert 0.0 <= res["purity"] <= 1.0
         assert set(summary["reference"][split]) == {"majority", "object_count"}
+        views = res["views"]     # per-module rows: as routed, routed by domain, each module alone
+        assert set(views) == {"model (router)", "routed by domain", "specific 0 alone", "specific 1 alone",
+                              "invariant alone"}
+        assert views["model (router)"]["all"] == res["all"] and all(0 <= v["all"] <= 1 for v in views.values())
     for png in ("loss.png", "mi.png", "routing.png", "learning_curve.png", "answer_loss.png"):
         assert (work / png).stat().st_size > 1000
     lines = (work / "metrics.jsonl").read_text().splitlines()
@@ -68,6 +72,7 @@ def test_cli_train_then_eval(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "test.json: model" in r.stdout and "object_count" in r.stdout and "purity" in r.stdout
     assert "test.jsonl: majority answer (this set)" in r.stdout     # JSONL: the answer prior beside the model
+    assert "Per-module accuracy" in r.stdout and "test.json: invariant alone" in r.stdout
     foreign = tmp_path / "foreign.jsonl"                  # words the ACRE word tokenizer does not know
     foreign.write_text(json.dumps({"input": "Does smoking cause cancer, statistically speaking?", "ideal": 1}) + "\n")
     r = _run(["-m", "iclm_jax.eval_main", "--workdir", str(work), "--data", str(foreign)])

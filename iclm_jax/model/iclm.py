@@ -138,14 +138,19 @@ class ICLM(nnx.Module):
         return self.router(e, domain=batch.get("domain"), train=train, valid=valid)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, batch: dict[str, jax.Array], *, train: bool = False) -> ICLMHidden:
-        """Everything but the heads: hidden states, routing and pooled representations."""
+    def forward(self, batch: dict[str, jax.Array], *, train: bool = False,
+                route_index: jax.Array | None = None) -> ICLMHidden:
+        """Everything but the heads: hidden states, routing and pooled representations. ``route_index``
+        ([B] int32) overrides the router's choice (an intervention: e.g. route each row by its domain)."""
         cfg = self.cfg
         b = batch["inputs"].shape[0]
         x_inv = None
         if cfg.invariant:
             x_inv = self.hidden(batch, jnp.full((b,), cfg.invariant_slot, jnp.int32), train=train)
         route = self.route(batch, x_inv, train=train)
+        if route_index is not None:
+            route = route._replace(index=route_index.astype(jnp.int32),
+                                   weights=jax.nn.one_hot(route_index, route.weights.shape[1], dtype=jnp.float32))
         mode = cfg.router.mode
 
         pooled_all = None

@@ -68,7 +68,8 @@ def _train(config, workdir: str, quiet: bool) -> dict:
         tr.restore_or_init()
         try:
             tr.steps()
-            results = _evaluate_all(tr.run, tr.data, tr.writer, tr.step, tr.best, tr.ckpt.best_metric, tr.clock())
+            results = _evaluate_all(tr.run, tr.data, tr.writer, tr.step, tr.best, tr.ckpt.best_metric, tr.clock(),
+                                    views=True)
         except BaseException:     # close, but keep the first error (a failed save's, not the writer's)
             tr.close(raising=False)
             raise
@@ -287,6 +288,9 @@ class _Training:
                 print(evaluate.results_table(results, refs))
                 print()
                 print(evaluate.modules_table(results, self.run.num_modules))
+                if any("views" in r for r in results.values()):
+                    print()
+                    print(evaluate.views_table(results))
                 print(f"\ntrained steps {self.start + 1}..{step} in {self.train_s:.0f}s (+ "
                       f"{self.wall_s - self.train_s:.0f}s of periodic evaluation; setup {self.setup_s:.0f}s, "
                       f"{last.get('tokens_per_s', 0):.0f} tokens/s at the end); workdir {workdir}")
@@ -294,7 +298,7 @@ class _Training:
 
 
 def _evaluate_all(run: Run, data, writer, step: int, best, best_metric: str, time_s: float | None = None,
-                  only: list[str] | None = None) -> dict:
+                  only: list[str] | None = None, views: bool = False) -> dict:
     """Evaluate every eval set (or those named in ``only``, when any of them exists); each metrics.jsonl
     record carries ``time_s`` (training seconds at ``step``)."""
     results = {}
@@ -303,7 +307,7 @@ def _evaluate_all(run: Run, data, writer, step: int, best, best_metric: str, tim
         sets += [es for es in data.eval_sets
                  if es.name == best_metric.partition("/")[0] and es not in sets]
     for es in sets:
-        results[es.name] = run.evaluate(es.examples)
+        results[es.name] = run.evaluate(es.examples, views=views)
         extra = {} if time_s is None else {"time_s": time_s}
         writer.write(step, {**_eval_scalars(results[es.name]), **extra}, prefix=f"eval/{es.name}")
     if best is not None:

@@ -7,6 +7,7 @@ import os
 
 import jax
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from iclm_jax import checkpoint, evaluate, hf, sharding
@@ -17,7 +18,7 @@ from iclm_jax.data.tokenizer import load_tokenizer
 from iclm_jax.fields import csv, typed
 from iclm_jax.padding import round_up
 from iclm_jax.train import build
-from iclm_jax.train.step import make_steps
+from iclm_jax.train.step import make_steps, make_view_steps
 
 
 class Run:
@@ -36,6 +37,8 @@ class Run:
         # one device, and it works when the mesh spans several processes.
         ts = nnx.eval_shape(lambda: build.train_state(config, vocab))
         self.num_modules = ts.model.cfg.num_modules
+        self.model_cfg = ts.model.cfg
+        self.view_steps = None      # make_view_steps, built when per-module views are first evaluated
         self.loss_cfg = build.loss_config(config)
         self.state_sharding = sharding.state_shardings(nnx.state(ts), self.mesh, self.rules)
         self.graphdef, _, self.train_step, self.eval_step = make_steps(
@@ -45,11 +48,44 @@ class Run:
             rules=self.rules)
         self.state = jax.jit(init, out_shardings=self.state_sharding)()
 
-    def evaluate(self, examples) -> dict:
-        res = evaluate.run_eval_set(self.eval_step, self.state, examples, tok=self.data.tokenizer,
-                                    mesh=self.mesh, rules=self.rules, max_len=self.data.max_len,
-                                    num_slots=self.data.num_slots, batch_size=self.config.eval.batch_size)
-        return evaluate.summarise(res, self.num_modules)
+    def evaluate(self, examples, views: bool = False) -> dict:
+        """``evaluate.summarise`` of ``examples``; with ``views`` (and more than one module or an invariant
+        one) also ``"views"``: accuracy of the model as routed, routed by domain (each domain to the module
+        the router sends most of it to), and of each module alone (its adapter on the base head)."""
+        res = self._run(self.eval_step, examples)
+        out = evaluate.summarise(res, self.num_modules)
+        cfg = self.model_cfg
+        if views and (self.num_modules > 1 or cfg.invariant):
+            out["views"] = self._views(examples, res, out)
+        return out
+
+    def _run(self, step, examples, route_index=None) -> dict:
+        return evaluate.run_eval_set(step, self.state, examples, tok=self.data.tokenizer, mesh=self.mesh,
+                                     rules=self.rules, max_len=self.data.max_len, num_slots=self.data.num_slots,
+                                     batch_size=self.config.eval.batch_size, route_index=route_index)
+
+    def _views(self, examples, res: dict, model: dict) -> dict:
+        if self.view_steps is None:
+            self.view_steps = make_view_steps(
+                self.graphdef, self.loss_cfg, num_slots=self.data.num_slots, state_sharding=self.state_sharding,
+                batch_sharding=sharding.batch_sharding(self.mesh, self.rules), rules=self.rules)
+        keys = ["all"] + [k for k in model if k.startswith("domain_")]
+        pick = lambda r: {k: r[k] for k in keys}          # noqa: E731
+        views = {"model (router)": pick(model)}
+        cfg = self.model_cfg
+        if self.num_modules > 1:
+            table = evaluate.domain_modules(res, self.num_modules)
+            by_domain = lambda b: np.vectorize(lambda d: table.get(int(d), table[-1]))(b["domain"])  # noqa: E731
+            views["routed by domain"] = pick(evaluate.summarise(
+                self._run(self.view_steps["forced"], examples, by_domain), self.num_modules))
+        slots = [(f"specific {m} alone", m) for m in range(self.num_modules)]
+        if cfg.invariant:
+            slots.append(("invariant alone", cfg.invariant_slot))
+        for name, slot in slots:
+            const = lambda b, s=slot: np.full(b["domain"].shape, s)   # noqa: E731
+            views[name] = pick(evaluate.summarise(self._run(self.view_steps["alone"], examples, const),
+                                                  self.num_modules))
+        return views
 
     def derive_heads(self) -> None:
         """``ICLM.derive_heads`` on the placed state, in its shardings: after the base was replaced, the
@@ -126,7 +162,7 @@ class LoadedRun(Run):
             self.data.max_len = round_up(need, 32)
         if batch_size:
             self.config.eval.batch_size = round_up(batch_size, sharding.data_ways(self.mesh, self.rules))
-        res = self.evaluate(examples)
+        res = self.evaluate(examples, views=True)
         ref = {}
         if problems is not None:
             if d.train_file:

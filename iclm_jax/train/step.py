@@ -19,7 +19,8 @@ from flax import nnx
 from iclm_jax import losses, sharding
 from iclm_jax.model import mi as mi_lib
 from iclm_jax.model.codebook import purity_of_counts
-from iclm_jax.model.iclm import param_filter
+from iclm_jax.model.iclm import ICLMHidden, param_filter
+from iclm_jax.model.router import RouteOut
 from iclm_jax.train.state import TrainState
 
 NONFINITE = ("stop", "skip")   # train.nonfinite: what a non-finite loss term or gradient does
@@ -74,13 +75,30 @@ def _train_step(graphdef, state, batch, *, loss_cfg: losses.LossConfig, num_doma
     return new_state, metrics
 
 
-def _eval_step(graphdef, state, batch, *, loss_cfg: losses.LossConfig, num_slots: int):
+VIEWS = ("model", "forced", "alone")
+
+
+def _eval_step(graphdef, state, batch, *, loss_cfg: losses.LossConfig, num_slots: int, view: str = "model"):
+    """Per-query results of the model (``view="model"``), of the model with each row routed to
+    ``batch["route_index"]`` (``"forced"``), or of the adapter slot ``batch["route_index"]`` alone on the
+    base head (``"alone"``: a specific module, or the invariant one, without router or aggregator)."""
     ts: TrainState = nnx.merge(graphdef, state)
-    out = ts.model.forward(batch, train=False)
     # Eval reports answer metrics only: no context CE, no auxiliary heads, so logits at answers only.
     loss_cfg = dataclasses.replace(loss_cfg, context_weight=0.0, aux_weight=0.0)
-    stats = losses.model_stats(ts.model, out, batch, loss_cfg, aux=False)
-    _, metrics = losses.total_loss(out, stats, batch, ts.critic, loss_cfg)
+    critic = ts.critic
+    if view == "alone":
+        model, index = ts.model, batch["route_index"]
+        x = model.hidden(batch, index, train=False)
+        b, zero = index.shape[0], jnp.zeros((), jnp.float32)
+        out = ICLMHidden(x_inv=None, x_spec=x, pooled_inv=None, pooled_spec=None, pooled_all=None,
+                         route=RouteOut(index, jnp.ones((b, 1)), zero, jnp.zeros((b, 1)), jnp.ones(())))
+        stats = losses.read_stats(lambda xi, xs: {"logits": model.base.logits(xs)}, None, x, batch["targets"],
+                                  losses.read_mask(batch, loss_cfg), loss_cfg.logit_chunk)
+        critic = None
+    else:
+        out = ts.model.forward(batch, train=False, route_index=batch["route_index"] if view == "forced" else None)
+        stats = losses.model_stats(ts.model, out, batch, loss_cfg, aux=False)
+    _, metrics = losses.total_loss(out, stats, batch, critic, loss_cfg)
     correct, present = losses.slot_correct(stats.hit, batch, num_slots)     # content tokens, not EOS
     # Sums (not means) so the eval loop can average answer CE exactly over a whole eval set.
     return {"correct": correct, "present": present, "module": out.route.index,
@@ -133,3 +151,17 @@ def make_steps(ts: TrainState, loss_cfg: losses.LossConfig, *, num_domains: int,
         train_step = jax.jit(train, donate_argnums=0)
         eval_step = jax.jit(evaluate)
     return graphdef, state, train_step, eval_step
+
+
+def make_view_steps(graphdef, loss_cfg: losses.LossConfig, *, num_slots: int, state_sharding: Any = None,
+                    batch_sharding: Any = None, rules: Any = None) -> dict[str, Callable]:
+    """The jitted ``_eval_step`` of the ``"forced"`` and ``"alone"`` views (compiled on first use)."""
+    out = {}
+    for view in VIEWS[1:]:
+        f = functools.partial(_eval_step, graphdef, loss_cfg=loss_cfg, num_slots=num_slots, view=view)
+        if state_sharding is not None:
+            f = _under_rules(f, batch_sharding.mesh, sharding.DEFAULT_RULES if rules is None else rules)
+            out[view] = jax.jit(f, in_shardings=(state_sharding, batch_sharding))
+        else:
+            out[view] = jax.jit(f)
+    return out
