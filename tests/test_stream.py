@@ -267,6 +267,7 @@ def test_build_refuses_eval_rows_that_do_not_fit_the_training_slots(tmp_path):
     plain = tmp_path / "train.jsonl"
     plain.write_text('{"input": [{"role": "user", "content": "1 + 1 ="}], "ideal": "2", "domain": 0}\n')
     c = _config(train_file=str(plain), eval_splits="IID", eval_problems=2)
+    c.data.max_unk = 1.0                                           # "1 + 1 =" is not ACRE's vocabulary
     with pytest.raises(ValueError, match=r"eval set 'IID' packs 4 queries per row but the training rows hold 1"):
         sources.build(c.data, 0)
     c.data.packed = False                                          # the fix the message names

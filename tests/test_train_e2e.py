@@ -109,7 +109,7 @@ def test_cli_refuses_oracle_routing_without_domains_and_short_max_len(tmp_path):
     plain = tmp_path / "train.jsonl"
     plain.write_text('{"input": [{"role": "user", "content": "1 + 1 ="}], "ideal": "2"}\n')
     r = _run(["-m", "iclm_jax.main", f"--workdir={tmp_path / 'x'}", f"--config.data.train_file={plain}",
-              "--config.router.mode=oracle", "--config.data.eval_splits="])
+              "--config.router.mode=oracle", "--config.data.eval_splits=", "--config.data.max_unk=1"])
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "router.mode='oracle' needs a domain label" in r.stderr
 

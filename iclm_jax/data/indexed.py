@@ -12,13 +12,14 @@ bounded window, yielding each element's byte range, first line and value.
 from __future__ import annotations
 
 import codecs
-import collections.abc
 import json
 import os
 import re
 from typing import Callable, Iterator
 
 import numpy as np
+
+from iclm_jax.data.lazy import LazySequence
 
 CHUNK = 1 << 20
 _SPACE = re.compile(r"[ \t\n\r]*")   # JSON's whitespace
@@ -29,7 +30,7 @@ class ChangedFile(ValueError):
     """The file was modified after it was indexed."""
 
 
-class IndexedRecords(collections.abc.Sequence):
+class IndexedRecords(LazySequence):
     """``parse(raw_bytes, label)`` of each indexed byte range ``[starts[i], ends[i])`` of ``path``.
 
     ``parse`` must be picklable (a module-level function, or a ``functools.partial`` of one) for grain's
@@ -49,14 +50,7 @@ class IndexedRecords(collections.abc.Sequence):
     def __len__(self) -> int:
         return len(self.starts)
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        i = int(i)
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(f"{self.path}: record {i} out of range [0, {len(self)})")
+    def item(self, i: int):
         f = self._open()
         f.seek(int(self.starts[i]))
         return self.parse(f.read(int(self.ends[i] - self.starts[i])), int(self.labels[i]))

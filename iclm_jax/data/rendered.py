@@ -8,13 +8,13 @@ problem renders to the same number of rows (4 queries, or one packed row), which
 """
 from __future__ import annotations
 
-import collections.abc
 import dataclasses
 
 from iclm_jax.data import pipeline
+from iclm_jax.data.lazy import LazySequence
 
 
-class RenderedProblems(collections.abc.Sequence):
+class RenderedProblems(LazySequence):
     def __init__(self, problems, styles, packed: bool, form: str = "full", extra_queries: bool = False,
                  name: str = ""):
         self.problems, self.styles, self.packed = problems, tuple(styles), bool(packed)
@@ -32,14 +32,7 @@ class RenderedProblems(collections.abc.Sequence):
     def __len__(self) -> int:
         return len(self.problems) * self.per_problem
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        i = int(i)
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(f"example {i} out of range [0, {len(self)})")
+    def item(self, i: int):
         p, r = divmod(i, self.per_problem)
         s, q = divmod(r, self.per_style)
         if self._last is None or self._last[:2] != (p, s):
@@ -58,3 +51,6 @@ class RenderedProblems(collections.abc.Sequence):
 
     def __getstate__(self):
         return {**self.__dict__, "_last": None}
+
+    def __repr__(self) -> str:
+        return f"RenderedProblems({self.name or 'problems'!r}, {len(self)} examples)"

@@ -13,15 +13,15 @@ examples) never to run out.
 """
 from __future__ import annotations
 
-import collections.abc
 import dataclasses
 
 from iclm_jax.data import acre_generate, pipeline
+from iclm_jax.data.lazy import LazySequence
 
 STREAM_LENGTH = 2 ** 40
 
 
-class AcreStream(collections.abc.Sequence):
+class AcreStream(LazySequence):
     """``AcreStream(split, part, seed, styles, packed)[i]``: the i-th rendered example of the stream.
 
     ``render_kwargs`` are forwarded to ``pipeline.acre_examples`` (rendering options), or to
@@ -73,14 +73,7 @@ class AcreStream(collections.abc.Sequence):
         tag = f"{self.split}/{self.part} stream seed {self.seed} problem {p}"
         return [dataclasses.replace(e, source=e.source.replace("problem 0", tag, 1)) for e in out]
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(self.length))]
-        i = int(i)
-        if i < 0:
-            i += self.length
-        if not 0 <= i < self.length:
-            raise IndexError(f"AcreStream index {i} out of range [0, {self.length})")
+    def item(self, i: int):
         p, r = divmod(i, self.per_problem)
         s, q = divmod(r, self.per_style)
         return self.render(p, self.problem(p), self.styles[s])[q]
