@@ -7,7 +7,7 @@
     get_config("no_invariant")   # K modules + router on the base's states; no invariant module, no MI
     get_config("plugin")    # the paper's plug-in MI estimator instead of MINE
     get_config("oracle")    # perfect router: route by the known rendering domain
-    get_config("paper")     # paper-like objective: gradient VQ, router adapter, MI on all modules, aux heads
+    get_config("paper")     # paper-like: gradient VQ, router adapter, MI on all modules, aux heads, official weights
     get_config("cpu")       # the CPU learning recipe: compact rendering, extra queries, streamed data
     get_config("cpu,short") # `make demo`: the ICLM with the cpu recipe's data and loss, cut to ~5 minutes
 
@@ -162,6 +162,9 @@ def _paper(c):
     c.router.update = "gradient"
     c.mi.apply_to = "all"
     c.loss.aux_weight = 1.0
+    # The official code's weights (routing 0.1, MI 0.01) and LoRA targets (attention projections only).
+    c.router.weight, c.mi.weight = 0.1, 0.01
+    c.lora.targets = "q,k,v,o"
 
 
 def _text(c):
