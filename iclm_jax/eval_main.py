@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from iclm_jax.evaluate import modules_table, results_table, views_table
+from iclm_jax.evaluate import independence_table, modules_table, results_table, views_table
 from iclm_jax.train.run import load_run
 
 
@@ -57,6 +57,8 @@ def run_eval(argv=None) -> int:
     if any("views" in r for r in results.values()):
         print()
         print(views_table(results))
+        print()
+        print(independence_table(results))
     return 0
 
 

@@ -47,6 +47,9 @@ def run_eval_set(eval_step, state, examples, *, tok, mesh, max_len: int, num_slo
         rows["answer_ce_sum"].append(np.reshape(out["answer_ce_sum"], (1,)).astype(np.float64))
         rows["answer_tokens"].append(np.reshape(out["answer_tokens"], (1,)).astype(np.float64))
         rows["mi"].append(np.reshape(out["mi"], (1,)).astype(np.float64))
+        for k in ("pooled_inv", "pooled_spec"):
+            if k in out:
+                rows[k].append(np.asarray(out[k], np.float32))
     return {k: np.concatenate(v) for k, v in rows.items()}
 
 
@@ -134,6 +137,16 @@ def views_table(results: dict[str, dict]) -> str:
             for name, r in results.items() for view, v in r.get("views", {}).items()]
     return format_table(["eval set / view"] + ["all"] + list(DOMAINS), rows,
                         "Per-module accuracy: the model as routed, routed by domain, each module alone")
+
+
+def independence_table(results: dict[str, dict]) -> str:
+    """The ``independence`` numbers of each eval set (see ``independence.py``): router NMI vs the domain
+    and codebook use; |Pearson| and linear CKA between invariant and specific, and between specific
+    modules, pooled over the prompt."""
+    keys = list(dict.fromkeys(k for r in results.values() for k in r.get("independence", {})))
+    rows = [[name] + [f"{r['independence'][k]:.3f}" if k in r.get("independence", {}) else "-" for k in keys]
+            for name, r in results.items() if "independence" in r]
+    return format_table(["eval set"] + keys, rows, "Independence of the modules (pooled prompt states)")
 
 
 def results_table(results: dict[str, dict], reference: dict[str, dict] | None = None) -> str:

@@ -123,8 +123,9 @@ def test_collect_means_and_stds_equal_numpy_and_unfinished_points_are_listed(tmp
         d = work / f"variant={v},seed={s}"
         d.mkdir()
         rows = {"module_0_rows": 8} | ({"module_1_rows": 8, "purity": 0.9} if v == "iclm" else {"purity": 1.0})
+        ind = {"independence": {"router_nmi": a / 4}} if v == "iclm" else {}
         (d / "summary.json").write_text(json.dumps({"steps": 6, "train_s": 1.0, "eval": {
-            "IID": {"all": a, "answer_ce": 1.0, **rows}, "Sys": {"all": a / 2, "answer_ce": 1.0, **rows}},
+            "IID": {"all": a, "answer_ce": 1.0, **rows, **ind}, "Sys": {"all": a / 2, "answer_ce": 1.0, **rows}},
             "reference": {"IID": {"majority": {"all": 0.4}, "object_count": {"all": 0.45}}}}))
     out = collect(str(work))
     assert out["missing"] == ["variant=baseline,seed=1"]
@@ -135,6 +136,7 @@ def test_collect_means_and_stds_equal_numpy_and_unfinished_points_are_listed(tmp
     assert "| variant=iclm | 62.5 ± 17.7 (n=2) | 31.2 ± 8.8 (n=2) |" in md
     assert "| variant=baseline | 25.0 (n=1) | 12.5 (n=1) |" in md
     assert "| *majority predictor* | 40.0 ± 0.0 (n=3) | - |" in md and "Not finished: variant=baseline,seed=1" in md
+    assert "| variant=iclm | IID | 0.156 ± 0.044 (n=2) |" in md and "| variant=baseline | IID | - |" in md
     purity = {r["point"]: r["purity"] for r in out["rows"] if r["split"] == "IID"}
     assert purity == {"variant=iclm,seed=0": 0.9, "variant=iclm,seed=1": 0.9, "variant=baseline,seed=0": None}
 

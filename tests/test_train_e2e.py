@@ -39,6 +39,9 @@ def test_cli_train_then_eval(tmp_path):
         assert set(views) == {"model (router)", "routed by domain", "specific 0 alone", "specific 1 alone",
                               "invariant alone"}
         assert views["model (router)"]["all"] == res["all"] and all(0 <= v["all"] <= 1 for v in views.values())
+        ind = res["independence"]     # router vs domain, invariant vs specific, specific vs specific
+        assert 0 <= ind["router_nmi"] <= 1 and 0 <= ind["cka_inv_spec"] <= 1 + 1e-9
+        assert 0 <= ind["cka_spec0_spec1"] <= 1 + 1e-9 and 0 <= ind["corr_inv_spec"] <= 1
     for png in ("loss.png", "mi.png", "routing.png", "learning_curve.png", "answer_loss.png"):
         assert (work / png).stat().st_size > 1000
     lines = (work / "metrics.jsonl").read_text().splitlines()
@@ -73,6 +76,7 @@ def test_cli_train_then_eval(tmp_path):
     assert "test.json: model" in r.stdout and "object_count" in r.stdout and "purity" in r.stdout
     assert "test.jsonl: majority answer (this set)" in r.stdout     # JSONL: the answer prior beside the model
     assert "Per-module accuracy" in r.stdout and "test.json: invariant alone" in r.stdout
+    assert "Independence of the modules" in r.stdout and "cka_inv_spec" in r.stdout
     foreign = tmp_path / "foreign.jsonl"                  # words the ACRE word tokenizer does not know
     foreign.write_text(json.dumps({"input": "Does smoking cause cancer, statistically speaking?", "ideal": 1}) + "\n")
     r = _run(["-m", "iclm_jax.eval_main", "--workdir", str(work), "--data", str(foreign)])

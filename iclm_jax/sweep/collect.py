@@ -15,6 +15,7 @@ from collections import defaultdict
 import numpy as np
 
 SWEEP_FILE = "sweep.json"
+INDEPENDENCE = ("router_nmi", "cka_inv_spec", "corr_inv_spec", "cka_spec0_spec1")   # see independence.py
 
 
 def _point_rows(workdir: str, point: dict) -> list[dict] | None:
@@ -31,7 +32,8 @@ def _point_rows(workdir: str, point: dict) -> list[dict] | None:
                      "purity": r.get("purity") if "module_1_rows" in r else None,   # one module: none
                      "majority": ref.get("majority", {}).get("all"),
                      "object_count": ref.get("object_count", {}).get("all"), "steps": s.get("steps"),
-                     "train_s": s.get("train_s")})
+                     "train_s": s.get("train_s"),
+                     **{k: r.get("independence", {}).get(k) for k in INDEPENDENCE}})
     return rows
 
 
@@ -45,8 +47,8 @@ def _mean_std(xs) -> tuple[float, float, int]:
 def _cell(m: float, s: float, n: int, pct: bool = True) -> str:
     if n == 0:
         return "-"
-    k = 100 if pct else 1
-    return f"{k * m:.1f} ± {k * s:.1f} (n={n})" if n > 1 else f"{k * m:.1f} (n=1)"
+    k, f = (100, ".1f") if pct else (1, ".3f")
+    return f"{k * m:{f}} ± {k * s:{f}} (n={n})" if n > 1 else f"{k * m:{f}} (n=1)"
 
 
 def collect(workdir: str) -> dict:
@@ -64,7 +66,7 @@ def collect(workdir: str) -> dict:
         else:
             rows.extend(r)
     fields = ["point", "group", "seed", "split", "answer_acc", "answer_ce", "purity", "majority", "object_count",
-              "steps", "train_s"]
+              "steps", "train_s", *INDEPENDENCE]
     with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
@@ -88,6 +90,15 @@ def collect(workdir: str) -> dict:
         lines.append(f"| {g} | " + " | ".join(_cell(*table[g][sp]) for sp in splits) + " |")
     for k in ("majority", "object_count"):
         lines.append(f"| *{k} predictor* | " + " | ".join(_cell(*refs[sp][k]) for sp in splits) + " |")
+    measured = [k for k in INDEPENDENCE if any(r[k] is not None for r in rows)]
+    if measured:
+        lines += ["", "Independence (mean ± std over seeds; `independence.py`):", "",
+                  "| group | split | " + " | ".join(measured) + " |", "|---|---|" + "---|" * len(measured)]
+        for g in groups:
+            for sp in splits:
+                sel = [r for r in rows if r["group"] == g and r["split"] == sp]
+                lines.append(f"| {g} | {sp} | " + " | ".join(
+                    _cell(*_mean_std([r[k] for r in sel]), pct=False) for k in measured) + " |")
     if missing:
         lines += ["", "Not finished: " + "; ".join(missing)]
     lines += ["", f"Command: `{sweep.get('command', '')}`"]

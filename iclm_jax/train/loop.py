@@ -291,6 +291,8 @@ class _Training:
                 if any("views" in r for r in results.values()):
                     print()
                     print(evaluate.views_table(results))
+                    print()
+                    print(evaluate.independence_table(results))
                 print(f"\ntrained steps {self.start + 1}..{step} in {self.train_s:.0f}s (+ "
                       f"{self.wall_s - self.train_s:.0f}s of periodic evaluation; setup {self.setup_s:.0f}s, "
                       f"{last.get('tokens_per_s', 0):.0f} tokens/s at the end); workdir {workdir}")

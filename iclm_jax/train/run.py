@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from iclm_jax import checkpoint, evaluate, hf, sharding
+from iclm_jax import checkpoint, evaluate, hf, independence, sharding
 from iclm_jax.config_check import ConfigError
 from iclm_jax.data import acre, sources
 from iclm_jax.data.reference import fit_majority_answer, fit_reference, score_majority_answer, score_reference
@@ -81,10 +81,16 @@ class Run:
         slots = [(f"specific {m} alone", m) for m in range(self.num_modules)]
         if cfg.invariant:
             slots.append(("invariant alone", cfg.invariant_slot))
+        alone = {}
         for name, slot in slots:
             const = lambda b, s=slot: np.full(b["domain"].shape, s)   # noqa: E731
-            views[name] = pick(evaluate.summarise(self._run(self.view_steps["alone"], examples, const),
-                                                  self.num_modules))
+            alone[slot] = self._run(self.view_steps["alone"], examples, const)
+            views[name] = pick(evaluate.summarise(alone[slot], self.num_modules))
+        real = res["present"].any(1)
+        model["independence"] = independence.analyse(
+            res["module"][real], res["domain"][real], self.num_modules,
+            res["pooled_inv"][real] if "pooled_inv" in res else None, res["pooled_spec"][real],
+            {m: alone[m]["pooled_spec"][real] for m in range(self.num_modules)})
         return views
 
     def derive_heads(self) -> None:

@@ -95,15 +95,19 @@ def _eval_step(graphdef, state, batch, *, loss_cfg: losses.LossConfig, num_slots
         stats = losses.read_stats(lambda xi, xs: {"logits": model.base.logits(xs)}, None, x, batch["targets"],
                                   losses.read_mask(batch, loss_cfg), loss_cfg.logit_chunk)
         critic = None
+        out = out._replace(pooled_spec=model.pooled(x, batch))
     else:
         out = ts.model.forward(batch, train=False, route_index=batch["route_index"] if view == "forced" else None)
         stats = losses.model_stats(ts.model, out, batch, loss_cfg, aux=False)
     _, metrics = losses.total_loss(out, stats, batch, critic, loss_cfg)
     correct, present = losses.slot_correct(stats.hit, batch, num_slots)     # content tokens, not EOS
     # Sums (not means) so the eval loop can average answer CE exactly over a whole eval set.
+    pooled = {"pooled_spec": out.pooled_spec}       # [B, d] prompt-pooled states (independence analysis)
+    if out.pooled_inv is not None:
+        pooled["pooled_inv"] = out.pooled_inv
     return {"correct": correct, "present": present, "module": out.route.index,
             "loss": metrics["ce"], "mi": metrics["mi"], "answer_ce": metrics["answer_ce"],
-            "answer_ce_sum": metrics["n/answer_ce_sum"], "answer_tokens": metrics["n/answer_tokens"]}
+            "answer_ce_sum": metrics["n/answer_ce_sum"], "answer_tokens": metrics["n/answer_tokens"], **pooled}
 
 
 def _routing_metrics(index, batch, num_modules: int, num_domains: int) -> dict[str, jax.Array]:
