@@ -1,12 +1,27 @@
-"""``iclm-eval --workdir RUN --data FILE [--data FILE ...]``: evaluate a trained run on ACRE
-release-format JSON files or evals-style JSONL files and print the accuracy tables (``evaluate.py``)."""
+"""``iclm-eval --workdir RUN --data FILE [--data FILE ...] [--score teacher|generate|both]``: evaluate a
+trained run on ACRE release-format JSON files or evals-style JSONL files and print the accuracy tables:
+teacher-forced exact match (``evaluate.py``, the default) and/or exact / partial match and F1 of greedy
+generations (``generate_score.py``)."""
 from __future__ import annotations
 
 import argparse
 import sys
 
+from iclm_jax import generate_score
+from iclm_jax.data.acre import QUERY_TYPES
+from iclm_jax.data.render import DOMAINS
 from iclm_jax.evaluate import independence_table, modules_table, results_table, views_table
+from iclm_jax.report import format_table
 from iclm_jax.train.run import load_run
+
+SCORES = ("teacher", "generate", "both")
+
+
+class _Parser(argparse.ArgumentParser):
+    """A refused command line is one line on stderr and exit status 2 (no usage block)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message}\n")
 
 
 def _batch_size(text: str) -> int:
@@ -26,10 +41,43 @@ def _fraction(text: str) -> float:
     return x
 
 
+def _new_tokens(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text}: expected an integer >= 1 (0 = the longest ideal answer + "
+                                         f"{generate_score.EXTRA_NEW_TOKENS})")
+    return n
+
+
+def generation_table(scores: dict[str, dict], teacher: dict[str, dict] | None = None) -> str:
+    """One row per (eval set, group): overall, per query type, per domain (groups without queries left
+    out); exact / partial match and F1 of the greedy generations, and with ``teacher`` (``summarise``
+    results) the teacher-forced exact match of the same queries beside them."""
+    header = ["eval set / group", "queries", "exact", "partial", "F1", "F1 of"] + (["teacher exact"] if teacher else [])
+    kinds = {"binary": "on vs off", "token": "tokens"}
+    rows = []
+    for name, s in scores.items():
+        for group in ["all", *QUERY_TYPES, *(f"domain_{d}" for d in DOMAINS)]:
+            g = s["groups"].get(group)
+            if g is None:
+                continue
+            row = [f"{name}: {group.replace('_', ' ') if group.startswith('domain_') else group}", g["queries"],
+                   g["exact"], g["partial"], g["f1"], kinds[g["f1_kind"]]]
+            if teacher:
+                row.append(teacher.get(name, {}).get(group, float("nan")))
+            rows.append(row)
+    n = sorted({s["max_new_tokens"] for s in scores.values()})
+    return format_table(header, rows, "Generated answers (greedy, up to EOS or "
+                        f"{'/'.join(map(str, n))} new tokens): exact / partial match, F1")
+
+
 def run_eval(argv=None) -> int:
     """Console script ``iclm-eval``."""
-    p = argparse.ArgumentParser(prog="iclm-eval",
-                                description="evaluate a trained run on ACRE release JSON or evals JSONL files")
+    p = _Parser(prog="iclm-eval",
+                description="evaluate a trained run on ACRE release JSON or evals JSONL files")
     p.add_argument("--workdir", required=True, help="a trained run directory")
     p.add_argument("--data", required=True, action="append",
                    help="ACRE release JSON or evals JSONL (repeatable)")
@@ -37,20 +85,34 @@ def run_eval(argv=None) -> int:
                    help="rows per eval batch (default: the run's eval.batch_size; rounded up to the batch split)")
     p.add_argument("--max_unk", type=_fraction, default=None,
                    help="accept a file with up to this fraction of <unk> tokens (default: the run's data.max_unk)")
+    p.add_argument("--score", choices=SCORES, default="teacher",
+                   help="teacher: teacher-forced exact match (default); generate: greedy generations scored "
+                        "by exact / partial match and F1; both: both, the teacher-forced one beside")
+    p.add_argument("--max_new_tokens", type=_new_tokens, default=0,
+                   help="generation length limit (default: the file's longest ideal answer in tokens + "
+                        f"{generate_score.EXTRA_NEW_TOKENS})")
     args = p.parse_args(argv)
     try:
         run = load_run(args.workdir)
     except (FileNotFoundError, ValueError) as e:
         print(f"iclm-eval: {e}", file=sys.stderr)
         return 2
-    results, refs = {}, {}
+    results, refs, scores = {}, {}, {}
     for path in args.data:
         try:
-            name, res, ref = run.evaluate_file(path, batch_size=args.batch_size or None, max_unk=args.max_unk)
+            if args.score != "generate":
+                name, res, ref = run.evaluate_file(path, batch_size=args.batch_size or None, max_unk=args.max_unk)
+                results[name], refs[name] = res, ref
+            if args.score != "teacher":
+                name, scores[name] = generate_score.score_file(
+                    run, path, max_new_tokens=args.max_new_tokens or None, batch_size=args.batch_size or None,
+                    max_unk=args.max_unk)
         except (FileNotFoundError, ValueError) as e:
             print(f"iclm-eval: {e}", file=sys.stderr)
             return 2
-        results[name], refs[name] = res, ref
+    if args.score == "generate":
+        print(generation_table(scores))
+        return 0
     print(results_table(results, refs))
     print()
     print(modules_table(results, run.num_modules))
@@ -59,6 +121,9 @@ def run_eval(argv=None) -> int:
         print(views_table(results))
         print()
         print(independence_table(results))
+    if args.score == "both":
+        print()
+        print(generation_table(scores, results))
     return 0
 
 
