@@ -144,7 +144,9 @@ def independence_table(results: dict[str, dict]) -> str:
     and codebook use; |Pearson| and linear CKA between invariant and specific, and between specific
     modules, pooled over the prompt."""
     keys = list(dict.fromkeys(k for r in results.values() for k in r.get("independence", {})))
-    rows = [[name] + [f"{r['independence'][k]:.3f}" if k in r.get("independence", {}) else "-" for k in keys]
+    def fmt(v):     # plug-in MI values are often ~1e-4: significant digits there
+        return "-" if not np.isfinite(v) else f"{v:.3f}" if abs(v) >= 0.01 or v == 0 else f"{v:.2e}"
+    rows = [[name] + [fmt(r["independence"][k]) if k in r.get("independence", {}) else "-" for k in keys]
             for name, r in results.items() if "independence" in r]
     return format_table(["eval set"] + keys, rows, "Independence of the modules (pooled prompt states)")
 

@@ -8,12 +8,25 @@
   correlation of matching dimensions, and linear CKA (Kornblith et al., 2019; invariant to rotations and
   scale: 1 = the same representation up to those, near 0 = unrelated). Between the invariant and the
   routed specific representation, and between every pair of specific modules.
+* ``mi_mine`` / ``mi_plugin`` — the two MI estimators on the whole held-out set side by side: the trained
+  MINE critic's Donsker–Varadhan bound (marginal pairs from a fixed random derangement of the rows, not
+  their order, which keeps renderings of one problem together) and the paper's plug-in estimate.
+
+* ``*_delta`` — the same CKA on the adapters' contributions (a module's pooled state minus the base's
+  without any adapter): every module shares the frozen or slowly trained base, whose part dominates the
+  pooled states (their CKA is near 1 whatever the adapters learn); the contributions are what can differ.
+
+``matrices`` keeps what the run report draws (``run_report.py``): the routing confusion counts (domain ×
+module) and the CKA / |Pearson| matrices between every pooled representation.
 """
 from __future__ import annotations
 
 import itertools
 
 import numpy as np
+
+from iclm_jax.data.render import DOMAINS
+from iclm_jax.model import mi as mi_lib
 
 
 def _entropy(counts: np.ndarray) -> float:
@@ -76,4 +89,44 @@ def analyse(module, domain, num_modules: int, pooled_inv=None, pooled_spec=None,
     for a, b in itertools.combinations(sorted(pooled_alone or {}), 2):
         out[f"corr_spec{a}_spec{b}"] = mean_abs_correlation(pooled_alone[a], pooled_alone[b])
         out[f"cka_spec{a}_spec{b}"] = linear_cka(pooled_alone[a], pooled_alone[b])
+    return out
+
+
+def held_out_mi(pooled_inv, pooled_spec, critic=None, seed: int = 0) -> dict[str, float]:
+    """Plug-in MI and (with a trained ``critic``) MINE's DV bound over all rows at once."""
+    x, z = np.asarray(pooled_inv, np.float32), np.asarray(pooled_spec, np.float32)
+    out = {"mi_plugin": float(mi_lib.plugin_mi(x, z))}
+    if critic is not None and len(x) >= 2:
+        perm = np.random.default_rng(seed).permutation(len(x))   # roll after a shuffle: a derangement
+        out["mi_mine"] = float(mi_lib.mine_estimate(critic, x[perm], z[perm]))
+    return out
+
+
+def routing_counts(module, domain, num_modules: int) -> dict:
+    """Rows per (domain, module): ``{"domains": names, "counts": [[...K] per domain]}``; unlabelled rows
+    (domain -1) form a last row when present."""
+    module, domain = np.asarray(module), np.asarray(domain)
+    ids = sorted(set(domain.tolist()), key=lambda d: (d < 0, d))
+    names = [DOMAINS[d] if 0 <= d < len(DOMAINS) else "unlabelled" if d < 0 else f"domain {d}" for d in ids]
+    counts = [np.bincount(module[domain == d], minlength=num_modules).tolist() for d in ids]
+    return {"domains": names, "counts": counts}
+
+
+def similarity(reps: dict[str, np.ndarray]) -> dict:
+    """Linear CKA and mean |Pearson| between every pair of the named representations (same rows)."""
+    names = list(reps)
+    cka = [[linear_cka(reps[a], reps[b]) for b in names] for a in names]
+    corr = [[mean_abs_correlation(reps[a], reps[b]) for b in names] for a in names]
+    return {"names": names, "cka": cka, "corr": corr}
+
+
+def delta_similarity(deltas: dict[str, np.ndarray]) -> dict[str, float]:
+    """``cka_inv_spec_delta`` and ``cka_spec{a}_spec{b}_delta`` from the adapters' contributions, keyed
+    by ``Run._views``' representation names."""
+    out = {}
+    if "invariant" in deltas:
+        out["cka_inv_spec_delta"] = linear_cka(deltas["invariant"], deltas["routed specific"])
+    alone = sorted(int(k.split()[1]) for k in deltas if k.endswith(" alone"))
+    for a, b in itertools.combinations(alone, 2):
+        out[f"cka_spec{a}_spec{b}_delta"] = linear_cka(deltas[f"specific {a} alone"], deltas[f"specific {b} alone"])
     return out

@@ -213,10 +213,9 @@ def plot_training(workdir: str) -> list[str]:
     def series(key):
         return np.array([r.get(key, np.nan) for r in rows], dtype=float)
 
-    written = []
+    written = _plot_mi(plt, workdir, steps, series)
     panels = [("loss.png", "Loss terms (ce: objective, with EOS; answer_ce: answer content only)",
                ["loss", "ce", "answer_ce", "vq", "aux"]),
-              ("mi.png", "Mutual information (invariant; specific)", ["mi", "mine_critic_bound"]),
               ("routing.png", "Routing", sorted(k for k in rows[-1] if k.startswith("route_fraction/"))
                + ["router_perplexity", "route_purity"])]
     one_module = sum(k.startswith("route_fraction/") for k in rows[-1]) < 2
@@ -224,9 +223,6 @@ def plot_training(workdir: str) -> list[str]:
         keys = [k for k in keys if any(k in r for r in rows)]
         if name == "routing.png" and one_module:
             continue        # nothing is routed: every line would sit at 1
-        if name == "mi.png" and all(np.nan_to_num(series(k)).max() == np.nan_to_num(series(k)).min() == 0
-                                    for k in keys):
-            continue        # no MI estimator (mi.estimator=none): the terms are all 0
         if not keys:
             continue
         fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -242,6 +238,42 @@ def plot_training(workdir: str) -> list[str]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _plot_mi(plt, workdir: str, steps, series) -> list[str]:
+    """mi.png: MINE's estimates (the model's penalty term and the critic's own bound, dashed) and the
+    plug-in estimate side by side, each on its own axis (their scales differ by orders of magnitude).
+    Without a critic, ``mi`` is the plug-in estimate (mi.estimator=plugin) or 0 (none)."""
+    def some(x):
+        return np.nan_to_num(x).any()
+
+    has_critic = some(series("mine_critic_bound"))
+    plugin = series("mi_plugin") if some(series("mi_plugin")) else None
+    if plugin is None and not has_critic and some(series("mi")):
+        plugin = series("mi")
+    panels = (["mine"] if has_critic else []) + (["plugin"] if plugin is not None else [])
+    if not panels:
+        return []
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if panel == "mine":
+            ax.plot(steps, series("mi"), lw=1.5, label="penalty term (mi)")
+            ax.plot(steps, series("mine_critic_bound"), "--", lw=1, label="critic's own bound")
+            ax.set_title("MINE (Donsker–Varadhan bound)")
+        else:
+            monitor = some(series("mi_plugin"))
+            ax.plot(steps, plugin, color="C2", label="plug-in (monitor, not optimised)" if monitor
+                    else "plug-in (the penalty term)")
+            ax.set_title("plug-in estimate (the paper's)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("MI invariant; specific (nats)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(workdir, "mi.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence], title: str = "") -> str:

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,8 +43,21 @@ def test_cli_train_then_eval(tmp_path):
         ind = res["independence"]     # router vs domain, invariant vs specific, specific vs specific
         assert 0 <= ind["router_nmi"] <= 1 and 0 <= ind["cka_inv_spec"] <= 1 + 1e-9
         assert 0 <= ind["cka_spec0_spec1"] <= 1 + 1e-9 and 0 <= ind["corr_inv_spec"] <= 1
-    for png in ("loss.png", "mi.png", "routing.png", "learning_curve.png", "answer_loss.png"):
+        assert ind["mi_plugin"] >= 0 and np.isfinite(ind["mi_mine"])    # both estimators, held out
+        routing = res["matrices"]["routing"]      # every real row counted once, by domain and module
+        assert routing["domains"] == ["symbolic", "text"] and len(routing["counts"][0]) == 2
+        assert sum(map(sum, routing["counts"])) == sum(res[f"module_{m}_rows"] for m in range(2))
+        sim = res["matrices"]["similarity"]
+        assert sim["names"] == ["invariant", "routed specific", "specific 0 alone", "specific 1 alone"]
+        assert sim["cka"][0][1] == pytest.approx(ind["cka_inv_spec"]) and sim["cka"][2][2] == pytest.approx(1)
+        delta = res["matrices"]["delta_similarity"]     # minus the base's pooled state
+        assert delta["cka"][0][1] == pytest.approx(ind["cka_inv_spec_delta"])
+        assert delta["cka"][2][3] == pytest.approx(ind["cka_spec0_spec1_delta"])
+    for png in ("loss.png", "mi.png", "routing.png", "learning_curve.png", "answer_loss.png",
+                "routing_confusion.png", "similarity.png"):
         assert (work / png).stat().st_size > 1000
+    md = (work / "report.md").read_text()
+    assert "## Independence" in md and "![similarity.png](similarity.png)" in md and "MINE DV bound" in md
     lines = (work / "metrics.jsonl").read_text().splitlines()
     train_rows = [json.loads(x) for x in lines if '"split": "train"' in x]
     assert [r["step"] for r in train_rows] == [4, 8, 12]

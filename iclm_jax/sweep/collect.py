@@ -15,7 +15,8 @@ from collections import defaultdict
 import numpy as np
 
 SWEEP_FILE = "sweep.json"
-INDEPENDENCE = ("router_nmi", "cka_inv_spec", "corr_inv_spec", "cka_spec0_spec1")   # see independence.py
+INDEPENDENCE = ("router_nmi", "cka_inv_spec", "cka_inv_spec_delta", "cka_spec0_spec1_delta", "mi_mine",
+                "mi_plugin")   # see independence.py
 
 
 def _point_rows(workdir: str, point: dict) -> list[dict] | None:
@@ -47,7 +48,7 @@ def _mean_std(xs) -> tuple[float, float, int]:
 def _cell(m: float, s: float, n: int, pct: bool = True) -> str:
     if n == 0:
         return "-"
-    k, f = (100, ".1f") if pct else (1, ".3f")
+    k, f = (100, ".1f") if pct else (1, ".3f" if abs(m) >= 0.01 or m == 0 else ".2e")   # plug-in MI ~1e-4
     return f"{k * m:{f}} ± {k * s:{f}} (n={n})" if n > 1 else f"{k * m:{f}} (n=1)"
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from iclm_jax import checkpoint, config_check, evaluate, report, sharding, sharding_report
+from iclm_jax import checkpoint, config_check, evaluate, report, run_report, sharding, sharding_report
 from iclm_jax.data import pipeline, sources
 from iclm_jax.data.reference import fit_majority_answer, fit_reference, score_majority_answer, score_reference
 from iclm_jax.data.sources import DataConfig
@@ -275,7 +275,8 @@ class _Training:
                              for es in data.eval_sets}
             with open(os.path.join(workdir, "references.json"), "w") as f:    # read by plot_learning_curve
                 json.dump({**refs, "majority_loss": majority_loss}, f, indent=2)
-        plots = report.plot_training(workdir) + report.plot_learning_curve(workdir)
+        plots = (report.plot_training(workdir) + report.plot_learning_curve(workdir)
+                 + run_report.plot_routing(workdir, results) + run_report.plot_similarity(workdir, results))
         summary = {"steps": step, "resumed_from": self.start, "setup_s": self.setup_s, "train_s": self.train_s,
                    "train_wall_s": self.wall_s,
                    "final_train": _floats(last), "eval": results, "reference": refs,
@@ -283,6 +284,8 @@ class _Training:
         if self.is_main:
             with open(os.path.join(workdir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2, default=float)
+            summary["report"] = run_report.write_markdown(workdir, results, refs, self.run.num_modules, summary,
+                                                          self.run.config)
             if not self.quiet:
                 print()
                 print(evaluate.results_table(results, refs))
@@ -296,6 +299,8 @@ class _Training:
                 print(f"\ntrained steps {self.start + 1}..{step} in {self.train_s:.0f}s (+ "
                       f"{self.wall_s - self.train_s:.0f}s of periodic evaluation; setup {self.setup_s:.0f}s, "
                       f"{last.get('tokens_per_s', 0):.0f} tokens/s at the end); workdir {workdir}")
+                print(f"report {summary['report']}; plots: "
+                      + ", ".join(os.path.basename(p) for p in plots))
         return summary
 
 

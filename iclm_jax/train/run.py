@@ -87,11 +87,28 @@ class Run:
             alone[slot] = self._run(self.view_steps["alone"], examples, const)
             views[name] = pick(evaluate.summarise(alone[slot], self.num_modules))
         real = res["present"].any(1)
-        model["independence"] = independence.analyse(
-            res["module"][real], res["domain"][real], self.num_modules,
-            res["pooled_inv"][real] if "pooled_inv" in res else None, res["pooled_spec"][real],
-            {m: alone[m]["pooled_spec"][real] for m in range(self.num_modules)})
+        inv = res["pooled_inv"][real] if "pooled_inv" in res else None
+        specs = {m: alone[m]["pooled_spec"][real] for m in range(self.num_modules)}
+        model["independence"] = independence.analyse(res["module"][real], res["domain"][real], self.num_modules,
+                                                     inv, res["pooled_spec"][real], specs)
+        if inv is not None:
+            model["independence"].update(independence.held_out_mi(inv, res["pooled_spec"][real], self._critic()))
+        reps = ({"invariant": inv} if inv is not None else {}) | {"routed specific": res["pooled_spec"][real]}
+        reps |= {f"specific {m} alone": z for m, z in specs.items()} if self.num_modules > 1 else {}
+        # What the adapters add: every module shares the base, whose pooled state dominates theirs.
+        base = self._run(self.view_steps["alone"], examples,
+                         lambda b: np.full(b["domain"].shape, -1))["pooled_spec"][real]
+        deltas = {k: v - base for k, v in reps.items()}
+        model["independence"].update(independence.delta_similarity(deltas))
+        model["matrices"] = {"routing": independence.routing_counts(res["module"][real], res["domain"][real],
+                                                                    self.num_modules),
+                             "similarity": independence.similarity(reps),
+                             "delta_similarity": independence.similarity(deltas)}
         return views
+
+    def _critic(self):
+        """The trained MINE critic (None without one)."""
+        return getattr(nnx.merge(self.graphdef, self.state), "critic", None)
 
     def derive_heads(self) -> None:
         """``ICLM.derive_heads`` on the placed state, in its shardings: after the base was replaced, the

@@ -56,6 +56,10 @@ def _train_step(graphdef, state, batch, *, loss_cfg: losses.LossConfig, num_doma
         ts.critic_opt.update(ts.critic, cgrads)
         ts.mine_ema[...] = new_ema
         metrics["mine_critic_bound"] = i_dv
+    if out.pooled_inv is not None and loss_cfg.mi.estimator != "plugin":
+        # The paper's estimator beside MINE's (a monitor: not optimised), invariant vs routed specific.
+        metrics["mi_plugin"] = mi_lib.plugin_mi(jax.lax.stop_gradient(out.pooled_inv),
+                                                jax.lax.stop_gradient(out.pooled_spec))
 
     metrics.update(_routing_metrics(out.route.index, batch, ts.model.cfg.num_modules, num_domains))
     if ts.model.router is not None:   # the codebook's moving average of the routing weights
