@@ -21,7 +21,7 @@ from iclm_jax.fields import csv
 from iclm_jax.model.aggregator import AGGREGATORS
 from iclm_jax.model.iclm import ROUTER_SOURCES
 from iclm_jax.model.lora import LORA_TARGETS
-from iclm_jax.model.mi import APPLY_TO, ESTIMATORS
+from iclm_jax.model.mi import APPLY_TO, ESTIMATORS, POOLS, REDUCE
 from iclm_jax.model.router import MODES, UPDATES
 from iclm_jax.model.transformer import REMAT_POLICIES as REMAT
 from iclm_jax.sharding import DEFAULT_RULES, MESH_AXES, data_ways, resolve_axes, rules_from_config
@@ -160,6 +160,8 @@ def _mi(c, errs: _Errors) -> None:
     need(mi.estimator in ESTIMATORS, "mi.estimator", mi.estimator, f"one of {ESTIMATORS}")
     need(0 <= mi.weight <= WEIGHT_MAX, "mi.weight", mi.weight, f"in [0, {WEIGHT_MAX:g}]")
     need(mi.apply_to in APPLY_TO, "mi.apply_to", mi.apply_to, f"one of {APPLY_TO}")
+    need(mi.get("pool", "prompt") in POOLS, "mi.pool", mi.get("pool"), f"one of {POOLS}")
+    need(mi.get("reduce", "mean") in REDUCE, "mi.reduce", mi.get("reduce"), f"one of {REDUCE}")
     need(0 < mi.critic_lr <= 1, "mi.critic_lr", mi.critic_lr, "in (0, 1]")
     need(mi.critic_hidden >= 1, "mi.critic_hidden", mi.critic_hidden, "an integer >= 1")
     need(mi.critic_depth >= 1, "mi.critic_depth", mi.critic_depth, "an integer >= 1")

@@ -175,7 +175,7 @@ def mutual_information(out: ICLMHidden, critic, cfg: LossConfig) -> jax.Array:
         vals = [mi_lib.mine_estimate(critic, out.pooled_inv, z) for z in specs]
     else:
         vals = [mi_lib.plugin_mi(out.pooled_inv, z, reverse=cfg.mi.reverse) for z in specs]
-    return jnp.mean(jnp.stack(vals))
+    return jnp.sum(jnp.stack(vals)) if cfg.mi.reduce == "sum" else jnp.mean(jnp.stack(vals))
 
 
 def model_stats(model, out: ICLMHidden, batch: dict, cfg: LossConfig, *, aux: bool = True) -> TokenStats:

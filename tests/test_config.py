@@ -48,7 +48,8 @@ BAD = [
     ("model.invariant_weight", 2.0), ("router.ema_decay", 1.0), ("train.nonfinite", "ignore"),
     ("checkpoint.best_metric", "OOD/all"), ("checkpoint.keep", 0), ("data.train_split", "Val"),
     ("data.max_len", -1), ("data.train_file", "/nonexistent.json"), ("model.rope_theta", 0.0),
-    ("mi.apply_to", "some"), ("mi.critic_lr", 0.0), ("router.temperature", 0.0), ("train.adam_eps", 0.0),
+    ("mi.apply_to", "some"), ("mi.pool", "tokens"), ("mi.reduce", "max"), ("mi.critic_lr", 0.0),
+    ("router.temperature", 0.0), ("train.adam_eps", 0.0),
     ("rules.embed", "fsdp,model"), ("mesh.slices", 0), ("model.canon", -1),
     # numeric ranges (the harden issue's accepted-and-run cases)
     ("train.final_lr_fraction", -5.0), ("train.b1", 2.0), ("train.b2", -1.0), ("eval.every", -1),
@@ -152,6 +153,7 @@ def test_typed_groups_match_the_config_and_fill_what_older_configs_lack():
             if f.name in group:
                 assert getattr(typed_cfg, f.name) == group[f.name], f.name
     assert r.update == "gradient" and mi.apply_to == "all"          # the paper variant's choices
+    assert mi.pool == "answer" and mi.reduce == "sum" and build.model_config(config, 50).mi_pool == "answer"
     loss = build.loss_config(config)
     assert loss.mi == mi and loss.routing_weight == config.router.weight
     assert build.model_config(config, 50).router == r

@@ -112,6 +112,39 @@ def test_mi_on_all_modules_returns_every_specific_representation():
     assert out.pooled_all.shape == (3, 4, 16)
 
 
+def test_mi_pool_answer_averages_the_final_normed_states_at_answer_positions():
+    """mi.pool=answer: MI reads each module's states where it predicts answer tokens (loss_mask), the
+    official code's token-level states, pooled per row; against a NumPy masked mean."""
+    batch = random_batch()
+    model = tiny_iclm(num_modules=3, mi_apply_to="all", mi_pool="answer")
+    out = model.forward(batch, train=False)
+    b = batch["inputs"].shape[0]
+    mask = np.asarray(batch["loss_mask"]) > 0
+    assert mask.any(1).all() and (mask != (np.asarray(batch["prompt_mask"]) > 0)).any()
+
+    def ref(slot):
+        h = np.asarray(model.base.final_norm(model.hidden(batch, jnp.full((b,), slot), train=False)), np.float64)
+        return (h * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+
+    np.testing.assert_allclose(out.pooled_inv, ref(model.cfg.invariant_slot), rtol=1e-5, atol=1e-6)
+    for m in range(3):
+        np.testing.assert_allclose(out.pooled_all[m], ref(m), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out.pooled_spec, ref(np.asarray(out.route.index)), rtol=1e-5, atol=1e-6)
+    prompt = tiny_iclm(num_modules=3, mi_apply_to="all").forward(batch, train=False)
+    assert not np.allclose(prompt.pooled_inv, out.pooled_inv)      # the default reads the prompt
+
+
+def test_mi_reduce_sums_or_averages_the_per_module_estimates():
+    from iclm_jax import losses
+    from iclm_jax.model import mi as mi_lib
+    model = tiny_iclm(num_modules=3, mi_apply_to="all")
+    out = model.forward(random_batch(), train=False)
+    each = [float(mi_lib.plugin_mi(out.pooled_inv, z)) for z in out.pooled_all]
+    for reduce, want in (("mean", np.mean(each)), ("sum", np.sum(each))):
+        cfg = losses.LossConfig(mi=mi_lib.MIConfig(estimator="plugin", apply_to="all", reduce=reduce))
+        assert float(losses.mutual_information(out, None, cfg)) == pytest.approx(want, rel=1e-5)
+
+
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="num_modules"):
         tiny_iclm(num_modules=0)

@@ -57,6 +57,8 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         estimator="mine",          # mine | plugin | none
         weight=0.1,                # λ
         apply_to="routed",         # routed | all (paper: every specific module)
+        pool="prompt",             # prompt | answer: the states MI reads, pooled over the prompt or the answer
+        reduce="mean",             # mean | sum of the K estimates with apply_to=all (official code: sum)
         reverse=False,             # plugin: the official code's KL direction
         critic_hidden=64, critic_depth=2, critic_lr=1e-3, ema_decay=0.99, clip=20.0,
     )
@@ -160,7 +162,8 @@ def _oracle(c):
 def _paper(c):
     c.router.source = "adapter"
     c.router.update = "gradient"
-    c.mi.apply_to = "all"
+    c.mi.apply_to, c.mi.pool, c.mi.reduce = "all", "answer", "sum"   # the official code: answer-token
+    #                                          states of every module, their MI terms summed
     c.loss.aux_weight = 1.0
     # The official code's weights (routing 0.1, MI 0.01) and LoRA targets (attention projections only).
     c.router.weight, c.mi.weight = 0.1, 0.01

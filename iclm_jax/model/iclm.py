@@ -20,7 +20,7 @@ from flax import nnx
 from iclm_jax import partitioning
 from iclm_jax.model.aggregator import Aggregator
 from iclm_jax.model.lora import LoraConfig, LoRAParam
-from iclm_jax.model.mi import APPLY_TO
+from iclm_jax.model.mi import APPLY_TO, POOLS
 from iclm_jax.model.router import RouteOut, Router, RouterConfig, pool_prompt
 from iclm_jax.model.transformer import RESIDUAL, Transformer, TransformerConfig
 
@@ -41,6 +41,7 @@ class ICLMConfig:
     aggregator: str = "concat"
     invariant_weight: float = 0.5
     mi_apply_to: str = "routed"               # "routed" | "all"
+    mi_pool: str = "prompt"                   # the pooled states MI reads: "prompt" | "answer" positions
     aux_heads: bool = False                   # also return each module's own base-head logits
 
     def __post_init__(self):
@@ -52,6 +53,8 @@ class ICLMConfig:
             raise ValueError(f"router.source={self.router_source!r}: expected one of {ROUTER_SOURCES}")
         if self.mi_apply_to not in APPLY_TO:
             raise ValueError(f"mi.apply_to={self.mi_apply_to!r}: expected one of {APPLY_TO}")
+        if self.mi_pool not in POOLS:
+            raise ValueError(f"mi.pool={self.mi_pool!r}: expected one of {POOLS}")
         if self.router_source == "invariant" and self.num_modules > 1 and not self.invariant:
             raise ValueError("router.source='invariant' needs model.invariant=True; use 'base' or 'adapter'")
 
@@ -119,6 +122,13 @@ class ICLM(nnx.Module):
     def pooled(self, x: jax.Array, batch) -> jax.Array:
         return pool_prompt(self.base.final_norm(x), batch["prompt_mask"])
 
+    def mi_pooled(self, x: jax.Array, batch) -> jax.Array:
+        """The per-row representation the MI estimate reads: final-normed states averaged over the prompt
+        (``mi_pool="prompt"``) or over the positions that predict an answer token (``"answer"``)."""
+        if self.cfg.mi_pool == "prompt":
+            return self.pooled(x, batch)
+        return pool_prompt(self.base.final_norm(x), batch["loss_mask"] > 0)
+
     def route(self, batch, x_inv: jax.Array | None, *, train: bool) -> RouteOut:
         b = batch["inputs"].shape[0]
         if self.router is None:
@@ -158,7 +168,7 @@ class ICLM(nnx.Module):
             xs = [self.hidden(batch, jnp.full((b,), m, jnp.int32), train=train)
                   for m in range(cfg.num_modules)]
             if cfg.mi_apply_to == "all":
-                pooled_all = jnp.stack([self.pooled(x, batch) for x in xs])
+                pooled_all = jnp.stack([self.mi_pooled(x, batch) for x in xs])
         if mode == "soft" and self.router is not None:
             w = route.weights
             x_spec = sum(w[:, m, None, None] * xs[m] for m in range(cfg.num_modules))
@@ -171,8 +181,8 @@ class ICLM(nnx.Module):
         x_spec = partitioning.constrain(x_spec, RESIDUAL)   # the aggregator's inputs keep the batch split
         return ICLMHidden(
             x_inv=x_inv, x_spec=x_spec, route=route,
-            pooled_inv=self.pooled(x_inv, batch) if cfg.invariant else None,
-            pooled_spec=self.pooled(x_spec, batch), pooled_all=pooled_all)
+            pooled_inv=self.mi_pooled(x_inv, batch) if cfg.invariant else None,
+            pooled_spec=self.mi_pooled(x_spec, batch), pooled_all=pooled_all)
 
     def heads(self, x_inv: jax.Array | None, x_spec: jax.Array, *, aux: bool = True
               ) -> dict[str, jax.Array]:

@@ -36,6 +36,8 @@ from flax import nnx
 
 ESTIMATORS = ("mine", "plugin", "none")
 APPLY_TO = ("routed", "all")
+POOLS = ("prompt", "answer")     # the states the estimate reads: prompt-pooled, or answer-position-pooled
+REDUCE = ("mean", "sum")         # over the K modules with apply_to="all" (the official code sums)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +48,8 @@ class MIConfig:
     weight: float = 0.1           # λ
     reverse: bool = False         # plugin only: the official code's KL(product || joint)
     apply_to: str = "routed"      # APPLY_TO: the routed specific module, or every one (the paper)
+    pool: str = "prompt"          # POOLS (read by the model, ICLMConfig.mi_pool)
+    reduce: str = "mean"          # REDUCE: the K estimates of apply_to="all" are averaged or summed
     critic_hidden: int = 64
     critic_depth: int = 2
     critic_lr: float = 1e-3
@@ -57,6 +61,10 @@ class MIConfig:
             raise ValueError(f"mi.estimator={self.estimator!r}: expected one of {ESTIMATORS}")
         if self.apply_to not in APPLY_TO:
             raise ValueError(f"mi.apply_to={self.apply_to!r}: expected one of {APPLY_TO}")
+        if self.pool not in POOLS:
+            raise ValueError(f"mi.pool={self.pool!r}: expected one of {POOLS}")
+        if self.reduce not in REDUCE:
+            raise ValueError(f"mi.reduce={self.reduce!r}: expected one of {REDUCE}")
         if self.weight < 0:
             raise ValueError(f"mi.weight={self.weight}: expected >= 0")
 

@@ -72,7 +72,7 @@ def model_config(config, vocab_size: int) -> ICLMConfig:
         base=base, num_modules=m.num_modules, invariant=m.invariant, lora_rank=lo.rank,
         lora_alpha=lo.alpha, lora_dropout=lo.dropout, lora_targets=tuple(csv(lo.targets)),
         router_source=config.router.source, router=router_config(config), aggregator=m.aggregator,
-        invariant_weight=m.invariant_weight, mi_apply_to=config.mi.apply_to,
+        invariant_weight=m.invariant_weight, mi_apply_to=config.mi.apply_to, mi_pool=config.mi.get("pool", "prompt"),
         aux_heads=config.loss.aux_weight > 0)
 
 

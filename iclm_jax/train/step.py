@@ -99,7 +99,7 @@ def _eval_step(graphdef, state, batch, *, loss_cfg: losses.LossConfig, num_slots
         stats = losses.read_stats(lambda xi, xs: {"logits": model.base.logits(xs)}, None, x, batch["targets"],
                                   losses.read_mask(batch, loss_cfg), loss_cfg.logit_chunk)
         critic = None
-        out = out._replace(pooled_spec=model.pooled(x, batch))
+        out = out._replace(pooled_spec=model.mi_pooled(x, batch))
     else:
         out = ts.model.forward(batch, train=False, route_index=batch["route_index"] if view == "forced" else None)
         stats = losses.model_stats(ts.model, out, batch, loss_cfg, aux=False)
