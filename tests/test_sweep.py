@@ -123,7 +123,8 @@ def test_collect_means_and_stds_equal_numpy_and_unfinished_points_are_listed(tmp
         d = work / f"variant={v},seed={s}"
         d.mkdir()
         rows = {"module_0_rows": 8} | ({"module_1_rows": 8, "purity": 0.9} if v == "iclm" else {"purity": 1.0})
-        ind = {"independence": {"router_nmi": a / 4}} if v == "iclm" else {}
+        ind = {"independence": {"router_nmi": a / 4}, "domain_symbolic": a, "domain_text": a / 2,
+               "views": {"model (router)": {"all": a}, "specific 0 alone": {"all": a / 4}}} if v == "iclm" else {}
         (d / "summary.json").write_text(json.dumps({"steps": 6, "train_s": 1.0, "eval": {
             "IID": {"all": a, "answer_ce": 1.0, **rows, **ind}, "Sys": {"all": a / 2, "answer_ce": 1.0, **rows}},
             "reference": {"IID": {"majority": {"all": 0.4}, "object_count": {"all": 0.45}}}}))
@@ -137,6 +138,13 @@ def test_collect_means_and_stds_equal_numpy_and_unfinished_points_are_listed(tmp
     assert "| variant=baseline | 25.0 (n=1) | 12.5 (n=1) |" in md
     assert "| *majority predictor* | 40.0 ± 0.0 (n=3) | - |" in md and "Not finished: variant=baseline,seed=1" in md
     assert "| variant=iclm | IID | 0.156 ± 0.044 (n=2) |" in md and "| variant=baseline | IID | - |" in md
+    assert "| variant=iclm | IID | 62.5 ± 17.7 (n=2) | 31.2 ± 8.8 (n=2) |" in md      # per rendering
+    assert "| variant=iclm | IID | 62.5 ± 17.7 (n=2) | 15.6 ± 4.4 (n=2) |" in md      # per module view
+    assert "| variant=baseline | IID | - | - |" not in md                            # no such numbers: no row
+    assert "Time: 0.00 h of training" in md and "cores, jax" in md
+    from iclm_jax.sweep.__main__ import main
+    assert main(["collect", str(work), "--out", str(tmp_path / "res" / "table.md")]) == 0
+    assert (tmp_path / "res" / "table.md").read_text() == md
     purity = {r["point"]: r["purity"] for r in out["rows"] if r["split"] == "IID"}
     assert purity == {"variant=iclm,seed=0": 0.9, "variant=iclm,seed=1": 0.9, "variant=baseline,seed=0": None}
 

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -39,6 +40,7 @@ def _parse(argv):
     if argv[:1] == ["collect"]:
         p = _Parser(prog="iclm-sweep collect")
         p.add_argument("workdir")
+        p.add_argument("--out", default="", help="also copy results.md to this file (e.g. experiments/results/...)")
         return "collect", p.parse_args(argv[1:])
     p = _Parser(prog="iclm-sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="file.py[:arg] defining get_sweep(arg) and get_config(arg)")
@@ -60,6 +62,10 @@ def main(argv=None) -> int:
             out = collect_lib.collect(a.workdir)
             print(open(os.path.join(a.workdir, "results.md")).read(), end="")
             print(f"wrote {a.workdir}/results.md, results.csv" + (", results.png" if out["png"] else ""))
+            if a.out:
+                os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+                shutil.copyfile(os.path.join(a.workdir, "results.md"), a.out)
+                print(f"copied to {a.out}")
             return 0
         pts = points.load(a.config)
         chosen = points.select(pts, a.only)

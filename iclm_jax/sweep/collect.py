@@ -14,6 +14,8 @@ from collections import defaultdict
 
 import numpy as np
 
+from iclm_jax.data.render import DOMAINS
+
 SWEEP_FILE = "sweep.json"
 INDEPENDENCE = ("router_nmi", "cka_inv_spec", "cka_inv_spec_delta", "cka_spec0_spec1_delta", "mi_mine",
                 "mi_plugin")   # see independence.py
@@ -33,7 +35,9 @@ def _point_rows(workdir: str, point: dict) -> list[dict] | None:
                      "purity": r.get("purity") if "module_1_rows" in r else None,   # one module: none
                      "majority": ref.get("majority", {}).get("all"),
                      "object_count": ref.get("object_count", {}).get("all"), "steps": s.get("steps"),
-                     "train_s": s.get("train_s"),
+                     "train_s": s.get("train_s"), "wall_s": (s.get("train_wall_s") or 0) + (s.get("setup_s") or 0),
+                     **{f"domain_{d}": r.get(f"domain_{d}") for d in DOMAINS},
+                     **{f"view: {v}": x.get("all") for v, x in r.get("views", {}).items()},
                      **{k: r.get("independence", {}).get(k) for k in INDEPENDENCE}})
     return rows
 
@@ -66,10 +70,11 @@ def collect(workdir: str) -> dict:
             missing.append(point["name"])
         else:
             rows.extend(r)
+    views = list(dict.fromkeys(k for r in rows for k in r if k.startswith("view: ")))
     fields = ["point", "group", "seed", "split", "answer_acc", "answer_ce", "purity", "majority", "object_count",
-              "steps", "train_s", *INDEPENDENCE]
+              "steps", "train_s", "wall_s", *(f"domain_{d}" for d in DOMAINS), *views, *INDEPENDENCE]
     with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
         w.writeheader()
         w.writerows(rows)
     groups = list(dict.fromkeys(p["group"] for p in sweep["points"]))
@@ -91,6 +96,10 @@ def collect(workdir: str) -> dict:
         lines.append(f"| {g} | " + " | ".join(_cell(*table[g][sp]) for sp in splits) + " |")
     for k in ("majority", "object_count"):
         lines.append(f"| *{k} predictor* | " + " | ".join(_cell(*refs[sp][k]) for sp in splits) + " |")
+    lines += _breakdown(rows, groups, splits, [f"domain_{d}" for d in DOMAINS],
+                        "Per rendering (answer accuracy %, mean ± std over seeds):", "rendering")
+    lines += _breakdown(rows, groups, splits, views, "Per module (answer accuracy %: the model as routed, routed "
+                        "by domain, each module alone on the base head; mean ± std over seeds):", "view")
     measured = [k for k in INDEPENDENCE if any(r[k] is not None for r in rows)]
     if measured:
         lines += ["", "Independence (mean ± std over seeds; `independence.py`):", "",
@@ -102,7 +111,11 @@ def collect(workdir: str) -> dict:
                     _cell(*_mean_std([r[k] for r in sel]), pct=False) for k in measured) + " |")
     if missing:
         lines += ["", "Not finished: " + "; ".join(missing)]
-    lines += ["", f"Command: `{sweep.get('command', '')}`"]
+    train_h = sum(r["train_s"] or 0 for r in _per_point(rows)) / 3600
+    wall_h = sum(r["wall_s"] or 0 for r in _per_point(rows)) / 3600
+    lines += ["", f"Command: `{sweep.get('command', '')}`", "",
+              f"Time: {train_h:.2f} h of training, {wall_h:.2f} h with set-up and evaluation, over the finished "
+              f"points. Machine: {_machine()}."]
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     png = _plot(workdir, groups, splits, table, refs) if rows else None
@@ -110,10 +123,43 @@ def collect(workdir: str) -> dict:
             "rows": rows, "png": png}
 
 
+def _per_point(rows: list[dict]) -> list[dict]:
+    return list({r["point"]: r for r in rows}.values())
+
+
+def _breakdown(rows, groups, splits, keys, title: str, what: str) -> list[str]:
+    """A table group × split × key (``keys``: per-rendering or per-view columns), skipping empty rows."""
+    keys = [k for k in keys if any(r.get(k) is not None for r in rows)]
+    if not keys:
+        return []
+    names = [k.removeprefix("domain_").removeprefix("view: ") for k in keys]
+    out = ["", title, "", "| group | split | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(keys)]
+    for g in groups:
+        for sp in splits:
+            sel = [r for r in rows if r["group"] == g and r["split"] == sp]
+            cells = [_cell(*_mean_std([r.get(k) for r in sel])) for k in keys]
+            if any(c != "-" for c in cells):
+                out.append(f"| {g} | {sp} | " + " | ".join(cells) + " |")
+    return out if len(out) > 5 else []
+
+
+def _machine() -> str:
+    import platform
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    import jax
+    return f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.default_backend()}"
+
+
 def _plot(workdir, groups, splits, table, refs) -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    groups = [g for g in groups if any(table[g][sp][2] for sp in splits)]   # unfinished groups: no bar
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * len(splits) / 2 + 3), 4.5))
     width = 0.8 / max(len(groups), 1)
     x = np.arange(len(splits))
