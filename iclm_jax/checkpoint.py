@@ -144,14 +144,74 @@ def _quarantine(mngr, steps: list[int], where: str) -> None:
     mngr.reload()
 
 
+# State variables added after runs were saved without them, and the value they start from (their init):
+# a checkpoint that lacks them restores everything else and starts them there. Leaf names.
+ADDED_LATER = {"removal_cost": 0, "split_gain": 0, "relocations": 0}     # model/router.py (code relocation)
+
+
 def _restore_step(mngr, abstract_state, step: int, with_data: bool):
-    items = dict(state=ocp.args.StandardRestore(_abstract_storable(abstract_state)),
-                 meta=ocp.args.JsonRestore())
+    target = _abstract_storable(abstract_state)
+    added = _missing_added_later(mngr, step, target)
+    if added:
+        target = _without(target, added)
+    items = dict(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
     if with_data and "data" in mngr.item_metadata(step):
         items["data"] = ocp.args.JsonRestore()
     out = mngr.restore(step, args=ocp.args.Composite(**items))
     data = out["data"] if "data" in items else None
-    return from_storable(abstract_state, out["state"]), out["meta"], step, data
+    stored = out["state"]
+    for path in added:              # start the variables the checkpoint predates at their init value
+        leaf = _get(_abstract_storable(abstract_state), path)
+        _set(stored, path, jax.numpy.full(leaf.shape, ADDED_LATER[path[-1]], leaf.dtype, device=leaf.sharding))
+    return from_storable(abstract_state, stored), out["meta"], step, data
+
+
+def _paths(tree, prefix=()):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _paths(v, prefix + (k,))
+    else:
+        yield prefix
+
+
+def _missing_added_later(mngr, step: int, target: dict) -> list[tuple]:
+    """Paths of ``target`` in ADDED_LATER that the stored state lacks (an older run)."""
+    if not any(p[-1] in ADDED_LATER for p in _paths(target)):
+        return []
+    try:
+        stored = mngr.item_metadata(step)["state"]
+    except Exception:   # noqa: BLE001  (no metadata to compare: restore as is, and fail there if it must)
+        return []
+    have = {tuple(str(k) for k in p) for p in _paths(_plain(stored))}
+    return [p for p in _paths(target) if p[-1] in ADDED_LATER and tuple(str(k) for k in p) not in have]
+
+
+def _plain(tree):
+    """orbax's metadata tree as nested dicts (its mappings are not always ``dict``)."""
+    if hasattr(tree, "items"):
+        return {k: _plain(v) for k, v in tree.items()}
+    return tree
+
+
+def _without(tree: dict, paths: list[tuple]) -> dict:
+    drop = set(paths)
+
+    def walk(t, prefix):
+        return {k: walk(v, prefix + (k,)) if isinstance(v, dict) else v
+                for k, v in t.items() if prefix + (k,) not in drop}
+    return walk(tree, ())
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _set(tree, path, value):
+    for k in path[:-1]:
+        tree = tree[k]
+    tree[path[-1]] = value
 
 
 def _integrity_path(mngr, step: int) -> str:

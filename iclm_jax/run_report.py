@@ -123,6 +123,8 @@ def write_markdown(workdir: str, results: dict, refs: dict, num_modules: int, su
         blocks.append(("Mutual information on held-out data", mi))
     for title, text in blocks:
         lines += [f"## {title}", "", "```", text, "```", ""]
+        if title == "Routed modules":
+            lines += [f"**{name}: {r['collapse']}**" for name, r in results.items() if "collapse" in r] + [""]
     lines += ["Independence numbers: router_nmi = normalised MI between routed module and rendering domain "
               "(1 = routing is the domain); router_codes_used / router_perplexity = codebook use; cka_* / corr_* "
               "= linear CKA and mean |Pearson| between pooled prompt representations (0 = unrelated).", ""]

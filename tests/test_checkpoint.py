@@ -52,6 +52,36 @@ def test_restore_reshards_onto_other_meshes(tmp_path):
     mngr.close()
 
 
+def test_a_run_saved_before_the_router_relocation_statistics_restores_with_them_at_init(tmp_path):
+    """A checkpoint without the router's removal_cost / split_gain / relocations (saved by an older version)
+    restores every stored array exactly and starts those three at their init value (zeros)."""
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+    state = _trained_state(mesh)
+    router = nnx.to_pure_dict(state)["model"]["router"]
+    assert int(router["relocations"]) >= 0 and set(checkpoint.ADDED_LATER) <= set(router)
+    old = checkpoint.to_storable(state)
+    for name in checkpoint.ADDED_LATER:
+        del old["model"]["router"][name]
+    mngr = checkpoint.manager(str(tmp_path))
+    mngr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(old), meta=ocp.args.JsonSave({})))
+    mngr.wait_until_finished()
+    restored, _, step, _ = checkpoint.restore(mngr, sharding.abstract_state(state, mesh))
+    got = nnx.to_pure_dict(restored)
+    assert step == 1
+    for path, x in jax.tree_util.tree_leaves_with_path(jax.tree.map(np.asarray, old)):
+        np.testing.assert_array_equal(np.asarray(_at(checkpoint.to_storable(restored), path)), x, err_msg=str(path))
+    for name in checkpoint.ADDED_LATER:
+        want = np.zeros_like(np.asarray(router[name]))
+        np.testing.assert_array_equal(np.asarray(got["model"]["router"][name]), want, err_msg=name)
+    mngr.close()
+
+
+def _at(tree, path):
+    for k in path:
+        tree = tree[k.key]
+    return tree
+
+
 def test_unfinished_step_is_never_latest(tmp_path):
     mngr = checkpoint.manager(str(tmp_path))
     mngr.save(1, args=ocp.args.Composite(meta=ocp.args.JsonSave({"a": 1})))

@@ -138,42 +138,70 @@ def test_ema_counts_follow_documented_recurrence():
         smoothed = (n + eps) / (n.sum() + k * eps) * n.sum()
         return n, m, m / smoothed[:, None]
 
+    def removal_cost(cost_prev, codes, x, v):        # EMA of Σ (d² second-nearest − d² nearest)
+        dist = np.sort(sqdist_np(x, codes), axis=1)
+        r = np.bincount(sqdist_np(x, codes).argmin(1), weights=(dist[:, 1] - dist[:, 0]) * v, minlength=k)
+        return g * cost_prev + (1 - g) * r
+
     share = 4 / k
+    cost = removal_cost(np.zeros(k), init, x1, np.ones(4))
     n, m, codes = ema(np.full(k, share), share * init, init, x1, np.ones(4))
     np.testing.assert_allclose(np.asarray(r.counts[...]), n, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(r.ema_sums[...]), m, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(r.codebook[...]), codes, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(r.removal_cost[...]), cost, rtol=1e-6)
     out = r(jnp.asarray(x2), train=True, valid=jnp.asarray(v2))
     np.testing.assert_allclose(np.asarray(out.distances), sqdist_np(x2, codes), rtol=1e-6)
+    cost = removal_cost(cost, codes, x2, v2)
     n, m, codes = ema(n, m, codes, x2, v2)
     np.testing.assert_allclose(np.asarray(r.counts[...]), n, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(r.ema_sums[...]), m, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(r.codebook[...]), codes, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(r.removal_cost[...]), cost, rtol=1e-6)
+    # Each code's rows are identical (step 1) or two, one of which gives u (step 2): no split gains.
+    np.testing.assert_array_equal(np.asarray(r.split_gain[...]), 0.0)
+    assert int(r.relocations[...]) == 0
 
 
-def test_dead_code_is_reseeded_onto_data():
-    k, d, b = 3, 4, 32
+@pytest.mark.parametrize("relocate", [False, True])
+def test_dead_code_is_relocated_by_splitting_another(relocate):
+    """A code moved far from the data (its blob's rows go to a neighbour, which then covers two blobs) is
+    relocated onto a split of that neighbour: by the count rule (N_i < dead_threshold · share) alone, or
+    earlier by the cost rule (its EMA removal cost falls below the neighbour's split gain)."""
+    k, d, b, g = 3, 4, 32, 0.9
     rng = np.random.default_rng(5)
     means = (5.0 * rng.standard_normal((k, d))).astype(np.float32)
-    r = Router(d, k, ema_decay=0.9, dead_threshold=0.5, rngs=nnx.Rngs(router=1, params=2))
+    r = Router(d, k, ema_decay=g, dead_threshold=0.5, relocate=relocate, rngs=nnx.Rngs(router=1, params=2))
     r(jnp.asarray(blobs(rng, means, b, 0.3)[0]), train=True)
     far = np.full((d,), 1000.0, np.float32)
     r.codebook[...] = r.codebook[...].at[2].set(far)
     r.ema_sums[...] = r.ema_sums[...].at[2].set(far * r.counts[...][2])
     graphdef, state = nnx.split(r)
     step = make_train_step(graphdef)
-    reseeded = None
+    relocated = None
     for t in range(40):
         x = blobs(rng, means, b, 0.3)[0]
+        before = nnx.merge(graphdef, state)
+        old_codes, old_counts = np.asarray(before.codebook[...]), np.asarray(before.counts[...])
         state, _ = step(state, jnp.asarray(x), jnp.ones((b,)))
-        code = np.asarray(nnx.merge(graphdef, state).codebook[...])[2]
-        if reseeded is None and np.abs(code).max() < 100:
-            reseeded = t
-            assert (x == code).all(1).any(), "re-seeded code is not a batch row"
-            assert float(nnx.merge(graphdef, state).counts[...][2]) == pytest.approx(b / k)
-    # 1000-away code: 0.9^t < 0.5 first at t = 7 (counted from the decay start).
-    assert reseeded is not None and reseeded <= 8
-    # D²-weighted re-seeding puts the code in a blob no other code covered: one code per blob.
+        after = nnx.merge(graphdef, state)
+        codes = np.asarray(after.codebook[...])
+        if relocated is None and np.abs(codes[2]).max() < 100:
+            relocated = t
+            assert int(after.relocations[...]) == 1
+            # The split code j moved to the other half along the same line through its old place.
+            j = int(np.argmax(np.abs(codes[:2] - old_codes[:2]).sum(1)))
+            a, c = codes[2] - old_codes[j], codes[j] - old_codes[j]
+            assert abs(a @ c) == pytest.approx(np.linalg.norm(a) * np.linalg.norm(c), rel=1e-4)
+            assert a @ c < 0 or np.linalg.norm(a) > np.linalg.norm(c)      # two different sides
+            # The two halves share j's EMA count; code 2's own count is dropped.
+            total = g * (old_counts.sum() - old_counts[2]) + (1 - g) * b      # code 2 had no row
+            assert float(after.counts[...].sum()) == pytest.approx(total, rel=1e-5)
+    assert int(nnx.merge(graphdef, state).relocations[...]) == 1
+    # Count rule: 1000-away code, 0.9^t < 0.5 first at t = 7 (counted from the decay start);
+    # cost rule: as soon as the merged neighbour's split gain exceeds the code's decaying cost.
+    assert relocated is not None and (relocated <= 3 if relocate else 5 <= relocated <= 8)
+    # The split lands one code per blob.
     codes = np.asarray(nnx.merge(graphdef, state).codebook[...])
     assert sorted(sqdist_np(codes, means).argmin(1).tolist()) == [0, 1, 2]
     assert sqdist_np(codes, means).min(1).max() < 1.0

@@ -60,8 +60,9 @@ def test_train_step_compiles_once_and_updates_everything():
     assert train_step._cache_size() == 1
     for k in ("loss", "ce", "vq", "mi", "aux", "grad_norm", "router_perplexity", "mine_critic_bound",
               "route_fraction", "route_domain_counts", "answer_ce", "answer_acc", "n/answer_correct",
-              "n/answer_present", "n/answer_ce_sum", "n/answer_tokens"):
+              "n/answer_present", "n/answer_ce_sum", "n/answer_tokens", "mi_plugin", "router_relocations"):
         assert k in metrics and np.isfinite(np.asarray(metrics[k])).all(), k
+    assert float(metrics["mi_plugin"]) >= 0 and int(metrics["router_relocations"]) >= 0
     after = pure(state)
     assert float(after["mine_ema"]) != 0.0                     # MINE moving average initialised
     changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), before, after)

@@ -4,22 +4,43 @@ Each row's prompt is pooled into one embedding ``e``, optionally projected to ``
 routed to the nearest of ``K`` codes (squared L2). The codebook is a k-means quantiser of the prompt
 embeddings: it is seeded by k-means++ on the first training batch and then follows either the VQ-VAE
 EMA update (``update="ema"``, the codebook is router state, never seen by the optimiser) or the
-VQ-VAE loss (``update="gradient"``, the codebook is an ``nnx.Param``). Codes that stop receiving
-rows are re-seeded on batch embeddings, so no module starves. Everything runs inside ``jax.jit``
+VQ-VAE loss (``update="gradient"``, the codebook is an ``nnx.Param``). A code that serves (almost) no
+rows, or whose removal would cost less than splitting another code gains, is relocated onto a split of
+that other code (ELBG, Patanè & Russo 2001), so no module starves. Everything runs inside ``jax.jit``
 with value-dependent choices made by ``lax.cond`` / ``jnp.where``: one compilation serves the run.
 
 EMA recurrence (train step, ``n_i`` = valid rows nearest to code ``i``, ``s_i`` = their summed
 projected embeddings, ``γ`` = ema_decay, ``share = n_valid / K``)::
 
-    first call only:  codebook ← kmeans++(batch);  N_i ← share;  m_i ← share · codebook_i
+    first call only:  codebook ← kmeans++(batch);  N_i ← share;  m_i ← share · codebook_i;  R_i, G_i ← 0
     N_i ← γ N_i + (1 − γ) n_i          m_i ← γ m_i + (1 − γ) s_i
     Ñ_i = (N_i + ε) / (Σ N + K ε) · Σ N      (Laplace smoothing; N itself is stored unsmoothed)
     codebook_i ← m_i / Ñ_i
-    dead codes (N_i < dead_threshold · share): codebook_i ← a random batch row z_j drawn ∝ its
-                          D² to the nearest live code;  N_i ← share;  m_i ← share · z_j
+    R_i ← γ R_i + (1 − γ) r_i          G_i ← γ G_i + (1 − γ) g_i          (codebook.split_statistics)
+        r_i: removal cost, Σ over i's rows of (d² to their second-nearest code − d² to code i)
+        g_i: split gain: a row of i drawn at random gives a direction u from code i; i's other rows are
+             projected on u and cut at their mean projection; g_i = n₊ n₋ / n · (p₊ − p₋)², the error
+             two centres at the halves' mean projections p± would save over one (1-d: it does not grow
+             with c, as a split fitted to the rows in all c dims would)
+    relocation, at most one code per step (r, g, the directions and halves from the batch and the
+    codebook before this step's update):
+        dead:  N_i < dead_threshold · share
+        i = a dead code if any, else argmin R;   j = argmax G over the codes ≠ i that are not dead
+        move if j's split has a row on each side and (i is dead, or relocate and R_i < G_j):
+            codebook_i ← codebook_j + p₊ u;  codebook_j ← codebook_j + p₋ u      (j split in two)
+            N_i ← f N_j;  N_j ← (1 − f) N_j  (f: j's rows on the + side);  m ← N · codebook for both
+            R_i, R_j ← G_j  (removing either half undoes the split);  G_i, G_j ← 0;  relocations += 1
 
-``update="gradient"`` keeps the same N recurrence (for dead-code detection) and writes the codebook
-Param only for the k-means++ init and re-seeding; the VQ loss moves it otherwise.
+A code that stops receiving rows has R_i decaying by γ a step while the G of a code covering two
+clusters grows, so it moves within a few to tens of steps (a code never used since the k-means++ init
+has R_i = 0 and moves on the first step some split gains anything); the ``dead_threshold`` rule alone
+would take log(dead_threshold) / log(γ) steps (≈ 690 for 1e-3 and 0.99). With more codes than clusters,
+the clusters are split between codes (each split lowers the error), and a configuration stays once
+no removal costs less than some split gains, so codes do not keep moving between clusters
+(tests/test_router_clusters.py: K = 4 on 2 clusters gives two codes per cluster, or three and one).
+
+``update="gradient"`` keeps the same N, R, G recurrences and writes the codebook Param only for the
+k-means++ init and relocation; the VQ loss moves it otherwise.
 
 Routing uses the statistics *before* this step's update (the usual VQ convention).
 """
@@ -32,7 +53,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from iclm_jax.model.codebook import kmeans_plus_plus, sample_rows, sqdist
+from iclm_jax.model.codebook import kmeans_plus_plus, split_statistics, sqdist
 
 UPDATES = ("ema", "gradient")
 MODES = ("hard", "soft", "gumbel", "oracle")
@@ -48,7 +69,8 @@ class RouterConfig:
     ema_decay: float = 0.99
     eps: float = 1e-5
     commitment: float = 0.25
-    dead_threshold: float = 1e-3  # codes used less than this fraction are re-seeded
+    dead_threshold: float = 1e-3  # a code whose EMA row count N_i < this · (n_valid / K) is relocated at once
+    relocate: bool = True         # also relocate a code when that lowers the estimated distortion (ELBG)
     temperature: float = 1.0      # soft and gumbel modes
     center: bool = False
     normalize: bool = False
@@ -112,6 +134,7 @@ class Router(nnx.Module):
         self.d_in, self.num_codes, self.update, self.mode = d_in, num_codes, cfg.update, cfg.mode
         self.ema_decay, self.eps, self.commitment = cfg.ema_decay, cfg.eps, cfg.commitment
         self.dead_threshold, self.temperature = cfg.dead_threshold, cfg.temperature
+        self.relocate = cfg.relocate
         proj_dim, update, center, normalize = cfg.proj_dim, cfg.update, cfg.center, cfg.normalize
         c = proj_dim or d_in
         self.code_dim = c
@@ -127,6 +150,11 @@ class Router(nnx.Module):
         self.usage = RouterStat(jnp.full((num_codes,), 1.0 / num_codes, jnp.float32),
                                 out_sharding=("codes",))
         self.initialized = RouterStat(jnp.array(False))
+        # Relocation statistics (module docstring): EMA removal cost and split gain per code, and how
+        # many codes have been relocated so far (a run can log it).
+        self.removal_cost = RouterStat(jnp.zeros((num_codes,), jnp.float32), out_sharding=("codes",))
+        self.split_gain = RouterStat(jnp.zeros((num_codes,), jnp.float32), out_sharding=("codes",))
+        self.relocations = RouterStat(jnp.array(0, jnp.int32))
         self.rng = _rng_stream(rngs)
         self.center, self.normalize = center, normalize
         if center:
@@ -232,7 +260,7 @@ class Router(nnx.Module):
         return RouteOut(index, weights, vq_loss, dist, perplexity)
 
     def _update_state(self, zs, v, n_valid, hard, codebook, p, key) -> None:
-        """EMA statistics, dead-code re-seeding, init flag; no valid row in the batch: no change."""
+        """EMA statistics, code relocation, init flag; no valid row in the batch: no change."""
         k, g = self.num_codes, self.ema_decay
         init = self.initialized[...]
         ok = n_valid > 0
@@ -248,23 +276,36 @@ class Router(nnx.Module):
             new_codes = sums / smoothed[:, None]
         else:
             new_codes = codebook
+        # Relocation (module docstring): at most one code per step leaves for a split of another.
+        st = split_statistics(key, zs, codebook, sqdist(zs, codebook), v)
+        warm = lambda old, new: g * jnp.where(init, old, 0.0) + (1.0 - g) * new  # noqa: E731
+        cost, gain = warm(self.removal_cost[...], st.cost), warm(self.split_gain[...], st.gain)
         dead = counts < self.dead_threshold * share
-        # Re-seed on rows ∝ D² to the nearest live code: rows a live code already serves well are
-        # rarely taken, so a dead code lands where the quantiser is worst (k-means++ logic).
-        d2 = jnp.min(jnp.where(dead[None, :], jnp.inf, sqdist(zs, new_codes)), axis=1)
-        w = jnp.where(jnp.isfinite(d2), d2, 1.0) * v
-        seeds = zs[sample_rows(key, jnp.where(w.sum() > 0, w, v), k)]
-        new_codes = jnp.where(dead[:, None], seeds, new_codes)
-        counts = jnp.where(dead, share, counts)
+        codes_k = jnp.arange(k)
+        i = jnp.argmin(jnp.where(dead, -jnp.inf, cost))
+        target = jnp.where((codes_k != i) & ~dead, gain, -jnp.inf)
+        j = jnp.argmax(target)
+        better = (cost[i] < gain[j]) if self.relocate else jnp.array(False)
+        move = ok & (k > 1) & jnp.isfinite(target[j]) & st.valid[j] & (dead[i] | better)
+        to_i, to_j = move & (codes_k == i), move & (codes_k == j)
+        split = to_i | to_j
+        new_codes = jnp.where(to_i[:, None], codebook[j] + st.high[j],
+                              jnp.where(to_j[:, None], codebook[j] + st.low[j], new_codes))
+        counts = jnp.where(to_i, counts[j] * st.frac[j], jnp.where(to_j, counts[j] * (1.0 - st.frac[j]), counts))
+        cost = jnp.where(split, gain[j], cost)      # removing either half would undo the split
+        gain = jnp.where(split, 0.0, gain)
         keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
         if self.update == "ema":
-            sums = jnp.where(dead[:, None], share * seeds, sums)
+            sums = jnp.where(split[:, None], counts[:, None] * new_codes, sums)
             self.ema_sums[...] = keep(sums, self.ema_sums[...])
             self.codebook[...] = keep(new_codes, self.codebook[...])
         else:
-            # Gradient mode: only the k-means++ init and re-seeding overwrite the Param.
-            changed = jnp.logical_or(~init, dead.any())
+            # Gradient mode: only the k-means++ init and relocation overwrite the Param.
+            changed = jnp.logical_or(~init, move)
             self.codebook[...] = jnp.where(ok & changed, new_codes, self.codebook[...])
         self.counts[...] = keep(counts, self.counts[...])
+        self.removal_cost[...] = keep(cost, self.removal_cost[...])
+        self.split_gain[...] = keep(gain, self.split_gain[...])
+        self.relocations[...] = self.relocations[...] + move.astype(jnp.int32)
         self.usage[...] = keep(g * self.usage[...] + (1.0 - g) * p, self.usage[...])
         self.initialized[...] = jnp.logical_or(init, ok)

@@ -27,6 +27,7 @@ from iclm_jax.data import pipeline, sources
 from iclm_jax.data.reference import fit_majority_answer, fit_reference, score_majority_answer, score_reference
 from iclm_jax.data.sources import DataConfig
 from iclm_jax.fields import csv, typed
+from iclm_jax.model.codebook import collapse_report
 from iclm_jax.train import build, disk_space, resume, workdir_lock
 from iclm_jax.train.build import CheckpointConfig, EvalConfig, LoopConfig
 from iclm_jax.train.optim import effective_warmup
@@ -275,6 +276,12 @@ class _Training:
                              for es in data.eval_sets}
             with open(os.path.join(workdir, "references.json"), "w") as f:    # read by plot_learning_curve
                 json.dump({**refs, "majority_loss": majority_loss}, f, indent=2)
+        for name, r in results.items():     # modules the router (almost) never uses: say so, once per set
+            line = collapse_report([r.get(f"module_{m}_rows", 0) for m in range(self.run.num_modules)],
+                                   self.run.config.data.num_domains)
+            if line:
+                r["collapse"] = line
+
         plots = (report.plot_training(workdir) + report.plot_learning_curve(workdir)
                  + run_report.plot_routing(workdir, results) + run_report.plot_similarity(workdir, results))
         summary = {"steps": step, "resumed_from": self.start, "setup_s": self.setup_s, "train_s": self.train_s,
@@ -299,6 +306,13 @@ class _Training:
                 print(f"\ntrained steps {self.start + 1}..{step} in {self.train_s:.0f}s (+ "
                       f"{self.wall_s - self.train_s:.0f}s of periodic evaluation; setup {self.setup_s:.0f}s, "
                       f"{last.get('tokens_per_s', 0):.0f} tokens/s at the end); workdir {workdir}")
+                for name, r in results.items():
+                    if "collapse" in r:
+                        print(f"{name}: {r['collapse']}")
+                moved = int(last.get("router_relocations", 0) or 0)
+                if moved > self.run.num_modules:    # codes kept moving between parts of the data
+                    print(f"the router relocated codes {moved} times in {step} steps: rows moved between modules "
+                          f"(more modules than the prompts form clusters?); see routing.png")
                 print(f"report {summary['report']}; plots: "
                       + ", ".join(os.path.basename(p) for p in plots))
         return summary

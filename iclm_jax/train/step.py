@@ -64,6 +64,7 @@ def _train_step(graphdef, state, batch, *, loss_cfg: losses.LossConfig, num_doma
     metrics.update(_routing_metrics(out.route.index, batch, ts.model.cfg.num_modules, num_domains))
     if ts.model.router is not None:   # the codebook's moving average of the routing weights
         metrics["route_usage"] = ts.model.router.usage[...]
+        metrics["router_relocations"] = ts.model.router.relocations[...]   # codes moved so far (ELBG)
     metrics["tokens"] = jnp.sum(batch["segments"] > 0)
     # One flag per term, so a non-finite step can be reported by name (train.nonfinite).
     finite = {k: jnp.all(jnp.isfinite(metrics[k])) for k in FINITE_TERMS}
