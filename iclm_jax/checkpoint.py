@@ -150,10 +150,9 @@ ADDED_LATER = {"removal_cost": 0, "split_gain": 0, "relocations": 0}     # model
 
 
 def _restore_step(mngr, abstract_state, step: int, with_data: bool):
-    target = _abstract_storable(abstract_state)
-    added = _missing_added_later(mngr, step, target)
-    if added:
-        target = _without(target, added)
+    full = _abstract_storable(abstract_state)
+    added = _missing_added_later(mngr, step, full)
+    target = _without(full, added) if added else full
     items = dict(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
     if with_data and "data" in mngr.item_metadata(step):
         items["data"] = ocp.args.JsonRestore()
@@ -161,7 +160,7 @@ def _restore_step(mngr, abstract_state, step: int, with_data: bool):
     data = out["data"] if "data" in items else None
     stored = out["state"]
     for path in added:              # start the variables the checkpoint predates at their init value
-        leaf = _get(_abstract_storable(abstract_state), path)
+        leaf = _get(full, path)
         _set(stored, path, jax.numpy.full(leaf.shape, ADDED_LATER[path[-1]], leaf.dtype, device=leaf.sharding))
     return from_storable(abstract_state, stored), out["meta"], step, data
 

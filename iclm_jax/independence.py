@@ -120,13 +120,15 @@ def similarity(reps: dict[str, np.ndarray]) -> dict:
     return {"names": names, "cka": cka, "corr": corr}
 
 
-def delta_similarity(deltas: dict[str, np.ndarray]) -> dict[str, float]:
-    """``cka_inv_spec_delta`` and ``cka_spec{a}_spec{b}_delta`` from the adapters' contributions, keyed
-    by ``Run._views``' representation names."""
+def delta_scalars(sim: dict) -> dict[str, float]:
+    """``cka_inv_spec_delta`` and ``cka_spec{a}_spec{b}_delta``, read from ``similarity`` of the adapters'
+    contributions (keyed by ``Run._views``' representation names): no CKA is computed twice."""
+    at = {name: i for i, name in enumerate(sim["names"])}
+    cka = lambda a, b: sim["cka"][at[a]][at[b]]   # noqa: E731
     out = {}
-    if "invariant" in deltas:
-        out["cka_inv_spec_delta"] = linear_cka(deltas["invariant"], deltas["routed specific"])
-    alone = sorted(int(k.split()[1]) for k in deltas if k.endswith(" alone"))
+    if "invariant" in at:
+        out["cka_inv_spec_delta"] = cka("invariant", "routed specific")
+    alone = sorted(int(k.split()[1]) for k in at if k.endswith(" alone"))
     for a, b in itertools.combinations(alone, 2):
-        out[f"cka_spec{a}_spec{b}_delta"] = linear_cka(deltas[f"specific {a} alone"], deltas[f"specific {b} alone"])
+        out[f"cka_spec{a}_spec{b}_delta"] = cka(f"specific {a} alone", f"specific {b} alone")
     return out

@@ -98,12 +98,11 @@ class Run:
         # What the adapters add: every module shares the base, whose pooled state dominates theirs.
         base = self._run(self.view_steps["alone"], examples,
                          lambda b: np.full(b["domain"].shape, -1))["pooled_spec"][real]
-        deltas = {k: v - base for k, v in reps.items()}
-        model["independence"].update(independence.delta_similarity(deltas))
+        delta_sim = independence.similarity({k: v - base for k, v in reps.items()})
+        model["independence"].update(independence.delta_scalars(delta_sim))
         model["matrices"] = {"routing": independence.routing_counts(res["module"][real], res["domain"][real],
                                                                     self.num_modules),
-                             "similarity": independence.similarity(reps),
-                             "delta_similarity": independence.similarity(deltas)}
+                             "similarity": independence.similarity(reps), "delta_similarity": delta_sim}
         return views
 
     def _critic(self):
