@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo demo-iclm reproduce lint test clean
+.PHONY: venv demo demo-iclm reproduce bench lint test clean
 
 # (Re)create the virtual environment when the project's dependency list changes.
 $(STAMP): pyproject.toml
@@ -27,6 +27,10 @@ demo-iclm: $(STAMP)
 reproduce: $(STAMP)
 	$(BIN)/python -m iclm_jax.sweep --config=experiments/configs/acre.py:cpu,reproduce --workdir=runs/reproduce
 	$(BIN)/python -m iclm_jax.sweep collect runs/reproduce --out experiments/results/acre_cpu.md
+
+# The benchmark suite (issue `perf`): side-by-side timings -> BENCHMARKS.md (~30-40 min on 2 CPU cores).
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run --out BENCHMARKS.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -23,6 +23,7 @@ from iclm_jax.model.iclm import ROUTER_SOURCES
 from iclm_jax.model.lora import LORA_TARGETS
 from iclm_jax.model.mi import APPLY_TO, ESTIMATORS, POOLS, REDUCE
 from iclm_jax.model.router import MODES, UPDATES
+from iclm_jax.model.transformer import ATTENTION
 from iclm_jax.model.transformer import REMAT_POLICIES as REMAT
 from iclm_jax.sharding import DEFAULT_RULES, MESH_AXES, data_ways, resolve_axes, rules_from_config
 from iclm_jax.train.build import DTYPES
@@ -114,6 +115,11 @@ def _model(c, errs: _Errors) -> None:
     need(m.get("remat", "none") in REMAT, "model.remat", m.get("remat"), f"one of {REMAT}")
     need(isinstance(m.get("scan_layers", False), bool), "model.scan_layers", m.get("scan_layers"),
          "True or False")
+    attention = m.get("attention", "materialised")
+    need(attention in ATTENTION, "model.attention", attention, f"one of {ATTENTION}")
+    if attention == "cudnn":
+        need(jax.default_backend() == "gpu" and m.dtype in ("bfloat16", "float16"), "model.attention", attention,
+             f"an NVIDIA GPU and model.dtype bfloat16 or float16 (here: {jax.default_backend()}, {m.dtype})")
     canon = m.get("canon", 0)
     need(isinstance(canon, int) and canon >= 0, "model.canon", canon, "an integer >= 0 (0 = no canon layer)")
     need(m.num_modules >= 1, "model.num_modules", m.num_modules, "an integer >= 1")

@@ -9,10 +9,19 @@ pass, and the aggregator. Routing is nearest code (hard); the JAX model's oracle
 domains, which a downstream user does not have.
 
 Generation: ``generate()`` routes ONCE, on the prompt (the first forward of the call), and keeps that
-module for the continuation, as ``iclm_jax.generate`` does. There is no KV cache: each step re-runs
-the whole sequence (``use_cache=False`` is forced), which is simple and exact, not fast.
+module for the continuation, as ``iclm_jax.generate`` does. It uses a KV cache by default, in
+transformers' convention (``cache``, the name transformers 5 gives ``past_key_values``, which is still
+accepted): one ``DynamicCache`` holding both passes, layers ``0..L-1`` the invariant pass and
+``L..2L-1`` the routed specific pass (the same base with different adapters, so different K/V; only
+``0..L-1`` without an invariant module). The cache generate() builds has one layer per config layer;
+the forward appends the missing ``DynamicLayer``s. The routed module is stored on the cache
+(``cache.iclm_route``) with the K/V it produced, so a forward that extends a cache keeps it; each new
+token then costs one step of each pass over its cache. ``use_cache=False`` re-runs the whole
+sequence every step (quadratic) and gives the same tokens. Only ``DynamicCache`` is supported (no
+static, quantized or sliding caches).
 Batched prompts of different lengths must be LEFT-padded with an ``attention_mask`` (the transformers
-convention); RoPE positions come from the mask so each row matches its unpadded run.
+convention: with a cache it covers the cached tokens and the new ones); RoPE positions come from the
+mask so each row matches its unpadded run.
 
 Dtypes: float32 (the checkpoint's), or ``dtype=torch.bfloat16`` / ``torch.float16`` at load time. As
 in transformers' Llama, norms, RoPE angles and the attention softmax run in float32 and return the
@@ -28,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 
@@ -135,19 +145,24 @@ class Block(nn.Module):
         self.up_proj = dense("up", d, cfg.intermediate_size)
         self.down_proj = dense("down", cfg.intermediate_size, d)
 
-    def forward(self, x, positions, mask, adapter):
+    def forward(self, x, positions, mask, adapter, cache: Optional[Cache] = None, layer_idx: int = 0):
+        """``x`` [B, n, d] new tokens, ``mask`` [B, n, T] over the T = cached + n keys; with ``cache``,
+        this layer's new K/V are appended to its layer ``layer_idx`` and attention reads all T."""
         cfg = self.cfg
         b, n, _ = x.shape
         h, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         a = self.input_layernorm(x)
         q = _rope(self.q_proj(a, adapter).view(b, n, h, hd), positions, cfg.rope_theta)
-        k = _rope(self.k_proj(a, adapter).view(b, n, hkv, hd), positions, cfg.rope_theta)
-        v = self.v_proj(a, adapter).view(b, n, hkv, hd)
+        # keys/values in the cache layout [B, Hkv, n, D]
+        k = _rope(self.k_proj(a, adapter).view(b, n, hkv, hd), positions, cfg.rope_theta).transpose(1, 2)
+        v = self.v_proj(a, adapter).view(b, n, hkv, hd).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(k, v, layer_idx)        # -> [B, Hkv, T, D]
         qg = q.view(b, n, hkv, h // hkv, hd)
-        scores = torch.einsum("bqhgd,bkhd->bhgqk", qg, k) * hd ** -0.5
+        scores = torch.einsum("bqhgd,bhkd->bhgqk", qg, k) * hd ** -0.5
         scores = scores.float().masked_fill(~mask[:, None, None], torch.finfo(torch.float32).min)
         probs = scores.softmax(-1).to(v.dtype)          # softmax in float32, as Llama's
-        out = torch.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(b, n, h * hd)
+        out = torch.einsum("bhgqk,bhkd->bqhgd", probs, v).reshape(b, n, h * hd)
         x = x + self.o_proj(out, adapter)
         a = self.post_attention_layernorm(x)
         g = F.silu(self.gate_proj(a, adapter)) * self.up_proj(a, adapter)
@@ -157,13 +172,13 @@ class Block(nn.Module):
 @dataclass
 class ICLMCausalLMOutput(CausalLMOutputWithPast):
     route: Optional[torch.LongTensor] = None   # [B] specific module each row was routed to
+    # (``cache``, from CausalLMOutputWithPast: both passes' K/V, see the module doc)
 
 
 class ICLMForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = ICLMConfig
     base_model_prefix = "model"
     _no_split_modules = ["Block"]
-    _supports_cache_class = False
 
     def __init__(self, config: ICLMConfig):
         super().__init__(config)
@@ -205,12 +220,26 @@ class ICLMForCausalLM(PreTrainedModel, GenerationMixin):
         return self.lm_head
 
     # ------------------------------------------------------------------ passes
-    def hidden(self, ids, positions, mask, adapter) -> torch.Tensor:
-        """Pre-final-norm hidden state [B, L, d] with adapter slot ``adapter`` [B] (-1: base only)."""
+    def hidden(self, ids, positions, mask, adapter, cache: Optional[Cache] = None,
+               first_layer: int = 0) -> torch.Tensor:
+        """Pre-final-norm hidden state [B, n, d] with adapter slot ``adapter`` [B] (-1: base only).
+
+        With ``cache``, block ``i`` reads and extends the cache's layer ``first_layer + i``."""
         x = self.embed_tokens(ids)
-        for layer in self.layers:
-            x = layer(x, positions, mask, adapter)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, mask, adapter, cache, first_layer + i)
         return x
+
+    def _cache_layers(self, cache: Cache) -> None:
+        """Make room in ``cache`` for both passes' layers (module doc): generate() builds a
+        ``DynamicCache`` with one layer per config layer; a lazy one grows by itself."""
+        if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
+            raise ValueError(f"ICLM: only a DynamicCache of full-attention layers is supported, got "
+                             f"{type(cache).__name__}")
+        need = self.config.num_hidden_layers * (1 + int(self.config.invariant))
+        if cache.layer_class_to_replicate is None:
+            while len(cache.layers) < need:
+                cache.layers.append(DynamicLayer())
 
     def base_logits(self, x: torch.Tensor) -> torch.Tensor:
         w = self.embed_tokens if self.config.tie_embeddings else self.lm_head
@@ -265,47 +294,73 @@ class ICLMForCausalLM(PreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------------ forward / generate
     def forward(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None,
                 prompt_mask: Optional[torch.Tensor] = None, labels: Optional[torch.LongTensor] = None,
-                **kwargs) -> ICLMCausalLMOutput:
-        """Logits [B, L, V] of the whole ICLM.
+                cache: Optional[Cache] = None, use_cache: Optional[bool] = None,
+                logits_to_keep: int | torch.Tensor = 0, **kwargs) -> ICLMCausalLMOutput:
+        """Logits [B, n, V] of the whole ICLM for the n tokens ``input_ids`` [B, n].
 
-        ``attention_mask`` [B, L] (1 = real token; left or right padding); ``prompt_mask`` [B, L] the
-        tokens the router pools (default: the real tokens, i.e. the whole input is the prompt).
-        Inside ``generate()`` the routing of the prompt is kept for every later step.
+        ``attention_mask`` [B, P + n] (1 = real token; left or right padding) covers the P tokens
+        already in ``cache`` (0 without one) and the new ones; ``prompt_mask`` [B, n] the tokens the
+        router pools (default: the real tokens, i.e. the whole input is the prompt). ``cache``: a
+        ``DynamicCache`` (``past_key_values`` is accepted too), extended in place and returned; with
+        ``use_cache=True`` and no cache, a new one is made. The router runs only when no route is
+        known yet: an extended cache keeps the route it was filled with (``cache.iclm_route``), and
+        inside ``generate()`` the routing of the prompt is kept for every later step.
+        ``logits_to_keep``: as transformers' (0 = every position, k = the last k; generate() asks 1).
         """
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        if cache is None and use_cache:
+            cache = DynamicCache()
         b, n = input_ids.shape
         dev = input_ids.device
-        real = (torch.ones(b, n, dtype=torch.bool, device=dev) if attention_mask is None
-                else attention_mask.bool())
-        positions = (real.long().cumsum(1) - 1).clamp(min=0)
-        causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
-        mask = causal[None] & real[:, :, None] & real[:, None, :]
+        past = 0
+        if cache is not None:
+            self._cache_layers(cache)
+            past = cache.get_seq_length()
+        total = past + n
+        real_all = (torch.ones(b, total, dtype=torch.bool, device=dev) if attention_mask is None
+                    else attention_mask.bool())
+        if real_all.shape != (b, total):
+            raise ValueError(f"ICLM: attention_mask has shape {tuple(real_all.shape)}, expected ({b}, {total}) "
+                             f"= the {past} cached tokens and the {n} new ones")
+        positions = (real_all.long().cumsum(1) - 1).clamp(min=0)[:, past:]
+        real = real_all[:, past:]
+        causal = torch.ones(n, total, dtype=torch.bool, device=dev).tril(diagonal=past)
+        mask = causal[None] & real[:, :, None] & real_all[:, None, :]     # [B, n, T]
+        cfg, gen = self.config, self._gen
+        route = getattr(cache, "iclm_route", None) if past else None
+        if route is None and gen is not None:
+            route = gen.get("route")
+        if route is None and past:
+            raise ValueError("ICLM: the cache holds tokens but no route (cache.iclm_route); fill it "
+                             "with this model's forward or generate()")
         x_inv = None
-        if self.config.invariant:
-            x_inv = self.hidden(input_ids, positions, mask,
-                                torch.full((b,), self.config.invariant_slot, device=dev))
-        gen = self._gen
-        if gen is not None and gen.get("route") is not None:
-            route = gen["route"]
-        else:
+        if cfg.invariant:
+            x_inv = self.hidden(input_ids, positions, mask, torch.full((b,), cfg.invariant_slot, device=dev),
+                                cache, 0)
+        if route is None:
             pool = real if prompt_mask is None else prompt_mask.bool() & real
             route = self.route(x_inv, pool, input_ids, positions, mask)
             if gen is not None:
                 gen["route"] = route
-        x_spec = self.hidden(input_ids, positions, mask, route)
-        logits = self.aggregate(x_inv, x_spec).float()
+        if cache is not None:
+            cache.iclm_route = route        # the specific pass's K/V below are this route's
+        x_spec = self.hidden(input_ids, positions, mask, route, cache,
+                             cfg.num_hidden_layers if cfg.invariant else 0)
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.aggregate(None if x_inv is None else x_inv[:, keep], x_spec[:, keep]).float()
         loss = None
         if labels is not None:
+            if logits.shape[1] != n:
+                raise ValueError("ICLM: labels need the logits of every position (logits_to_keep=0)")
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                    labels[:, 1:].reshape(-1), ignore_index=-100)
-        return ICLMCausalLMOutput(loss=loss, logits=logits, route=route)
-
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        return ICLMCausalLMOutput(loss=loss, logits=logits, cache=cache, route=route)
 
     @torch.no_grad()
     def generate(self, *args, **kwargs):
-        """``GenerationMixin.generate`` without KV cache, routing once on the prompt (module doc)."""
-        kwargs["use_cache"] = False
+        """``GenerationMixin.generate``, routing once on the prompt (module doc); KV-cached unless
+        ``use_cache=False``."""
         self._gen = {"route": None}
         try:
             return super().generate(*args, **kwargs)

@@ -42,6 +42,10 @@ RESIDUAL = ("batch", "length", "act_embed")   # logical names of the residual st
 
 _MASK_VALUE = float(jnp.finfo(jnp.float32).min)  # finite: fully masked (padding) rows stay NaN-free
 
+#: model.attention: "materialised" (``attend``'s own einsum kernel), "xla" (``jax.nn.dot_product_attention``'s
+#: XLA implementation: the same values), "cudnn" (its cuDNN fused kernel: GPU only, bfloat16/float16).
+ATTENTION = ("materialised", "xla", "cudnn")
+
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
@@ -59,6 +63,7 @@ class TransformerConfig:
     remat: str = "none"       # REMAT_POLICIES key; memory only, not part of the saved state's structure
     canon: int = 0            # K > 0: a canon layer of width K on the token embeddings (``canon_mix``)
     scan_layers: bool = False  # run the blocks as one lax.scan (``scan_blocks``); compute only, same values
+    attention: str = "materialised"   # ATTENTION: the kernel (``attend``); compute only, same values
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim"):
@@ -81,6 +86,9 @@ class TransformerConfig:
         if not isinstance(self.scan_layers, bool):
             raise ValueError(f"TransformerConfig.scan_layers (model.scan_layers) must be a bool, "
                              f"got {self.scan_layers!r}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"TransformerConfig.attention (model.attention) must be one of {ATTENTION}, "
+                             f"got {self.attention!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"TransformerConfig.remat (model.remat) must be one of "
                              f"{tuple(REMAT_POLICIES)}, got {self.remat!r}")
@@ -121,12 +129,17 @@ def attention_mask(segments: jax.Array) -> jax.Array:
     return causal & (q != 0) & (k != 0) & ((k == q) | (k == 1))
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, kernel: str = "materialised") -> jax.Array:
     """Grouped-query attention; softmax in float32.
 
     q [B, Lq, H, D], k/v [B, Lk, Hkv, D], mask bool [B, Lq, Lk] -> [B, Lq, H, D]. Lq and Lk are
-    separate so a KV cache can later pass cached keys with a matching mask.
+    separate so a KV cache can pass cached keys with a matching mask. A query that sees no key (a padding
+    row) gets the mean of the values with every kernel but cuDNN's (its loss weight is zero anyway).
+    ``kernel``: one of ``ATTENTION``.
     """
+    if kernel != "materialised":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=q.shape[-1] ** -0.5,
+                                            implementation=kernel)
     b, lq, h, d = q.shape
     hkv = k.shape[2]
     qg = q.reshape(b, lq, hkv, h // hkv, d)
@@ -192,7 +205,7 @@ class Block(nnx.Module):
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
                  adapter: jax.Array | None, deterministic: bool) -> jax.Array:
         q, k, v = self._qkv(x, positions, adapter, deterministic)
-        return self._finish(x, attend(q, k, v, mask), adapter, deterministic)
+        return self._finish(x, attend(q, k, v, mask, self.cfg.attention), adapter, deterministic)
 
     def extend(self, x: jax.Array, positions: jax.Array, mask: jax.Array, adapter: jax.Array | None,
                k_cache: jax.Array, v_cache: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -205,7 +218,7 @@ class Block(nnx.Module):
         rows = jnp.arange(x.shape[0])[:, None]
         k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
         v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
-        return self._finish(x, attend(q, k_cache, v_cache, mask), adapter, True), k_cache, v_cache
+        return self._finish(x, attend(q, k_cache, v_cache, mask, self.cfg.attention), adapter, True), k_cache, v_cache
 
     def _qkv(self, x, positions, adapter, deterministic):
         cfg = self.cfg

@@ -1,0 +1,29 @@
+"""Section "compile_depth": compile seconds against depth.
+
+First-step compile seconds of the ICLM train step (K = 2, frozen base, tiny width) against depth, the
+blocks unrolled (default) and as one ``lax.scan`` (``model.scan_layers=True``).
+An unrolled stack compiles every block; a scanned one compiles one block, so its time should stay
+flat in depth."""
+from __future__ import annotations
+
+import time
+
+from benchmarks import harness as H
+
+
+def run(quick: bool = False) -> H.Section:
+    depths = (2,) if quick else (4, 8, 16, 32)
+    rows = []
+    for n in depths:
+        row = [n]
+        for scan in (False, True):
+            c = H.bench_config("tiny", "iclm")
+            c.model.n_layers, c.model.scan_layers = n, scan
+            b = H.step_bench(c, n_batches=1)
+            t0 = time.perf_counter()
+            b.compiled()
+            row.append(f"{time.perf_counter() - t0:.1f} s")
+        rows.append(row)
+    return H.Section("compile_depth", "Compile time against depth", __doc__.split("\n\n", 1)[1].strip() + "\n\n"
+                     + H.table(["layers", "unrolled", "scanned"], rows),
+                     "python -m benchmarks.run --only compile_depth" + (" --quick" if quick else ""))
