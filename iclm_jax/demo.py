@@ -10,11 +10,13 @@ renderings, the ``cpu`` recipe stopped after 12 minutes of training,
 --config.train.time_limit_s=720``.
 
 Both evaluate on generated IID, Comp and Sys test sets, print the tables and write plots. Any further
-``--config.*`` flag is passed on.
+``--config.*`` flag is passed on. Each demo starts fresh: a run already in its ``--workdir`` (an earlier
+demo) is deleted first, and the console says so.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 from iclm_jax import main as _main
@@ -30,6 +32,10 @@ def run() -> None:
     iclm = "--iclm" in args
     args = [a for a in args if a != "--iclm"]
     demo = [a.format(config=_main._DEFAULT_CONFIG) for a in DEMOS[iclm]]
+    workdir = next((a.split("=", 1)[1] for a in args if a.startswith("--workdir=")), None)
+    if workdir and os.path.isfile(os.path.join(workdir, "config.json")):   # an earlier demo's run
+        print(f"demo: starting fresh, deleting the earlier demo run in {workdir}", file=sys.stderr, flush=True)
+        shutil.rmtree(workdir)
     # The training command line itself, so that --config.* overrides parse exactly as they do there.
     os.execv(sys.executable, [sys.executable, "-m", "iclm_jax.main", *demo, *args])
 

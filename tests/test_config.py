@@ -159,12 +159,13 @@ def test_typed_groups_match_the_config_and_fill_what_older_configs_lack():
     assert build.model_config(config, 50).router == r
     old = acre_cfg.get_config()                                     # a run stored before these fields
     for group, name in ((old.router, "center"), (old.mi, "clip"), (old.train, "adam_eps"),
-                        (old.model, "scan_layers"), (old.loss, "logit_chunk")):
+                        (old.model, "scan_layers"), (old.model, "attention"), (old.loss, "logit_chunk")):
         del group[name]
     assert build.router_config(old).center is RouterConfig.center is False
     assert build.mi_config(old).clip == MIConfig.clip
     assert build.optim_config(old).adam_eps == 1e-8
     assert build.model_config(old, 50).base.scan_layers is False
+    assert build.model_config(old, 50).base.attention == "materialised"
     assert build.loss_config(old).logit_chunk == 64
 
 

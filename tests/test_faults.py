@@ -444,3 +444,30 @@ def test_init_from_copies_parameters_and_best_checkpoint_is_kept(reference_run, 
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-6, err_msg=str(path))
     best = [p.name for p in (work / "best").iterdir() if p.name.isdigit()]
     assert len(best) == 1
+
+
+def _tree(work):
+    """Every file under ``work`` (lock files aside) -> (size, mtime_ns, sha256)."""
+    import hashlib
+    out = {}
+    for p in sorted(work.rglob("*")):
+        if p.is_file() and p.name != ".lock":
+            st = p.stat()
+            out[str(p.relative_to(work))] = (st.st_size, st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+    return out
+
+
+@pytest.mark.slow
+def test_rerunning_a_finished_run_touches_nothing_and_more_steps_continue_it(reference_run, tmp_path):
+    """issue `newcomer`: the same command on a finished run says so and exits 0 without loading, evaluating
+    or writing anything; a larger train.steps continues it from its last step."""
+    work = _copy_run(reference_run, tmp_path)
+    before = _tree(work)
+    r = _run(work, "--config.checkpoint.every=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"already finished at step {STEPS} (train.steps={STEPS})" in r.stderr, r.stderr[-2000:]
+    assert _tree(work) == before
+    r = _run(work, "--config.checkpoint.every=1", f"--config.train.steps={STEPS + 2}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["resumed_from"] == STEPS and summary["steps"] == STEPS + 2
