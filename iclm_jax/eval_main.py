@@ -1,10 +1,12 @@
-"""``iclm-eval --workdir RUN --data FILE [--data FILE ...] [--score teacher|generate|both]``: evaluate a
-trained run on ACRE release-format JSON files or evals-style JSONL files and print the accuracy tables:
-teacher-forced exact match (``evaluate.py``, the default) and/or exact / partial match and F1 of greedy
-generations (``generate_score.py``)."""
+"""``iclm-eval --workdir RUN --data FILE [--data FILE ...] [--score teacher|generate|both] [--out FILE]``:
+evaluate a trained run on ACRE release-format JSON files or evals-style JSONL files and print the accuracy
+tables: teacher-forced exact match (``evaluate.py``, the default) and/or exact / partial match and F1 of
+greedy generations (``generate_score.py``); ``--out`` also writes every number as JSON."""
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 from iclm_jax import generate_score
@@ -91,7 +93,14 @@ def run_eval(argv=None) -> int:
     p.add_argument("--max_new_tokens", type=_new_tokens, default=0,
                    help="generation length limit (default: the file's longest ideal answer in tokens + "
                         f"{generate_score.EXTRA_NEW_TOKENS})")
+    p.add_argument("--out", default="",
+                   help="also write the results (every table's numbers, per eval file) to this JSON file")
     args = p.parse_args(argv)
+    out_dir = os.path.dirname(os.path.abspath(args.out)) if args.out else ""
+    if args.out and (os.path.isdir(args.out) or not os.path.isdir(out_dir)):
+        why = "is a directory" if os.path.isdir(args.out) else f"its directory {out_dir} does not exist"
+        print(f"iclm-eval: --out {args.out}: {why}", file=sys.stderr)
+        return 2
     try:
         run = load_run(args.workdir)
     except (FileNotFoundError, ValueError) as e:
@@ -110,6 +119,10 @@ def run_eval(argv=None) -> int:
         except (FileNotFoundError, ValueError) as e:
             print(f"iclm-eval: {e}", file=sys.stderr)
             return 2
+    if args.out:
+        _write_json(args.out, {"workdir": os.path.abspath(args.workdir), "step": run.step, "data": args.data,
+                               "score": args.score, "teacher": results, "reference": refs, "generate": scores})
+        print(f"iclm-eval: wrote {args.out}", file=sys.stderr)
     if args.score == "generate":
         print(generation_table(scores))
         return 0
@@ -125,6 +138,14 @@ def run_eval(argv=None) -> int:
         print()
         print(generation_table(scores, results))
     return 0
+
+
+def _write_json(path: str, obj) -> None:
+    """``obj`` as JSON (NumPy scalars and arrays as numbers and lists), written whole or not at all."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else float(o))
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

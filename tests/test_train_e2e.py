@@ -85,8 +85,15 @@ def test_cli_train_then_eval(tmp_path):
     from iclm_jax.data import acre, jsonl, pipeline
     as_jsonl = tmp_path / "test.jsonl"                     # the same problems as evals JSONL (text rendering)
     jsonl.write_jsonl(pipeline.acre_examples(acre.load_problems(data), styles=("text",)), as_jsonl)
-    r = _run(["-m", "iclm_jax.eval_main", "--workdir", str(work), "--data", str(data), "--data", str(as_jsonl)])
+    out = tmp_path / "eval.json"
+    r = _run(["-m", "iclm_jax.eval_main", "--workdir", str(work), "--data", str(data), "--data", str(as_jsonl),
+              "--out", str(out)])
     assert r.returncode == 0, r.stderr[-3000:]
+    saved = json.loads(out.read_text())                  # --out: the printed numbers, as JSON
+    assert sorted(saved["teacher"]) == ["test.json", "test.jsonl"] and saved["step"] > 0
+    acc = saved["teacher"]["test.json"]["all"]
+    assert f"{100 * acc:.1f}%" in r.stdout and "object_count" in saved["reference"]["test.json"]
+    assert "majority answer (this set)" in saved["reference"]["test.jsonl"]
     assert "test.json: model" in r.stdout and "object_count" in r.stdout and "purity" in r.stdout
     assert "test.jsonl: majority answer (this set)" in r.stdout     # JSONL: the answer prior beside the model
     assert "Per-module accuracy" in r.stdout and "test.json: invariant alone" in r.stdout
@@ -96,6 +103,9 @@ def test_cli_train_then_eval(tmp_path):
     r = _run(["-m", "iclm_jax.eval_main", "--workdir", str(work), "--data", str(foreign)])
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "% of its tokens are <unk> under data.tokenizer='acre_word' (above data.max_unk=0.05)" in r.stderr
+    r = _run(["-m", "iclm_jax.eval_main", "--workdir", str(work), "--data", str(data),
+              "--out", str(tmp_path / "no" / "x.json")])
+    assert r.returncode == 2 and "--out" in r.stderr and "does not exist" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.slow
