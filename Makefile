@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo demo-iclm reproduce bench lint test clean
+.PHONY: venv demo demo-iclm reproduce bench tensorboard lint test clean
 
 # (Re)create the virtual environment when the project's dependency list changes.
 $(STAMP): pyproject.toml
@@ -31,6 +31,12 @@ reproduce: $(STAMP)
 # The benchmark suite (issue `perf`): side-by-side timings -> BENCHMARKS.md (~30-40 min on 2 CPU cores).
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --out BENCHMARKS.md
+
+# View every run under runs/ (LOGDIR=... for another folder) at http://localhost:6006; installs the viewer once.
+LOGDIR ?= runs
+tensorboard: $(STAMP)
+	test -x $(BIN)/tensorboard || $(BIN)/pip install -q -e '.[tb]'
+	$(BIN)/tensorboard --logdir $(LOGDIR) --bind_all
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
