@@ -214,13 +214,15 @@ def plot_training(workdir: str) -> list[str]:
         return np.array([r.get(key, np.nan) for r in rows], dtype=float)
 
     written = _plot_mi(plt, workdir, steps, series)
-    panels = [("loss.png", "Loss terms (ce: objective, with EOS; answer_ce: answer content only)",
-               ["loss", "ce", "answer_ce", "vq", "aux"]),
+    panels = [("loss.png", "Loss terms (ce: with EOS; answer_ce: answer only)",
+               ["loss", "ce", "answer_ce", "context_ce", "vq", "aux"]),
               ("routing.png", "Routing", sorted(k for k in rows[-1] if k.startswith("route_fraction/"))
                + ["router_perplexity", "route_purity"])]
     one_module = sum(k.startswith("route_fraction/") for k in rows[-1]) < 2
     for name, title, keys in panels:
         keys = [k for k in keys if any(k in r for r in rows)]
+        if name == "loss.png":
+            keys = drawn_loss_terms(rows, keys)
         if name == "routing.png" and one_module:
             continue        # nothing is routed: every line would sit at 1
         if not keys:
@@ -229,6 +231,8 @@ def plot_training(workdir: str) -> list[str]:
         for k in keys:
             ax.plot(steps, series(k), label=k)
         ax.set_xlabel("step")
+        if name == "loss.png":
+            ax.set_ylabel("value (cross-entropies in nats)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -238,6 +242,12 @@ def plot_training(workdir: str) -> list[str]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def drawn_loss_terms(rows: list[dict], keys: list[str]) -> list[str]:
+    """The loss.png lines: ``loss`` and ``ce`` always; another term only if it is ever nonzero (a term that
+    is off, e.g. ``aux`` without auxiliary heads or ``vq`` without a router, would draw a flat 0 line)."""
+    return [k for k in keys if k in ("loss", "ce") or any(np.nan_to_num(float(r.get(k, 0.0))) for r in rows)]
 
 
 def _plot_mi(plt, workdir: str, steps, series) -> list[str]:

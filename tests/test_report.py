@@ -79,6 +79,15 @@ def test_routing_and_mi_plots_only_when_they_mean_something(tmp_path, modules, m
     assert written == ({"loss.png"} if modules == 1 else {"loss.png", "mi.png", "routing.png"})
 
 
+def test_loss_plot_leaves_out_terms_that_are_off():
+    rows = [{"step": s, "loss": 1.0 / s, "ce": 0.5 / s, "answer_ce": 0.7 / s, "vq": 0.0, "aux": 0.0}
+            for s in (10, 20)]
+    keys = ["loss", "ce", "answer_ce", "vq", "aux"]
+    assert report.drawn_loss_terms(rows, keys) == ["loss", "ce", "answer_ce"]     # baseline: no router, no heads
+    rows[1]["vq"] = 0.2
+    assert report.drawn_loss_terms(rows, keys) == ["loss", "ce", "answer_ce", "vq"]
+
+
 def test_one_module_purity_is_a_dash():
     from iclm_jax import evaluate
     r = {"domain_symbolic": 0.9, "domain_text": float("nan"), "module_0": 0.9, "module_0_rows": 100,
