@@ -27,11 +27,10 @@ def _variants(shape: str, ks) -> dict:
 def run(quick: bool = False) -> H.Section:
     shapes = ("tiny",) if quick else ("tiny", "large")
     ks = (2,) if quick else KS
-    rounds = 3 if quick else 15
     parts = []
     for shape in shapes:
         benches = {name: H.step_bench(c) for name, c in _variants(shape, ks).items()}
-        times = H.interleaved(benches, rounds, warmup=2)
+        times = H.interleaved(benches, 3 if quick else (10 if shape == "tiny" else 4), warmup=1 if quick else 2)
         base = H.med(times["baseline (1 LoRA)"])
         k2 = H.med(times[f"ICLM K={ks[0]}"])
         rows = []

@@ -38,8 +38,8 @@ def main(argv=None) -> int:
         s = mod.run(quick=a.quick)
         print(f"== {s.title} ({time.time() - t0:.0f} s)\n{s.text}\n", flush=True)
         parts.append(f"## {s.title}\n\n{s.text}\n\nCommand: `{s.command}` ({time.time() - t0:.0f} s)\n")
-    with open(a.out, "w") as f:
-        f.write("\n".join(parts))
+        with open(a.out, "w") as f:        # after every section: a long run interrupted keeps what it measured
+            f.write("\n".join(parts))
     print(f"wrote {a.out}")
     return 0
 

@@ -214,7 +214,10 @@ def _set(tree, path, value):
 
 
 def _integrity_path(mngr, step: int) -> str:
-    d = os.fspath(mngr.directory)
+    return _record_path(os.fspath(mngr.directory), step)
+
+
+def _record_path(d: str, step: int) -> str:
     return os.path.join(os.path.dirname(d), f".{os.path.basename(d)}_integrity", f"{step}.json")
 
 
@@ -259,16 +262,21 @@ def record_integrity(mngr: ocp.CheckpointManager, step: int) -> None:
 
 def verify_integrity(mngr: ocp.CheckpointManager, step: int) -> bool:
     """True if ``step`` matches its record, False if it has none; else ``CorruptCheckpoint``."""
-    path = _integrity_path(mngr, step)
+    return verify_step(os.fspath(mngr.directory), step)
+
+
+def verify_step(directory: str, step: int) -> bool:
+    """``verify_integrity`` of ``step`` under the checkpoint directory ``directory``, without a manager."""
+    path = _record_path(directory, step)
     if not os.path.isfile(path):
         return False
-    where = f"checkpoint step {step} in {mngr.directory}"
+    where = f"checkpoint step {step} in {directory}"
     try:
         with open(path) as f:
             want = json.load(f)["sha256"]
     except (OSError, ValueError, KeyError) as e:
         raise CorruptCheckpoint(f"{where}: its integrity record {path} is unreadable ({e})") from None
-    root = os.path.join(os.fspath(mngr.directory), str(step))
+    root = os.path.join(directory, str(step))
     for rel, digest in sorted(want.items()):
         try:
             got = _sha256(os.path.join(root, rel))

@@ -348,10 +348,18 @@ def _evaluate_all(run: Run, data, writer, step: int, best, best_metric: str, tim
 
 def _already_finished(config, workdir: str) -> dict | None:
     """The stored summary of a run that has trained ``train.steps`` steps and written its summary for the
-    latest checkpoint (None otherwise): it is not loaded, evaluated or written again."""
+    latest checkpoint, which matches its integrity record (None otherwise: a damaged or unrecorded last
+    step goes through the resume path, which falls back or refuses): it is not loaded, evaluated or
+    written again."""
     path = os.path.join(workdir, "summary.json")
-    steps = checkpoint.finalized_steps(os.path.join(workdir, "checkpoints"))
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    steps = checkpoint.finalized_steps(ckpt_dir)
     if not (steps and steps[-1] >= config.train.steps and os.path.isfile(path)):
+        return None
+    try:
+        if not checkpoint.verify_step(ckpt_dir, steps[-1]):
+            return None
+    except checkpoint.CorruptCheckpoint:
         return None
     try:
         with open(path) as f:
