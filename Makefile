@@ -23,7 +23,7 @@ demo: $(STAMP)
 demo-iclm: $(STAMP)
 	$(BIN)/python -m iclm_jax.demo --iclm --workdir=runs/demo_iclm
 
-# The reproduction table (issue `experiments`): 18 points, ~5.5 h on 2 CPU cores; resumable (rerun it).
+# The reproduction table (issue `experiments`): 18 points, ~4 h on 2 idle CPU cores; resumable (rerun it).
 reproduce: $(STAMP)
 	$(BIN)/python -m iclm_jax.sweep --config=experiments/configs/acre.py:cpu,reproduce --workdir=runs/reproduce
 	$(BIN)/python -m iclm_jax.sweep collect runs/reproduce --out experiments/results/acre_cpu.md

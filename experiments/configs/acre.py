@@ -199,7 +199,7 @@ def _reproduce(c):
     that a loaded machine changes the hours, not the result). The `cpu` ICLM passed 70% on validation at
     step 1,500 and 90% at ~4,000; the single-module baseline on both renderings was still at the plateau
     at step 3,000 (learnability.md, "The reproduction budget"). 4,000 steps: ~22 min per ICLM point,
-    ~13 per baseline point here; the grid's 18 points take an estimated ~5.5 h on 2 cores."""
+    ~13 per baseline point on a loaded machine (~5.5 h for the grid's 18 points; ~4 h on 2 idle cores)."""
     c.train.steps, c.train.time_limit_s = 4000, 0.0
     c.eval.every, c.checkpoint.every = 500, 1000
     c.data.val_problems, c.data.eval_problems = 300, 300
