@@ -40,8 +40,8 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         dtype="float32",           # compute dtype: bfloat16 on accelerators
         remat="none",              # per-block rematerialisation: none | block (keep inputs only) | dots
         scan_layers=False,         # True: the blocks as one lax.scan (compiles one block; same values)
-        attention="xla",           # the kernel: xla (jax.nn.dot_product_attention: as fast or faster here,
-        #                            BENCHMARKS.md) | materialised (the same values) | cudnn (GPU, 16-bit)
+        attention="materialised",  # the kernel: materialised | xla (jax.nn.dot_product_attention: the same values,
+        #                            0.84-0.97x the time under load, BENCHMARKS.md) | cudnn (GPU, 16-bit)
         canon=0,                   # K > 0: a width-K canon layer on the embeddings (not in Llama; see cpu)
         init="",                   # pretrained base: "smollm2" | a Hugging Face dir | a .gguf file
         train_base=True,           # False: frozen pretrained base, only adapters/router/aggregator train
