@@ -65,7 +65,7 @@ def _train(config, workdir: str, quiet: bool) -> dict:
     _prepare_workdir(workdir)
     with workdir_lock.hold(workdir, enabled=jax.process_index() == 0):
         resume.check(config, workdir)
-        done = _already_finished(config, workdir)
+        done = resume.finished_summary(config, workdir)
         if done is not None:
             return done
         tr = _Training.build(config, workdir, quiet)
@@ -344,35 +344,6 @@ def _evaluate_all(run: Run, data, writer, step: int, best, best_metric: str, tim
                            metrics={name: results[split][key]}):
             checkpoint.record_integrity(best, step)
     return results
-
-
-def _already_finished(config, workdir: str) -> dict | None:
-    """The stored summary of a run that has trained ``train.steps`` steps and written its summary for the
-    latest checkpoint, which matches its integrity record (None otherwise: a damaged or unrecorded last
-    step goes through the resume path, which falls back or refuses): it is not loaded, evaluated or
-    written again."""
-    path = os.path.join(workdir, "summary.json")
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    steps = checkpoint.finalized_steps(ckpt_dir)
-    if not (steps and steps[-1] >= config.train.steps and os.path.isfile(path)):
-        return None
-    try:
-        if not checkpoint.verify_step(ckpt_dir, steps[-1]):
-            return None
-    except checkpoint.CorruptCheckpoint:
-        return None
-    try:
-        with open(path) as f:
-            summary = json.load(f)
-    except (OSError, ValueError):
-        return None          # an unreadable summary: evaluate again and rewrite it
-    if summary.get("steps") != steps[-1]:
-        return None
-    if jax.process_index() == 0:
-        print(f"{workdir}: already finished at step {steps[-1]} (train.steps={config.train.steps}); nothing "
-              f"done. Results: {path}, report.md and the plots there. A larger --config.train.steps continues "
-              f"it; another --workdir starts a new run.", file=sys.stderr, flush=True)
-    return summary
 
 
 def _prepare_workdir(workdir: str) -> None:

@@ -5,13 +5,18 @@ and evaluates, what it evaluates, and where it runs (mesh, sharding rules, compu
 Anything else changes the model, its training data or its optimisation, so resuming under it would
 continue a different run than ``config.json`` describes. A field the stored config lacks (the run
 predates it) counts as the default the typed config gives it, which is how that run is rebuilt.
+``finished_summary`` tells a finished run (nothing to resume) from one with steps left.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import sys
 
+import jax
+
+from iclm_jax import checkpoint
 from iclm_jax.config_check import ConfigError
 from iclm_jax.data.sources import DataConfig
 from iclm_jax.losses import LossConfig
@@ -67,7 +72,7 @@ def mismatch(stored: dict, current: dict) -> list[str]:
 
 def check(config, workdir: str) -> None:
     """Refuse to resume ``workdir``'s checkpoints under an incompatible ``config`` (each field named)."""
-    steps = _finalized_steps(workdir)
+    steps = checkpoint.finalized_steps(os.path.join(workdir, "checkpoints"))
     stored = read_stored_config(workdir, bool(steps))
     if not steps:
         return
@@ -78,10 +83,33 @@ def check(config, workdir: str) -> None:
                           "its parameters")
 
 
-def _finalized_steps(workdir: str) -> list[int]:
-    """Steps orbax finalized under ``workdir/checkpoints`` (an unfinished save has a suffixed name)."""
-    d = os.path.join(workdir, "checkpoints")
-    return [int(n) for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
+def finished_summary(config, workdir: str) -> dict | None:
+    """The stored summary of a run that has trained ``train.steps`` steps and written its summary for the
+    latest checkpoint, which matches its integrity record (None otherwise: a damaged or unrecorded last
+    step goes through the resume path, which falls back or refuses): it is not loaded, evaluated or
+    written again."""
+    path = os.path.join(workdir, "summary.json")
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    steps = checkpoint.finalized_steps(ckpt_dir)
+    if not (steps and steps[-1] >= config.train.steps and os.path.isfile(path)):
+        return None
+    try:
+        if not checkpoint.verify_step(ckpt_dir, steps[-1]):
+            return None
+    except checkpoint.CorruptCheckpoint:
+        return None
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return None          # an unreadable summary: evaluate again and rewrite it
+    if summary.get("steps") != steps[-1]:
+        return None
+    if jax.process_index() == 0:
+        print(f"{workdir}: already finished at step {steps[-1]} (train.steps={config.train.steps}); nothing "
+              f"done. Results: {path}, report.md and the plots there. A larger --config.train.steps continues "
+              f"it; another --workdir starts a new run.", file=sys.stderr, flush=True)
+    return summary
 
 
 def read_stored_config(workdir: str, has_checkpoint: bool) -> dict | None:
