@@ -199,8 +199,9 @@ def plot_learning_curve(workdir: str) -> list[str]:
     return written
 
 
-def plot_training(workdir: str) -> list[str]:
-    """loss terms, MI and routing fractions over steps -> PNG files in the workdir."""
+def plot_training(workdir: str, num_domains: int = 2) -> list[str]:
+    """loss terms, MI and routing over steps -> PNG files in the workdir (route purity only with 2+ domains:
+    with one it is 1 by definition)."""
     plt = _pyplot()
     if plt is None:
         return []
@@ -213,35 +214,71 @@ def plot_training(workdir: str) -> list[str]:
     def series(key):
         return np.array([r.get(key, np.nan) for r in rows], dtype=float)
 
-    written = _plot_mi(plt, workdir, steps, series)
-    panels = [("loss.png", "Loss terms (ce: with EOS; answer_ce: answer only)",
-               ["loss", "ce", "answer_ce", "context_ce", "vq", "aux"]),
-              ("routing.png", "Routing", sorted(k for k in rows[-1] if k.startswith("route_fraction/"))
-               + ["router_perplexity", "route_purity"])]
-    one_module = sum(k.startswith("route_fraction/") for k in rows[-1]) < 2
-    for name, title, keys in panels:
-        keys = [k for k in keys if any(k in r for r in rows)]
-        if name == "loss.png":
-            keys = drawn_loss_terms(rows, keys)
-        if name == "routing.png" and one_module:
-            continue        # nothing is routed: every line would sit at 1
-        if not keys:
-            continue
+    written = _plot_mi(plt, workdir, steps, series) + _plot_routing(plt, workdir, steps, series, rows, num_domains)
+    keys = drawn_loss_terms(rows, [k for k in ("loss", "ce", "answer_ce", "context_ce", "vq", "aux")
+                                   if any(k in r for r in rows)])
+    if keys:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for k in keys:
             ax.plot(steps, series(k), label=k)
         ax.set_xlabel("step")
-        if name == "loss.png":
-            ax.set_ylabel("value (cross-entropies in nats)")
-        ax.set_title(title)
+        ax.set_ylabel("value (cross-entropies in nats)")
+        ax.set_title("Loss terms (ce: with EOS; answer_ce: answer only)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(workdir, name)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(plt, fig, workdir, "loss.png"))
     return written
+
+
+def _save(plt, fig, workdir: str, name: str) -> str:
+    fig.tight_layout()
+    path = os.path.join(workdir, name)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def routing_panels(rows: list[dict], num_domains: int) -> list[str]:
+    """The axes of routing.png: none with fewer than 2 modules (nothing is routed: every line would sit at 1),
+    else the route fractions, the perplexity and (with 2+ domains; with one it is 1 by definition) purity."""
+    if sum(key.startswith("route_fraction/") for key in rows[-1]) < 2:
+        return []
+    return ["route_fraction"] + [key for key in ("router_perplexity", "route_purity")[:2 if num_domains > 1 else 1]
+                                 if any(key in r for r in rows)]
+
+
+def _plot_routing(plt, workdir: str, steps, series, rows: list[dict], num_domains: int) -> list[str]:
+    """routing.png, one quantity per axis: each module's share of the routed rows (stacked, so that equal
+    shares stay visible), the router's perplexity against its range 1..K, and the route purity (the
+    fraction of rows sent to their domain's majority module). Nothing is drawn with fewer than 2 modules."""
+    panels = routing_panels(rows, num_domains)
+    if not panels:
+        return []
+    k, others = sum(key.startswith("route_fraction/") for key in rows[-1]), panels[1:]
+    fig, axes = plt.subplots(1, 1 + len(others), figsize=(4.2 * (1 + len(others)), 3.4), squeeze=False)
+    ax = axes[0][0]
+    fractions = np.nan_to_num(np.stack([series(f"route_fraction/{i}") for i in range(k)]))
+    ax.stackplot(steps, fractions, labels=[f"module {i}" for i in range(k)], alpha=0.85)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share of routed rows")
+    ax.set_title("Route per module (stacked)")
+    ax.legend(fontsize=7, loc="lower right", ncol=2 if k > 4 else 1, framealpha=0.9)
+    for ax, key in zip(axes[0][1:], others):
+        ax.plot(steps, series(key), color="C3" if key == "route_purity" else "C4")
+        if key == "router_perplexity":
+            ax.axhline(k, ls="--", lw=1, color="gray", label=f"{k}: every module used equally")
+            ax.set_ylim(0.9, k + 0.1 * k)
+            ax.set_ylabel("perplexity of the route distribution")
+            ax.set_title("Router perplexity (1 = one module)")
+            ax.legend(fontsize=7, loc="lower right")
+        else:
+            ax.set_ylim(0, 1.02)
+            ax.set_ylabel("route purity")
+            ax.set_title("Route purity vs domain")
+    for ax in axes[0]:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    return [_save(plt, fig, workdir, "routing.png")]
 
 
 def drawn_loss_terms(rows: list[dict], keys: list[str]) -> list[str]:

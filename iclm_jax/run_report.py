@@ -135,3 +135,19 @@ def write_markdown(workdir: str, results: dict, refs: dict, num_modules: int, su
     with open(path, "w") as f:
         f.write("\n".join(lines))
     return path
+
+
+def relocation_report(moved: int, num_modules: int, step: int) -> str:
+    """A line when the router's dead-code restart moved codes more often than once per module (codes kept
+    moving between parts of the data, e.g. more modules than the prompts form clusters), else ``""``."""
+    if moved <= num_modules:
+        return ""
+    return (f"the router relocated codes {moved} times in {step} steps: rows moved between modules "
+            "(more modules than the prompts form clusters?); see routing.png")
+
+
+def outputs_line(workdir: str, report_path: str, plots: list[str]) -> str:
+    """Where a finished run's outputs are (printed last)."""
+    names = ", ".join(os.path.basename(p) for p in plots)
+    return (f"outputs in {workdir}: {os.path.basename(report_path)}, summary.json, metrics.jsonl, "
+            f"TensorBoard events in tb/ (make tensorboard LOGDIR={workdir}); plots: {names}")

@@ -77,6 +77,9 @@ def test_routing_and_mi_plots_only_when_they_mean_something(tmp_path, modules, m
     written = {p.rsplit("/", 1)[-1] for p in report.plot_training(str(tmp_path))}
     # one module: nothing is routed; mi.estimator=none logs zeros: both plots would be flat lines
     assert written == ({"loss.png"} if modules == 1 else {"loss.png", "mi.png", "routing.png"})
+    assert report.routing_panels(rows, 2) == ([] if modules == 1 else
+                                              ["route_fraction", "router_perplexity", "route_purity"])
+    assert report.routing_panels(rows, 1) == ([] if modules == 1 else ["route_fraction", "router_perplexity"])
 
 
 def test_loss_plot_leaves_out_terms_that_are_off():
@@ -96,3 +99,13 @@ def test_one_module_purity_is_a_dash():
     assert one.rstrip().endswith("-") and "100.0%" not in one
     two = evaluate.modules_table({"IID": {**r, "module_1": 0.8, "module_1_rows": 50}}, 2).splitlines()[-1]
     assert two.rstrip().endswith("100.0%")
+
+
+def test_relocation_and_outputs_lines():
+    from iclm_jax.run_report import outputs_line, relocation_report
+    assert relocation_report(2, 2, 100) == ""             # each dead code restarted once: normal
+    line = relocation_report(9, 4, 300)
+    assert line.startswith("the router relocated codes 9 times in 300 steps") and "routing.png" in line
+    out = outputs_line("runs/x", "runs/x/report.md", ["runs/x/loss.png", "runs/x/mi.png"])
+    assert out == ("outputs in runs/x: report.md, summary.json, metrics.jsonl, TensorBoard events in tb/ "
+                   "(make tensorboard LOGDIR=runs/x); plots: loss.png, mi.png")

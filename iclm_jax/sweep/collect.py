@@ -164,9 +164,14 @@ def _plot(workdir, groups, splits, table, refs) -> str:
     width = 0.8 / max(len(groups), 1)
     x = np.arange(len(splits))
     for i, g in enumerate(groups):
-        means = [100 * table[g][sp][0] for sp in splits]
-        stds = [100 * np.nan_to_num(table[g][sp][1]) for sp in splits]
-        ax.bar(x + (i - (len(groups) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=g)
+        means = np.array([100 * table[g][sp][0] for sp in splits])
+        xs = x + (i - (len(groups) - 1) / 2) * width
+        ax.bar(xs, means, width, label=g)
+        spread = np.array([table[g][sp][2] >= 2 for sp in splits])   # a std needs 2+ seeds: no cap at n = 1
+        if spread.any():
+            stds = np.array([100 * np.nan_to_num(table[g][sp][1]) for sp in splits])
+            ax.errorbar(xs[spread], means[spread], yerr=stds[spread], fmt="none", ecolor="black", capsize=3,
+                        lw=1)
     for j, sp in enumerate(splits):
         m = refs[sp]["majority"][0]
         if not np.isnan(m):
@@ -176,7 +181,7 @@ def _plot(workdir, groups, splits, table, refs) -> str:
     ax.set_xlabel("eval set")
     ax.set_ylabel("answer accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title("sweep: mean ± std over seeds")
+    ax.set_title("sweep: mean ± std over seeds (no error bar: one seed)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     out = os.path.join(workdir, "results.png")

@@ -285,7 +285,7 @@ class _Training:
             if line:
                 r["collapse"] = line
 
-        plots = (report.plot_training(workdir) + report.plot_learning_curve(workdir)
+        plots = (report.plot_training(workdir, self.run.config.data.num_domains) + report.plot_learning_curve(workdir)
                  + run_report.plot_routing(workdir, results) + run_report.plot_similarity(workdir, results))
         summary = {"steps": step, "resumed_from": self.start, "setup_s": self.setup_s, "train_s": self.train_s,
                    "train_wall_s": self.wall_s,
@@ -313,11 +313,10 @@ class _Training:
                     if "collapse" in r:
                         print(f"{name}: {r['collapse']}")
                 moved = int(last.get("router_relocations", 0) or 0)
-                if moved > self.run.num_modules:    # codes kept moving between parts of the data
-                    print(f"the router relocated codes {moved} times in {step} steps: rows moved between modules "
-                          f"(more modules than the prompts form clusters?); see routing.png")
-                print(f"report {summary['report']}; plots: "
-                      + ", ".join(os.path.basename(p) for p in plots))
+                line = run_report.relocation_report(moved, self.run.num_modules, step)
+                if line:
+                    print(line)
+                print(run_report.outputs_line(workdir, summary["report"], plots))
         return summary
 
 
