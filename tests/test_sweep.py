@@ -58,6 +58,14 @@ def test_points_are_named_grouped_and_checked_against_the_config(tmp_path):
     assert pts[3].train_args(str(tmp_path / "sw")) == [
         f"--config={cfg}:demo,baseline", f"--workdir={tmp_path / 'sw' / 'variant=baseline,seed=1'}", "--config.seed=1"]
     assert [p.name for p in points.select(pts, "baseline")] == ["variant=baseline,seed=0", "variant=baseline,seed=1"]
+    quick = points.load(f"{cfg}:demo", ("train.steps=2", "data.eval_splits=IID"))     # --set: after the point's own
+    assert quick[3].train_args("sw")[2:] == ["--config.seed=1", "--config.train.steps=2",
+                                             "--config.data.eval_splits=IID"]
+    assert quick[3].name == pts[3].name
+    for extra, message in [(("train.stepz=2",), r"--set=train.stepz=2: no such config field 'train.stepz'"),
+                           (("train.steps",), r"--set='train.steps': expected FIELD=VALUE")]:
+        with pytest.raises(points.SweepError, match=message):
+            points.load(f"{cfg}:demo", extra)
     with pytest.raises(points.SweepError, match="matches none of the 4 points"):
         points.select(pts, "nothing")
     bad = tmp_path / "bad.py"

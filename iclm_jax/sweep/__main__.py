@@ -1,7 +1,7 @@
 """Sweeps from the command line (also installed as ``iclm-sweep``):
 
     python -m iclm_jax.sweep --config=experiments/configs/acre.py:cpu --workdir=runs/sweep \\
-        [--launcher=local|slurm|tpu] [--dry-run] [--only=REGEX] [--sbatch=ARG ...]
+        [--launcher=local|slurm|tpu] [--dry-run] [--only=REGEX] [--set=FIELD=VALUE ...] [--sbatch=ARG ...]
     python -m iclm_jax.sweep collect runs/sweep
 
 The config file's ``get_sweep(arg)`` lists the points (see ``points``). ``local`` trains them here in
@@ -49,6 +49,9 @@ def _parse(argv):
     p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                    help="list the points and what would run; run nothing")
     p.add_argument("--only", default="", help="a regular expression: only the points whose name matches")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a config override for every point, after its own (repeatable), e.g. "
+                        "--set=train.steps=100 for a quick pass over a grid")
     p.add_argument("--sbatch", action="append", default=[],
                    help="an #SBATCH line for each task, e.g. --sbatch=--nodes=1 (repeatable)")
     return "run", p.parse_args(argv)
@@ -67,7 +70,7 @@ def main(argv=None) -> int:
                 shutil.copyfile(os.path.join(a.workdir, "results.md"), a.out)
                 print(f"copied to {a.out}")
             return 0
-        pts = points.load(a.config)
+        pts = points.load(a.config, tuple(a.set))
         chosen = points.select(pts, a.only)
     except (points.SweepError, FileNotFoundError) as e:
         _refuse(str(e))
@@ -75,7 +78,7 @@ def main(argv=None) -> int:
     if not a.dry_run or a.launcher == "slurm":
         os.makedirs(a.workdir, exist_ok=True)
         with open(os.path.join(a.workdir, collect_lib.SWEEP_FILE), "w") as f:
-            json.dump({"config": a.config, "command": command,
+            json.dump({"config": a.config, "command": command, "set": a.set,
                        "points": [{"name": p.name, "dirname": p.dirname, "group": p.group, "seed": p.seed,
                                    "values": p.values, "args": p.train_args(a.workdir)} for p in pts]},
                       f, indent=2, default=str)

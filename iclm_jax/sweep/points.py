@@ -26,6 +26,7 @@ class Point:
     index: int
     values: dict          # the get_sweep dict, in its order
     config: str           # the config flag for this point: file[:arg]
+    extra: tuple = ()     # ("field=value", ...) from --set: the same overrides for every point, after its own
 
     @property
     def name(self) -> str:
@@ -47,7 +48,7 @@ class Point:
         """The ``iclm-train`` arguments of this point (its workdir under the sweep's)."""
         fields = [f"--config.{k}={_text(v)}" for k, v in self.values.items() if k != VARIANT]
         return [f"--config={self.config}", f"--workdir={os.path.abspath(os.path.join(workdir, self.dirname))}",
-                *fields]
+                *fields, *(f"--config.{kv}" for kv in self.extra)]
 
 
 def _text(v) -> str:
@@ -63,8 +64,9 @@ def _module(path: str):
     return mod
 
 
-def load(config: str) -> list[Point]:
-    """The points of ``config`` (``file.py[:arg]``), each checked against ``get_config`` of its variant."""
+def load(config: str, extra: tuple = ()) -> list[Point]:
+    """The points of ``config`` (``file.py[:arg]``), each checked against ``get_config`` of its variant;
+    ``extra`` (``"field=value"`` strings) is added to every point's arguments (fields checked to exist)."""
     path, _, arg = config.partition(":")
     mod = _module(path)
     if not hasattr(mod, "get_sweep"):
@@ -83,8 +85,13 @@ def load(config: str) -> list[Point]:
         for key, value in values.items():
             if key != VARIANT:
                 _check_field(cfg, key, value, f"{path}: point {i}")
+        for kv in extra:
+            key, eq, _ = kv.partition("=")
+            if not eq:
+                raise SweepError(f"--set={kv!r}: expected FIELD=VALUE, e.g. --set=train.steps=100")
+            _check_field(cfg, key, None, f"--set={kv}")
         file = os.path.abspath(path)   # the points run from the checkout (local) or a batch node
-        p = Point(i, dict(values), f"{file}:{full_arg}" if full_arg else file)
+        p = Point(i, dict(values), f"{file}:{full_arg}" if full_arg else file, tuple(extra))
         if p.dirname in names:
             raise SweepError(f"{path}: points {names[p.dirname]} and {i} are the same ({p.name})")
         names[p.dirname] = i
@@ -103,6 +110,8 @@ def _check_field(cfg, key: str, value, where: str) -> None:
     old = node[parts[-1]]
     if hasattr(old, "keys"):
         raise SweepError(f"{where}: {key!r} is a config group, not a field")
+    if value is None:       # --set: a string the training command line parses
+        return
     if old is not None and not isinstance(value, type(old)) and not (
             isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool)):
         raise SweepError(f"{where}: {key}={value!r} is a {type(value).__name__}, the field is a {type(old).__name__}")
