@@ -1,0 +1,127 @@
+"""The RAVEN data command line (``python -m iclm_jax.data.raven``)::
+
+    python -m iclm_jax.data.raven generate --configuration center_single --part train --n 10000 \\
+        --seed 0 --out F.json
+    python -m iclm_jax.data.raven check F.json [G.json ...]   # exit 1 on a bad format or answer
+    python -m iclm_jax.data.raven stats F.json                 # rules per attribute, target letters
+    python -m iclm_jax.data.raven render F.json --style text [--form compact] --out F.jsonl
+
+Errors are one line ``error: ...`` on stderr and exit status 1. Rendered records carry no ``label``
+(the JSONL format's labels are ACRE's 0-2); the answer letter is the record's ``ideal``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections import Counter
+from typing import Sequence
+
+from iclm_jax.data.jsonl import write_jsonl
+from iclm_jax.data.raven import (
+    CONFIGURATIONS,
+    PARTS,
+    RULE_NAMES,
+    RavenFormatError,
+    load_problems,
+    save_problems,
+)
+from iclm_jax.data.raven_generate import disagreements, generate_problems
+from iclm_jax.data.raven_render import LETTERS, render_problem
+from iclm_jax.data.render import DOMAINS, FORMS
+
+
+def format_stats(problems: Sequence[dict]) -> str:
+    """Configurations, a (component, attribute) x rule table, and the target letter histogram."""
+    configs = Counter(p["configuration"] for p in problems)
+    rules = Counter((c, attr, rule["name"]) for p in problems for c, comp in enumerate(p["rules"])
+                    for attr, rule in comp.items())
+    lines = ["configuration: " + ", ".join(f"{c} ({n})" for c, n in sorted(configs.items())),
+             f"{'attribute':<14}" + "".join(f"{r:>18}" for r in RULE_NAMES)]
+    for c, attr in sorted({(c, a) for c, a, _ in rules}):
+        lines.append(f"{f'{c}.{attr}':<14}" + "".join(f"{rules[(c, attr, r)]:>18}" for r in RULE_NAMES))
+    targets = Counter(p["target"] for p in problems)
+    lines.append("target: " + " ".join(f"{LETTERS[k]}={targets[k]}" for k in range(len(LETTERS))))
+    lines.append(f"{len(problems)} problems")
+    return "\n".join(lines)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    problems = generate_problems(args.configuration, args.part, args.n, args.seed)
+    save_problems(problems, args.out)
+    print(f"wrote {len(problems)} {args.configuration}/{args.part} problems (seed {args.seed}) to {args.out}")
+    print(format_stats(problems))
+    return 0
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    status = 0
+    for path in args.files:
+        try:
+            problems = load_problems(path)
+        except RavenFormatError as e:
+            print(f"error: {e}", file=sys.stderr)
+            status = 1
+            continue
+        bad = [disagreements(p) for p in problems]
+        for i, lines in enumerate(bad):
+            for line in lines:
+                print(f"{path}: problem {i}: {line}")
+        n_bad = sum(map(bool, bad))
+        if n_bad:
+            status = 1
+            print(f"{path}: {sum(map(len, bad))} disagreement(s) in {n_bad} of {len(problems)} problems")
+        else:
+            print(f"{path}: OK, {len(problems)} problems, every answer follows the rules and is unique")
+    return status
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    print(format_stats(load_problems(args.file)))
+    return 0
+
+
+def _run_render(args: argparse.Namespace) -> int:
+    problems = load_problems(args.file)
+    examples = [dataclasses.replace(render_problem(p, args.style, args.form), label=-1) for p in problems]
+    write_jsonl(examples, args.out)
+    print(f"wrote {len(examples)} {args.style} {args.form} records from {len(problems)} problems "
+          f"to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; each subcommand sets ``func(args) -> exit status`` as its default."""
+    parser = argparse.ArgumentParser(prog="python -m iclm_jax.data.raven",
+                                     description="RAVEN progressive matrices: generate, check, stats, render",
+                                     formatter_class=argparse.RawTextHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate problems (one JSON array)")
+    g.add_argument("--configuration", choices=CONFIGURATIONS, required=True)
+    g.add_argument("--part", choices=PARTS, required=True)
+    g.add_argument("--n", type=int, required=True, help="number of problems")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", required=True, help="output .json path")
+    g.set_defaults(func=_run_generate)
+    c = sub.add_parser("check", help="validate files and re-derive every answer (exit 1 if bad)")
+    c.add_argument("files", nargs="+", metavar="FILE")
+    c.set_defaults(func=_run_check)
+    s = sub.add_parser("stats", help="rule counts per attribute and target letters of a file")
+    s.add_argument("file", metavar="FILE")
+    s.set_defaults(func=_run_stats)
+    r = sub.add_parser("render", help="render a problem file to JSONL (one record per problem)")
+    r.add_argument("file", metavar="FILE")
+    r.add_argument("--style", choices=DOMAINS, required=True, help="rendering (domain)")
+    r.add_argument("--form", choices=FORMS, default="full")
+    r.add_argument("--out", required=True, help="output .jsonl path")
+    r.set_defaults(func=_run_render)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (RavenFormatError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,160 @@
+"""RAVEN problems as text: the two domains of ``render`` (symbolic, text) in two forms (full, compact).
+
+One example per problem; the answer is the target candidate's letter, ``" A"`` .. ``" H"``. For a
+center_single problem whose first panel is a large (3) orange (2) circle (4) at 90 degrees (5):
+
+full text::
+
+    <INSTRUCTIONS["text"]>
+    Panel 1: a large orange circle rotated at 90 degrees.
+    ...                                   (panels 1-8, row by row, then the candidates)
+    A: a huge blue circle rotated at -45 degrees.
+    ...
+    The answer is
+
+full symbolic: the same lines with ``(type, size, color, angle)`` codes, ``(position, type, size,
+color, angle)`` in distribute_four; entities of a panel joined by ``", "``; last line ``Answer:``.
+In text, distribute_four entities end in their cell ("at top left") and in_center ones start with
+their component ("an outer giant red square ..., an inner tiny blue circle ...").
+
+compact (the CPU protocol; no instruction, no filler): each panel is its entities' attribute words
+(text: ``large orange circle 90``, cell words first in distribute_four, ``outer``/``inner`` first in
+in_center) or code tokens (symbolic: ``t4 s3 c2 a5``, ``p1`` first for a cell), followed by ``" |"``;
+a newline ends each row of the grid, then one line of candidates each led by its letter, then
+``answer:``::
+
+    large orange circle 90 | large orange circle 45 | large orange circle 0 |
+    ...
+    A huge blue circle -45 | B ... | ... | H ... |
+    answer:
+
+Whitespace rule (as ``render``): a prompt never ends in whitespace and an answer always starts with
+one space. ``vocabulary_words`` lists every word any rendering can produce, split like the word-level
+tokenizer's pre-tokenizer (whitespace, then each punctuation character on its own).
+"""
+from __future__ import annotations
+
+import string
+import unicodedata
+
+from iclm_jax.data.raven import (
+    ANGLES,
+    COLORS,
+    COMPONENTS,
+    CONFIGURATIONS,
+    NUM_CANDIDATES,
+    POSITIONS,
+    SIZES,
+    TYPES,
+)
+from iclm_jax.data.render import DOMAINS, FORMS, Example
+
+LETTERS = "ABCDEFGH"
+INSTRUCTIONS = {
+    "symbolic": "Each shape is (type, size, color, angle), or (position, type, size, color, angle) "
+                "in a 2 by 2 grid. Panels 1 to 8 fill a 3 by 3 grid row by row; "
+                "which candidate completes the grid?",
+    "text": "Panels 1 to 8 fill a 3 by 3 grid row by row and the ninth panel is missing. "
+            "Each row follows rules on the shapes. Which candidate completes the grid?",
+}
+QUERY = {("symbolic", "full"): "Answer:", ("text", "full"): "The answer is", "compact": "answer:"}
+
+
+def _check(style: str, form: str) -> None:
+    if style not in DOMAINS:
+        raise ValueError(f"unknown rendering style {style!r}; expected one of {DOMAINS}")
+    if form not in FORMS:
+        raise ValueError(f"unknown rendering form {form!r}; expected one of {FORMS}")
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _entity(ent: dict, configuration: str, style: str, form: str) -> str:
+    codes = [ent["type"], ent["size"], ent["color"], ent["angle"]]
+    cell = configuration == "distribute_four"
+    if style == "symbolic":
+        if form == "compact":
+            return " ".join(([f"p{ent['position']}"] if cell else [])
+                            + [f"{k}{v}" for k, v in zip("tsca", codes)])
+        return "(" + ", ".join(map(str, ([ent["position"]] if cell else []) + codes)) + ")"
+    words = [SIZES[ent["size"]], COLORS[ent["color"]], TYPES[ent["type"]]]
+    angle = str(ANGLES[ent["angle"]])
+    comp = [COMPONENTS[ent["component"]]] if configuration == CONFIGURATIONS[2] else []
+    if form == "compact":
+        return " ".join(([POSITIONS[ent["position"]]] if cell else []) + comp + words + [angle])
+    where = f" at {POSITIONS[ent['position']]}" if cell else ""
+    desc = comp + words
+    return f"{_article(desc[0])} {' '.join(desc)} rotated at {angle} degrees{where}"
+
+
+def render_panel(panel: dict, configuration: str, style: str, form: str = "full") -> str:
+    """One panel's entities (no label): ``", "``-joined in full form, space-joined in compact."""
+    _check(style, form)
+    parts = [_entity(e, configuration, style, form) for e in panel["entities"]]
+    return (" " if form == "compact" else ", ").join(parts)
+
+
+def answer_text(target: int) -> str:
+    if not 0 <= target < NUM_CANDIDATES:
+        raise ValueError(f"target {target!r} outside 0..{NUM_CANDIDATES - 1}")
+    return " " + LETTERS[target]
+
+
+def render_problem(problem: dict, style: str, form: str = "full") -> Example:
+    """A validated problem as one prompt/answer pair (``label`` = target index, 0..7)."""
+    _check(style, form)
+    config = problem["configuration"]
+    if config not in CONFIGURATIONS:
+        raise ValueError(f"unknown configuration {config!r}")
+
+    def panel(p: dict) -> str:
+        return render_panel(p, config, style, form)
+
+    ctx, cands = problem["panels"], problem["candidates"]
+    if form == "compact":
+        rows = [" ".join(f"{panel(p)} |" for p in ctx[r:r + 3]) for r in (0, 3, 6)]
+        cand_line = " ".join(f"{LETTERS[k]} {panel(p)} |" for k, p in enumerate(cands))
+        prompt = "\n".join(rows + [cand_line, QUERY["compact"]])
+    else:
+        end = "." if style == "text" else ""
+        lines = [INSTRUCTIONS[style]]
+        lines += [f"Panel {j + 1}: {panel(p)}{end}" for j, p in enumerate(ctx)]
+        lines += [f"{LETTERS[k]}: {panel(p)}{end}" for k, p in enumerate(cands)]
+        prompt = "\n".join(lines + [QUERY[(style, form)]])
+    return Example(prompt, answer_text(problem["target"]), DOMAINS.index(style), -1, problem["target"])
+
+
+def split_words(text: str) -> list[str]:
+    """The word tokenizer's pre-tokenization: split on whitespace, then every punctuation character
+    (ASCII punctuation or a Unicode P* category) is a word of its own."""
+    words = []
+    for chunk in text.split():
+        word = ""
+        for ch in chunk:
+            if ch in string.punctuation or unicodedata.category(ch).startswith("P"):
+                words += [word, ch] if word else [ch]
+                word = ""
+            else:
+                word += ch
+        if word:
+            words.append(word)
+    return words
+
+
+def _every_entity(configuration: str) -> list[dict]:
+    n = max(len(TYPES), len(SIZES), len(COLORS), len(ANGLES), len(POSITIONS))
+    return [{"type": k % len(TYPES), "size": k % len(SIZES), "color": k % len(COLORS),
+             "angle": k % len(ANGLES), "position": k % len(POSITIONS) if configuration == "distribute_four"
+             else 0, "component": k % 2 if configuration == CONFIGURATIONS[2] else 0} for k in range(n)]
+
+
+def vocabulary_words() -> list[str]:
+    """Sorted: every word (``split_words``) of any rendering, both styles and forms, every configuration."""
+    texts = list(INSTRUCTIONS.values()) + list(QUERY.values()) + [answer_text(k) for k in range(8)]
+    texts += [f"Panel {j + 1}: . |" for j in range(8)] + [f"{x}: {x} |" for x in LETTERS]
+    for config in CONFIGURATIONS:
+        panel = {"entities": _every_entity(config)}
+        texts += [render_panel(panel, config, s, f) for s in DOMAINS for f in FORMS]
+    return sorted({w for t in texts for w in split_words(t)})
