@@ -12,10 +12,9 @@ import os
 import jax
 from jax.sharding import AbstractMesh
 
-from iclm_jax.data.acre import SPLITS
+from iclm_jax.data import tasks
 from iclm_jax.data.render import DOMAINS as STYLES
 from iclm_jax.data.render import FORMS
-from iclm_jax.data.sources import TASKS
 from iclm_jax.data.tokenizer import NAMED as TOKENIZERS
 from iclm_jax.fields import csv
 from iclm_jax.model.aggregator import AGGREGATORS
@@ -186,12 +185,17 @@ def _loss(c, errs: _Errors) -> None:
 
 def _data(c, errs: _Errors) -> None:
     d, need = c.data, errs.need
-    need(d.get("task", "acre") in TASKS, "data.task", d.get("task"), f"one of {TASKS}")
+    task = d.get("task", "acre")
+    need(task in tasks.TASKS, "data.task", task, f"one of {tuple(tasks.TASKS)}")
+    splits = tasks.TASKS[task].splits if task in tasks.TASKS else ()
     bad = [x for x in csv(d.styles) if x not in STYLES]
     need(not bad and csv(d.styles), "data.styles", d.styles, f"a comma list from {STYLES}")
-    need(d.train_split in SPLITS, "data.train_split", d.train_split, f"one of {SPLITS}")
-    bad = [x for x in csv(d.eval_splits) if x not in SPLITS]
-    need(not bad, "data.eval_splits", d.eval_splits, f"a comma list from {SPLITS}")
+    need(d.train_split in splits, "data.train_split", d.train_split, f"one of {splits} (data.task={task})")
+    bad = [x for x in csv(d.eval_splits) if x not in splits]
+    need(not bad, "data.eval_splits", d.eval_splits, f"a comma list from {splits} (data.task={task})")
+    if task in tasks.TASKS and not tasks.TASKS[task].packable:
+        need(not d.packed, "data.packed", d.packed, f"False: data.task={task} asks one question per problem")
+        need(not d.get("stream", False), "data.stream", d.get("stream"), "False: streams generate ACRE only")
     need(d.train_problems >= 1 or bool(d.train_file), "data.train_problems", d.train_problems, ">= 1")
     need(d.eval_problems >= 0, "data.eval_problems", d.eval_problems, ">= 0")
     need(d.num_domains >= 1, "data.num_domains", d.num_domains, "an integer >= 1")

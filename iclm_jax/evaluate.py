@@ -152,14 +152,22 @@ def independence_table(results: dict[str, dict]) -> str:
 
 
 def results_table(results: dict[str, dict], reference: dict[str, dict] | None = None) -> str:
-    """One row per (eval set, predictor): overall and per query type accuracy."""
+    """One row per (eval set, predictor): overall and per query type accuracy (the type columns only where
+    some set has typed queries: a RAVEN problem or an untyped JSONL record has none)."""
     cols = ["all"] + list(QUERY_TYPES)
     rows = []
     for name, r in results.items():
         rows.append([f"{name}: model"] + [r.get(c, float("nan")) for c in cols])
         for ref_name, ref in (reference or {}).get(name, {}).items():
             rows.append([f"{name}: {ref_name}"] + [ref.get(c, float("nan")) for c in cols])
-    return format_table(["eval set / predictor"] + cols, rows, "Answer accuracy (exact match)")
+    keep = [0] + [j for j in range(1, len(cols)) if any(_finite(row[1 + j]) for row in rows)]
+    return format_table(["eval set / predictor"] + [cols[j] for j in keep], [[row[0]] + [row[1 + j] for j in keep]
+                                                                             for row in rows],
+                        "Answer accuracy (exact match)")
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and bool(np.isfinite(x))
 
 
 def modules_table(results: dict[str, dict], num_modules: int) -> str:

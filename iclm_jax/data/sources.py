@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from iclm_jax.data import acre, acre_generate, jsonl, pipeline, render
+from iclm_jax.data import acre, jsonl, render, tasks
 from iclm_jax.data import tokenizer as tok_lib
 from iclm_jax.data.rendered import RenderedProblems
 from iclm_jax.data.stream import AcreStream
@@ -20,9 +20,7 @@ NUM_SLOTS_PACKED = 4
 # data.stream: row lengths are measured on at least this many problems of the stream (see build).
 STREAM_LEN_SAMPLE = 2000
 VAL_SET = "val"     # name of the generated validation set (data.val_problems) in results and logs
-# data.task -> its problem generator, generate_problems(split, part, n, seed)
-GENERATORS = {"acre": acre_generate.generate_problems}
-TASKS = tuple(GENERATORS)
+TASKS = tuple(tasks.TASKS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +39,7 @@ class DataConfig:
     max_len: int
     num_domains: int
     workers: int
-    task: str = "acre"            # GENERATORS
+    task: str = "acre"            # tasks.TASKS
     form: str = "full"
     extra_queries: bool = False
     val_problems: int = 0
@@ -70,17 +68,20 @@ class RunData:
 
 
 def file_examples(path: str, styles, packed: bool, form: str = "full", extra_queries: bool = False,
-                  lazy: bool = False):
-    """(examples, ACRE problems or None) of a JSONL or release file; ``lazy``: read on demand (a training
-    file of any size: one validating pass keeps byte ranges, not records; see ``indexed``)."""
+                  lazy: bool = False, task: str = "acre"):
+    """(examples, problems or None) of a JSONL or problem file (ACRE release format, or ``task``'s own);
+    ``lazy``: read on demand (a training file of any size: one validating pass keeps byte ranges, not
+    records; see ``indexed``; ACRE files only)."""
     if path.endswith(".jsonl"):
         return (jsonl.index_jsonl(path) if lazy else jsonl.load_jsonl(path)), None
+    if task != "acre":
+        problems = tasks.get(task).load(path)
+        return tasks.examples(task, problems, styles, packed, form, extra_queries), problems
     if lazy:
         problems = acre.index_problems(path)
         return RenderedProblems(problems, styles, packed, form, extra_queries, name=path), problems
     problems = acre.load_problems(path)
-    return pipeline.acre_examples(problems, styles=styles, packed=packed, form=form,
-                                  extra_queries=extra_queries), problems
+    return tasks.examples(task, problems, styles, packed, form, extra_queries), problems
 
 
 def measure(num_slots: int, tok: tok_lib.Tokenizer, name: str, examples, max_unk: float = 1.0,
@@ -133,9 +134,15 @@ def build(data: DataConfig, seed: int) -> RunData:
     packed, form = d.packed, d.form
     extra = d.extra_queries   # training rows only; evaluation asks the 4 queries
     tok = tok_lib.load_tokenizer(d.tokenizer)
-    generate = GENERATORS[d.task]
+    task = tasks.get(d.task)
+    generate = task.generate
+
+    def render_all(problems, extra_queries=False):
+        return tasks.examples(d.task, problems, styles, packed, form, extra_queries)
+
     if d.train_file:
-        train_examples, train_problems = file_examples(d.train_file, styles, packed, form, extra, lazy=True)
+        train_examples, train_problems = file_examples(d.train_file, styles, packed, form, extra, lazy=True,
+                                                       task=d.task)
     elif d.stream:   # endless fresh problems; a finite head for references and lengths
         train_examples = AcreStream(d.train_split, "train", seed, styles, packed, form=form,
                                     extra_queries=extra)
@@ -145,19 +152,16 @@ def build(data: DataConfig, seed: int) -> RunData:
         train_sample = measured[:d.train_problems * train_examples.per_problem]
     else:
         train_problems = generate(d.train_split, "train", d.train_problems, seed)
-        train_examples = pipeline.acre_examples(train_problems, styles=styles, packed=packed, form=form,
-                                                extra_queries=extra)
+        train_examples = render_all(train_problems, extra)
     evals = []
     if d.val_problems:   # generated validation problems of the training split: select on these
         problems = generate(d.train_split, "val", d.val_problems, seed + 999)
-        evals.append(EvalSet(VAL_SET, pipeline.acre_examples(problems, styles=styles, packed=packed,
-                                                             form=form), problems))
+        evals.append(EvalSet(VAL_SET, render_all(problems), problems))
     for i, split in enumerate(csv(d.eval_splits)):
         problems = generate(split, "test", d.eval_problems, seed + 1000 + i)
-        evals.append(EvalSet(split, pipeline.acre_examples(problems, styles=styles, packed=packed,
-                                                           form=form), problems))
+        evals.append(EvalSet(split, render_all(problems), problems))
     for path in csv(d.eval_files):
-        ex, problems = file_examples(path, styles, packed, form)
+        ex, problems = file_examples(path, styles, packed, form, task=d.task)
         evals.append(EvalSet(os.path.basename(path), ex, problems))
     any_packed = any(isinstance(e, render.PackedExample) for e in train_examples[:1])
     num_slots = (NUM_SLOTS_PACKED + (render.MAX_EXTRA_QUERIES if extra else 0)) if any_packed else 1

@@ -24,7 +24,7 @@ from typing import Iterable
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
-from iclm_jax.data import acre, render
+from iclm_jax.data import acre, raven_render, render
 
 WORD_SPECIALS = ("<pad>", "<eos>", "<unk>", "<bos>")   # ids 0..3 of word-level vocabularies
 _SPECIAL_FILE = "special_tokens.json"
@@ -71,11 +71,12 @@ def _token_id(tk: tokenizers.Tokenizer, value) -> int | None:
     return tk.token_to_id(value) if isinstance(value, str) else None
 
 
-NAMED = ("acre_word", "smollm2")   # tokenizers known by name (else a path)
+NAMED = ("acre_word", "raven_word", "smollm2")   # tokenizers known by name (else a path)
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-    """``data.tokenizer``: "acre_word" (the ACRE word tokenizer), "smollm2" (SmolLM2's, from its GGUF),
+    """``data.tokenizer``: "acre_word" / "raven_word" (the word tokenizers of those tasks), "smollm2"
+    (SmolLM2's, from its GGUF),
     or a ``tokenizer.json`` file, or a directory holding one.
 
     Special ids come from ``special_tokens.json`` (written by ``Tokenizer.save``) if present, else
@@ -84,6 +85,8 @@ def load_tokenizer(path: str) -> Tokenizer:
     """
     if path == "acre_word":
         return acre_word_tokenizer()
+    if path == "raven_word":     # every word of both RAVEN renderings in both forms
+        return build_word_tokenizer([" ".join(raven_render.vocabulary_words())])
     if path == "smollm2":
         return smollm2_tokenizer()
     file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path

@@ -23,8 +23,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from iclm_jax import checkpoint, config_check, evaluate, report, run_report, sharding, sharding_report
-from iclm_jax.data import pipeline, sources
-from iclm_jax.data.reference import fit_majority_answer, fit_reference, score_majority_answer, score_reference
+from iclm_jax.data import pipeline, sources, tasks
+from iclm_jax.data.reference import fit_majority_answer, score_majority_answer
 from iclm_jax.data.sources import DataConfig
 from iclm_jax.fields import csv, typed
 from iclm_jax.model.codebook import collapse_report
@@ -262,12 +262,13 @@ class _Training:
         """Reference predictors, plots and ``summary.json`` (and the tables, unless quiet)."""
         data, workdir, step, last = self.data, self.workdir, self.step, self.last
         refs = {}
-        ref_predictors = fit_reference(data.train_problems) if data.train_problems else {}
+        task = tasks.get(self.run.config.data.get("task", "acre"))
+        ref_predictors = task.fit_reference(data.train_problems) if data.train_problems else {}
         sample = data.train_sample if data.train_sample is not None else data.train_examples
         train_answers = None
         for es in data.eval_sets:
             if es.problems is not None and ref_predictors:
-                refs[es.name] = {k: score_reference(p, es.problems) for k, p in ref_predictors.items()}
+                refs[es.name] = {k: task.score_reference(p, es.problems) for k, p in ref_predictors.items()}
             elif es.problems is None:        # evals JSONL: the answer priors, from training and from itself
                 train_answers = train_answers or fit_majority_answer(sample)
                 refs[es.name] = {"majority answer (train)": score_majority_answer(train_answers, es.examples),

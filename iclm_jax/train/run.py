@@ -12,8 +12,8 @@ from flax import nnx
 
 from iclm_jax import checkpoint, evaluate, hf, independence, sharding
 from iclm_jax.config_check import ConfigError
-from iclm_jax.data import acre, sources
-from iclm_jax.data.reference import fit_majority_answer, fit_reference, score_majority_answer, score_reference
+from iclm_jax.data import acre, sources, tasks
+from iclm_jax.data.reference import fit_majority_answer, score_majority_answer
 from iclm_jax.data.tokenizer import load_tokenizer
 from iclm_jax.fields import csv, typed
 from iclm_jax.padding import round_up
@@ -177,7 +177,7 @@ class LoadedRun(Run):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--data {path}: no such file")
         d = typed(sources.DataConfig, self.config.data)
-        examples, problems = sources.file_examples(path, tuple(csv(d.styles)), d.packed, d.form)
+        examples, problems = sources.file_examples(path, tuple(csv(d.styles)), d.packed, d.form, task=d.task)
         need = sources.measure(self.data.num_slots, self.data.tokenizer, path, examples,
                                d.max_unk if max_unk is None else max_unk, d.tokenizer) + 1
         if need > self.data.max_len:
@@ -187,12 +187,12 @@ class LoadedRun(Run):
         res = self.evaluate(examples, views=True)
         ref = {}
         if problems is not None:
+            task = tasks.get(d.task)
             if d.train_file:
-                train = acre.index_problems(d.train_file)
+                train = acre.index_problems(d.train_file) if d.task == "acre" else task.load(d.train_file)
             else:
-                generate = sources.GENERATORS[d.task]
-                train = generate(d.train_split, "train", d.train_problems, self.config.seed)
-            ref = {k: score_reference(p, problems) for k, p in fit_reference(train).items()}
+                train = task.generate(d.train_split, "train", d.train_problems, self.config.seed)
+            ref = {k: task.score_reference(p, problems) for k, p in task.fit_reference(train).items()}
         else:       # evals JSONL: the set's own answer prior (the best a prompt-blind predictor does)
             ref = {"majority answer (this set)": score_majority_answer(fit_majority_answer(examples), examples)}
         return os.path.basename(path), res, ref

@@ -1,0 +1,48 @@
+"""ICLM on RAVEN-style matrices (text + symbolic renderings as the two domains): trained on
+center_single, tested i.i.d. on center_single and o.o.d. on distribute_four and
+in_center_single_out_center_single, as in the paper.
+
+    get_config()             # "demo": the tiny from-scratch CPU ICLM (K = 2) on the compact renderings
+    get_config("baseline")   # any acre.py variant, comma-separated: "baseline,text", "no_mi", "oracle", "k4"
+    get_config("full")       # the paper's full renderings (instruction, "Panel 1: a large red circle ...")
+
+One question per problem (8 candidates, answer " A".." H"), so rows are not packed and the acre.py
+variants' ACRE-only data settings (packed rows, extra queries, streamed problems) are turned off. The
+problems, rules and balanced candidates: iclm_jax/data/raven.py; the data command line:
+`python -m iclm_jax.data.raven generate|check|stats|render`. Not measured yet: a CPU recipe on which a
+model learns the rules (the `cpu` variant of acre.py is ACRE's; see the README's RAVEN section).
+"""
+import importlib.util
+import os
+
+import ml_collections
+
+_spec = importlib.util.spec_from_file_location(
+    "iclm_acre_config_for_raven", os.path.join(os.path.dirname(os.path.abspath(__file__)), "acre.py"))
+_acre = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_acre)
+
+TRAIN = "center_single"
+EVAL = "center_single,distribute_four,in_center_single_out_center_single"
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    variants = [v.strip() for v in arg.split(",") if v.strip()]
+    full = "full" in variants
+    c = _acre.get_config(",".join(v for v in variants if v != "full"))
+    d = c.data
+    d.task = "raven"
+    d.train_split, d.eval_splits = TRAIN, EVAL
+    d.packed = d.extra_queries = d.stream = False
+    d.form = "full" if full else "compact"
+    d.tokenizer = "raven_word"
+    d.train_problems = 4000 if d.train_problems == 6000 else d.train_problems   # per rendering
+    d.eval_problems = min(d.eval_problems, 300)
+    c.eval.batch_size = 16       # distribute_four rows are ~2x center_single's
+    return c
+
+
+def get_sweep(arg: str = ""):
+    """The ACRE grid's variants x seeds 0, 1 (python -m iclm_jax.sweep --config=experiments/configs/raven.py)."""
+    return [{"variant": v, "seed": s} for v in ("baseline", "iclm", "no_mi", "no_invariant", "oracle")
+            for s in (0, 1)]

@@ -1,0 +1,71 @@
+"""``data.task``: what differs between the benchmarks behind one data path (generate -> render -> tokenize
+-> grain). Each task names its splits, its problem generator, how problems become domain-labelled
+examples, its problem files, its reference predictors and the word tokenizer that knows its words.
+
+* ``acre``: ACRE blicket problems; splits IID/Comp/Sys/CompHeldout/...; four queries per problem (packed
+  rows share the contexts); references majority and object count.
+* ``raven``: RAVEN-style matrices (``raven``); the splits are its configurations (train on
+  ``center_single``, test o.o.d. on ``distribute_four`` and ``in_center_single_out_center_single``); one
+  question per problem (answer letter " A".." H"), so rows are never packed; references majority letter
+  and the best single attribute.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from iclm_jax.data import (
+    acre,
+    acre_generate,
+    pipeline,
+    raven,
+    raven_generate,
+    raven_reference,
+    raven_render,
+    reference,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    name: str
+    splits: tuple[str, ...]
+    generate: Callable            # (split, part, n, seed) -> problems
+    render: Callable              # (problems, styles, packed, form, extra_queries) -> examples
+    load: Callable                # path -> problems (a release-format / problem JSON file)
+    fit_reference: Callable       # train problems -> {name: predictor}
+    score_reference: Callable     # (predictor, problems) -> {"all": accuracy, ...}
+    word_tokenizer: str           # the data.tokenizer that covers every word of the renderings
+    packable: bool                # several queries per problem (data.packed, data.extra_queries)
+
+
+def _raven_examples(problems, styles, packed: bool = False, form: str = "full", extra_queries: bool = False):
+    if packed or extra_queries:
+        raise ValueError("data.task=raven asks one question per problem: set data.packed=False and "
+                         "data.extra_queries=False")
+    return [dataclasses.replace(raven_render.render_problem(p, style, form), source=f"problem {i} {style}")
+            for i, p in enumerate(problems) for style in styles]
+
+
+def _acre_examples(problems, styles, packed: bool = True, form: str = "full", extra_queries: bool = False):
+    return pipeline.acre_examples(problems, styles=styles, packed=packed, form=form, extra_queries=extra_queries)
+
+
+TASKS = {
+    "acre": Task("acre", acre.SPLITS, acre_generate.generate_problems, _acre_examples, acre.load_problems,
+                 reference.fit_reference, reference.score_reference, "acre_word", True),
+    "raven": Task("raven", raven.CONFIGURATIONS, raven_generate.generate_problems, _raven_examples,
+                  raven.load_problems,
+                  raven_reference.fit_reference, raven_reference.score_reference, "raven_word", False),
+}
+
+
+def get(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"data.task={name!r}: expected one of {tuple(TASKS)}")
+    return TASKS[name]
+
+
+def examples(task: str, problems, styles, packed: bool, form: str = "full", extra_queries: bool = False) -> list:
+    """Each problem in each style (domain-labelled), problem-major; ``source`` names each."""
+    return get(task).render(problems, styles, packed, form, extra_queries)

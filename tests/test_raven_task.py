@@ -1,0 +1,109 @@
+"""data.task=raven: the RAVEN problems through the same sources -> render -> tokenize -> train -> evaluate path
+as ACRE (experiments/configs/raven.py), with its reference predictors and config checks."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from iclm_jax import config_check, evaluate
+from iclm_jax.data import raven, raven_generate, raven_reference, raven_render, sources, tasks
+from iclm_jax.data.render import DOMAINS
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "experiments", "configs", "raven.py")
+
+
+def _config(arg=""):
+    spec = importlib.util.spec_from_file_location("raven_cfg_test", CONFIG)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config(arg)
+    c.data.update(train_problems=12, eval_problems=5)
+    return c
+
+
+def test_build_renders_every_configuration_in_both_domains_without_unknown_words():
+    c = _config()
+    c.data.max_unk = 0.0                         # raven_word knows every word: no <unk> at all
+    data = sources.build(c.data, seed=3)
+    problems = raven_generate.generate_problems("center_single", "train", 12, 3)
+    assert data.train_problems == problems
+    assert [e.prompt for e in data.train_examples] == [raven_render.render_problem(p, s, "compact").prompt
+                                                       for p in problems for s in ("symbolic", "text")]
+    assert [e.domain for e in data.train_examples[:2]] == [DOMAINS.index("symbolic"), DOMAINS.index("text")]
+    assert [es.name for es in data.eval_sets] == list(raven.CONFIGURATIONS)
+    for es in data.eval_sets:
+        assert len(es.examples) == 10 and all(p["configuration"] == es.name for p in es.problems)
+        assert {e.answer for e in es.examples} <= {f" {x}" for x in "ABCDEFGH"}
+        assert all(e.label == p["target"] for e, p in zip(es.examples[::2], es.problems))
+    assert data.num_slots == 1
+    assert data.max_len >= max(sources.row_length(e, data.tokenizer) for es in data.eval_sets for e in es.examples)
+
+
+def test_a_problem_file_evaluates_like_the_generated_set(tmp_path):
+    problems = raven_generate.generate_problems("distribute_four", "test", 4, 0)
+    path = tmp_path / "d4.json"
+    raven.save_problems(problems, path)
+    examples, loaded = sources.file_examples(str(path), ("symbolic", "text"), False, "compact", task="raven")
+    assert loaded == problems
+    assert examples == tasks.examples("raven", problems, ("symbolic", "text"), False, "compact")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("packed", True, "data.packed=True: expected False: data.task=raven asks one question per problem"),
+    ("stream", True, "data.stream=True: expected False: streams generate ACRE only"),
+    ("train_split", "IID", "data.train_split='IID': expected one of ('center_single'"),
+    ("eval_splits", "center_single,Sys", "data.eval_splits='center_single,Sys': expected a comma list from"),
+])
+def test_config_check_names_the_field(field, value, message):
+    c = _config()
+    c.data[field] = value
+    with pytest.raises(config_check.ConfigError) as e:
+        config_check.validate(c)
+    assert message in str(e.value)
+
+
+def test_the_answer_table_drops_query_type_columns_that_mean_nothing():
+    problems = raven_generate.generate_problems("center_single", "test", 40, 1)
+    refs = {name: raven_reference.score_reference(p, problems)
+            for name, p in raven_reference.fit_reference(problems).items()}
+    table = evaluate.results_table({"center_single": {"all": 0.5}}, {"center_single": refs})
+    header = table.splitlines()[1]
+    assert [h.strip() for h in header.split("|")[1:]] == ["all"] and "best_attribute" in table and "majority" in table
+    acre_table = evaluate.results_table({"IID": {"all": 0.5, "direct": 0.7}}, {})
+    assert "direct" in acre_table.splitlines()[1] and "indirect" not in acre_table.splitlines()[1]
+
+
+@pytest.mark.slow
+def test_training_on_raven_writes_references_and_every_split(tmp_path):
+    work = tmp_path / "run"
+    args = ["-m", "iclm_jax.main", f"--config={CONFIG}", f"--workdir={work}", "--quiet",
+            "--config.model.d_model=16", "--config.model.n_layers=1", "--config.model.head_dim=8",
+            "--config.model.mlp_dim=32", "--config.lora.rank=2", "--config.mi.critic_hidden=16",
+            "--config.train.steps=3", "--config.train.batch_size=4", "--config.eval.batch_size=8",
+            "--config.data.train_problems=16", "--config.data.eval_problems=4", "--config.mesh.data=1"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["steps"] == 3 and set(summary["eval"]) == set(raven.CONFIGURATIONS)
+    train = raven_generate.generate_problems("center_single", "train", 16, 0)
+    for split, res in summary["eval"].items():
+        assert 0 <= res["all"] <= 1 and set(res["views"]) >= {"model (router)", "invariant alone"}
+        test = raven_generate.generate_problems(split, "test", 4, 1000 + list(raven.CONFIGURATIONS).index(split))
+        expected = {k: raven_reference.score_reference(p, test)["all"]
+                    for k, p in raven_reference.fit_reference(train).items()}
+        assert {k: v["all"] for k, v in summary["reference"][split].items()} == expected
+    problems = raven_generate.generate_problems("in_center_single_out_center_single", "test", 6, 5)
+    raven.save_problems(problems, tmp_path / "inc.json")          # iclm-eval on a RAVEN problem file
+    r = subprocess.run([sys.executable, "-m", "iclm_jax.eval_main", f"--workdir={work}",
+                        f"--data={tmp_path / 'inc.json'}", "--score=both", f"--out={tmp_path / 'eval.json'}"],
+                       cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads((tmp_path / "eval.json").read_text())
+    assert set(out["reference"]["inc.json"]) == {"majority", "best_attribute"}
+    assert out["teacher"]["inc.json"]["all"] >= 0 and "inc.json" in out["generate"]
