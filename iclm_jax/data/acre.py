@@ -172,18 +172,7 @@ def validate_problem(problem: object, i: int, path: str = "<problems>") -> None:
 def load_problems(path: str | os.PathLike) -> list[Problem]:
     """Read and validate a release-format file; unknown fields are kept."""
     path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise AcreFormatError(path, None, f"cannot read: {e}") from None
-    if not text.strip():
-        raise AcreFormatError(path, None, "file is empty")
-    try:
-        problems = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise AcreFormatError(path, None, f"malformed JSON at line {e.lineno}, column {e.colno}: "
-                              f"{e.msg}") from None
+    problems = indexed.read_json_file(path, AcreFormatError)
     validate_problems(problems, path)
     return problems
 

@@ -68,21 +68,30 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="ACRE blicket problems: generate, check, stats, render",
                                      formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate problems in the release format")
-    g.add_argument("--split", choices=SPLITS, required=True)
-    g.add_argument("--part", choices=PARTS, required=True)
+    add_problem_commands(sub, "--split", SPLITS, PARTS, {
+        "generate": (_run_generate, "generate problems in the release format"),
+        "check": (_run_check, "validate files and re-derive every label (exit 1 if bad)"),
+        "stats": (_run_stats, "query type x label table of a file")})
+    add_render_command(sub)
+    return parser
+
+
+def add_problem_commands(sub, split_flag: str, splits, parts, commands: dict) -> None:
+    """The subcommands every task's data command line has: ``generate SPLIT_FLAG --part --n --seed --out``,
+    ``check FILE...`` and ``stats FILE``; ``commands`` maps each name to (func, help)."""
+    g = sub.add_parser("generate", help=commands["generate"][1])
+    g.add_argument(split_flag, choices=splits, required=True)
+    g.add_argument("--part", choices=parts, required=True)
     g.add_argument("--n", type=int, required=True, help="number of problems")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", required=True, help="output .json path")
-    g.set_defaults(func=_run_generate)
-    c = sub.add_parser("check", help="validate files and re-derive every label (exit 1 if bad)")
+    g.set_defaults(func=commands["generate"][0])
+    c = sub.add_parser("check", help=commands["check"][1])
     c.add_argument("files", nargs="+", metavar="FILE")
-    c.set_defaults(func=_run_check)
-    s = sub.add_parser("stats", help="query type x label table of a file")
+    c.set_defaults(func=commands["check"][0])
+    s = sub.add_parser("stats", help=commands["stats"][1])
     s.add_argument("file", metavar="FILE")
-    s.set_defaults(func=_run_stats)
-    add_render_command(sub)
-    return parser
+    s.set_defaults(func=commands["stats"][0])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

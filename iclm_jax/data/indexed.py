@@ -191,3 +191,19 @@ class _Scanner:
             first = False
         if self.peek():
             self.fail("unexpected data after the array")
+
+
+def read_json_file(path: str, error: Callable[[str, None, str], Exception]) -> object:
+    """The JSON value of a whole file; an unreadable, empty or malformed file raises
+    ``error(path, None, message)`` (the task's format error: one line naming the file and the place)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(path, None, f"cannot read: {e}") from None
+    if not text.strip():
+        raise error(path, None, "file is empty")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(path, None, f"malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None

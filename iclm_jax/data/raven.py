@@ -50,6 +50,8 @@ import os
 import sys
 from typing import Sequence
 
+from iclm_jax.data import indexed
+
 TYPES = ("triangle", "square", "pentagon", "hexagon", "circle")
 SIZES = ("tiny", "small", "medium", "large", "huge", "giant")
 COLORS = ("white", "yellow", "orange", "red", "pink", "purple", "blue", "green", "brown", "black")
@@ -226,18 +228,7 @@ def validate_problems(problems: object, path: str = "<problems>") -> None:
 def load_problems(path: str | os.PathLike) -> list[Problem]:
     """Read and validate a JSON array of problems."""
     path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise RavenFormatError(path, None, f"cannot read: {e}") from None
-    if not text.strip():
-        raise RavenFormatError(path, None, "file is empty")
-    try:
-        problems = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise RavenFormatError(path, None, f"malformed JSON at line {e.lineno}, column {e.colno}: "
-                               f"{e.msg}") from None
+    problems = indexed.read_json_file(path, RavenFormatError)
     validate_problems(problems, path)
     return problems
 

@@ -17,6 +17,7 @@ import sys
 from collections import Counter
 from typing import Sequence
 
+from iclm_jax.data.cli import add_problem_commands
 from iclm_jax.data.jsonl import write_jsonl
 from iclm_jax.data.raven import (
     CONFIGURATIONS,
@@ -96,19 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="RAVEN progressive matrices: generate, check, stats, render",
                                      formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate problems (one JSON array)")
-    g.add_argument("--configuration", choices=CONFIGURATIONS, required=True)
-    g.add_argument("--part", choices=PARTS, required=True)
-    g.add_argument("--n", type=int, required=True, help="number of problems")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--out", required=True, help="output .json path")
-    g.set_defaults(func=_run_generate)
-    c = sub.add_parser("check", help="validate files and re-derive every answer (exit 1 if bad)")
-    c.add_argument("files", nargs="+", metavar="FILE")
-    c.set_defaults(func=_run_check)
-    s = sub.add_parser("stats", help="rule counts per attribute and target letters of a file")
-    s.add_argument("file", metavar="FILE")
-    s.set_defaults(func=_run_stats)
+    add_problem_commands(sub, "--configuration", CONFIGURATIONS, PARTS, {
+        "generate": (_run_generate, "generate problems (one JSON array)"),
+        "check": (_run_check, "validate files and re-derive every answer (exit 1 if bad)"),
+        "stats": (_run_stats, "rule counts per attribute and target letters of a file")})
     r = sub.add_parser("render", help="render a problem file to JSONL (one record per problem)")
     r.add_argument("file", metavar="FILE")
     r.add_argument("--style", choices=DOMAINS, required=True, help="rendering (domain)")
