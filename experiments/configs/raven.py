@@ -5,12 +5,13 @@ in_center_single_out_center_single, as in the paper.
     get_config()             # "demo": the tiny from-scratch CPU ICLM (K = 2) on the compact renderings
     get_config("baseline")   # any acre.py variant, comma-separated: "baseline,text", "no_mi", "oracle", "k4"
     get_config("full")       # the paper's full renderings (instruction, "Panel 1: a large red circle ...")
+    get_config("cpu")        # acre.py's CPU recipe (model, optimiser, context loss) on 20,000 generated problems
 
 One question per problem (8 candidates, answer " A".." H"), so rows are not packed and the acre.py
 variants' ACRE-only data settings (packed rows, extra queries, streamed problems) are turned off. The
 problems, rules and balanced candidates: iclm_jax/data/raven.py; the data command line:
-`python -m iclm_jax.data.raven generate|check|stats|render`. Not measured yet: a CPU recipe on which a
-model learns the rules (the `cpu` variant of acre.py is ACRE's; see the README's RAVEN section).
+`python -m iclm_jax.data.raven generate|check|stats|render`. Not found yet: a CPU recipe on which a
+model learns the rules (`cpu` is ACRE's recipe on RAVEN data, a starting point; see the README's RAVEN section).
 """
 import importlib.util
 import os
@@ -36,7 +37,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     d.packed = d.extra_queries = d.stream = False
     d.form = "full" if full else "compact"
     d.tokenizer = "raven_word"
-    d.train_problems = 4000 if d.train_problems == 6000 else d.train_problems   # per rendering
+    d.train_problems = 20000 if "cpu" in variants else 4000   # per rendering (generation: ~1 ms per problem)
     d.eval_problems = min(d.eval_problems, 300)
     c.eval.batch_size = 16       # distribute_four rows are ~2x center_single's
     return c
