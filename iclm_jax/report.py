@@ -123,7 +123,8 @@ def plot_learning_curve(workdir: str) -> list[str]:
     Curves: ``train`` (the interval answer_acc / answer_ce of the train logs) and ``eval/<set>``
     (``all`` / ``answer_ce`` of each eval set). The x axis is minutes (``time_s``), or steps for a
     metrics file without times. With a ``references.json`` in the workdir (``{"<set>": {"majority":
-    {"all": ..}, "object_count": {..}}, "majority_loss": x or {"<set>": x}}``) the references are
+    {"all": ..}, "object_count": {..}}, "majority_loss": x or {"<set>": x}}``; any predictor names, at most
+    four per set) the references are
     dashed horizontal lines.
     """
     plt = _pyplot()
@@ -175,8 +176,8 @@ def plot_learning_curve(workdir: str) -> list[str]:
         if not isinstance(preds, dict):
             continue
         color = colors.get(f"eval/{name}", "0.2")
-        for pred, style in (("majority", "--"), ("object_count", ":")):
-            val = preds.get(pred, {}).get("all") if isinstance(preds.get(pred), dict) else None
+        for (pred, scores), style in zip(preds.items(), ("--", ":", "-.", (0, (1, 3)))):   # every reference
+            val = scores.get("all") if isinstance(scores, dict) else None
             if val is not None and np.isfinite(val):
                 ax.axhline(val, ls=style, lw=1, color=color, label=f"{name}: {pred} {val:.2f}")
     ax.set_title("Answer accuracy (exact match of the answer, EOS excluded)")
