@@ -44,7 +44,8 @@ COVERAGE = [
     (r"^python -m iclm_jax\.data\.raven (generate|check|stats|render) ", ("run", (), {})),
     (r"raven\.py --workdir=runs/raven$", ("run", SMALL, {})),
     (r"^python -m iclm_jax\.sharding_report ", ("run", (), {})),
-    (r"^launch/local\.sh 2 ", ("run", SMALL, {})),
+    (r"^launch/local\.sh 2 ", ("elsewhere", "tests/test_launch.py runs launch/local.sh 2 with training arguments "
+                                          "(and its failure and usage paths)")),
     (r"^sbatch ", ("elsewhere", "needs a SLURM cluster; tests/test_launch.py parses launch/slurm.sbatch and "
                                 "tests/test_sweep.py runs a generated array script's dispatch")),
     (r"launch/tpu_pod\.sh ", ("elsewhere", "needs Cloud TPU; tests/test_launch.py parses it, tests/test_sweep.py "
