@@ -239,10 +239,15 @@ def _save(plt, fig, workdir: str, name: str) -> str:
     return path
 
 
+def _num_routed(rows: list[dict]) -> int:
+    """K: the modules whose route fraction the train logs carry."""
+    return sum(key.startswith("route_fraction/") for key in rows[-1])
+
+
 def routing_panels(rows: list[dict], num_domains: int) -> list[str]:
     """The axes of routing.png: none with fewer than 2 modules (nothing is routed: every line would sit at 1),
     else the route fractions, the perplexity and (with 2+ domains; with one it is 1 by definition) purity."""
-    if sum(key.startswith("route_fraction/") for key in rows[-1]) < 2:
+    if _num_routed(rows) < 2:
         return []
     return ["route_fraction"] + [key for key in ("router_perplexity", "route_purity")[:2 if num_domains > 1 else 1]
                                  if any(key in r for r in rows)]
@@ -255,7 +260,7 @@ def _plot_routing(plt, workdir: str, steps, series, rows: list[dict], num_domain
     panels = routing_panels(rows, num_domains)
     if not panels:
         return []
-    k, others = sum(key.startswith("route_fraction/") for key in rows[-1]), panels[1:]
+    k, others = _num_routed(rows), panels[1:]
     fig, axes = plt.subplots(1, 1 + len(others), figsize=(4.2 * (1 + len(others)), 3.4), squeeze=False)
     ax = axes[0][0]
     fractions = np.nan_to_num(np.stack([series(f"route_fraction/{i}") for i in range(k)]))

@@ -20,7 +20,6 @@ NUM_SLOTS_PACKED = 4
 # data.stream: row lengths are measured on at least this many problems of the stream (see build).
 STREAM_LEN_SAMPLE = 2000
 VAL_SET = "val"     # name of the generated validation set (data.val_problems) in results and logs
-TASKS = tuple(tasks.TASKS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,13 +73,10 @@ def file_examples(path: str, styles, packed: bool, form: str = "full", extra_que
     records; see ``indexed``; ACRE files only)."""
     if path.endswith(".jsonl"):
         return (jsonl.index_jsonl(path) if lazy else jsonl.load_jsonl(path)), None
-    if task != "acre":
-        problems = tasks.get(task).load(path)
-        return tasks.examples(task, problems, styles, packed, form, extra_queries), problems
-    if lazy:
+    if lazy and task == "acre":     # rendered on demand too (RenderedProblems renders ACRE problems)
         problems = acre.index_problems(path)
         return RenderedProblems(problems, styles, packed, form, extra_queries, name=path), problems
-    problems = acre.load_problems(path)
+    problems = tasks.get(task).load(path)
     return tasks.examples(task, problems, styles, packed, form, extra_queries), problems
 
 
@@ -138,7 +134,7 @@ def build(data: DataConfig, seed: int) -> RunData:
     generate = task.generate
 
     def render_all(problems, extra_queries=False):
-        return tasks.examples(d.task, problems, styles, packed, form, extra_queries)
+        return task.render(problems, styles, packed, form, extra_queries)
 
     if d.train_file:
         train_examples, train_problems = file_examples(d.train_file, styles, packed, form, extra, lazy=True,

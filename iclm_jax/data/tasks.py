@@ -1,6 +1,6 @@
 """``data.task``: what differs between the benchmarks behind one data path (generate -> render -> tokenize
 -> grain). Each task names its splits, its problem generator, how problems become domain-labelled
-examples, its problem files, its reference predictors and the word tokenizer that knows its words.
+examples, its problem files and its reference predictors (its word tokenizer: ``data.tokenizer=acre_word|raven_word``).
 
 * ``acre``: ACRE blicket problems; splits IID/Comp/Sys/CompHeldout/...; four queries per problem (packed
   rows share the contexts); references majority and object count.
@@ -32,10 +32,10 @@ class Task:
     splits: tuple[str, ...]
     generate: Callable            # (split, part, n, seed) -> problems
     render: Callable              # (problems, styles, packed, form, extra_queries) -> examples
-    load: Callable                # path -> problems (a release-format / problem JSON file)
+    load: Callable                # path -> problems (a release-format / problem JSON file), read whole
+    index: Callable               # path -> the same problems, read on demand where the task can
     fit_reference: Callable       # train problems -> {name: predictor}
     score_reference: Callable     # (predictor, problems) -> {"all": accuracy, ...}
-    word_tokenizer: str           # the data.tokenizer that covers every word of the renderings
     packable: bool                # several queries per problem (data.packed, data.extra_queries)
 
 
@@ -47,16 +47,12 @@ def _raven_examples(problems, styles, packed: bool = False, form: str = "full", 
             for i, p in enumerate(problems) for style in styles]
 
 
-def _acre_examples(problems, styles, packed: bool = True, form: str = "full", extra_queries: bool = False):
-    return pipeline.acre_examples(problems, styles=styles, packed=packed, form=form, extra_queries=extra_queries)
-
-
 TASKS = {
-    "acre": Task("acre", acre.SPLITS, acre_generate.generate_problems, _acre_examples, acre.load_problems,
-                 reference.fit_reference, reference.score_reference, "acre_word", True),
+    "acre": Task("acre", acre.SPLITS, acre_generate.generate_problems, pipeline.acre_examples, acre.load_problems,
+                 acre.index_problems, reference.fit_reference, reference.score_reference, True),
     "raven": Task("raven", raven.CONFIGURATIONS, raven_generate.generate_problems, _raven_examples,
-                  raven.load_problems,
-                  raven_reference.fit_reference, raven_reference.score_reference, "raven_word", False),
+                  raven.load_problems, raven.load_problems, raven_reference.fit_reference,
+                  raven_reference.score_reference, False),
 }
 
 

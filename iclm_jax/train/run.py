@@ -12,7 +12,7 @@ from flax import nnx
 
 from iclm_jax import checkpoint, evaluate, hf, independence, sharding
 from iclm_jax.config_check import ConfigError
-from iclm_jax.data import acre, sources, tasks
+from iclm_jax.data import sources, tasks
 from iclm_jax.data.reference import fit_majority_answer, score_majority_answer
 from iclm_jax.data.tokenizer import load_tokenizer
 from iclm_jax.fields import csv, typed
@@ -189,7 +189,7 @@ class LoadedRun(Run):
         if problems is not None:
             task = tasks.get(d.task)
             if d.train_file:
-                train = acre.index_problems(d.train_file) if d.task == "acre" else task.load(d.train_file)
+                train = task.index(d.train_file)
             else:
                 train = task.generate(d.train_split, "train", d.train_problems, self.config.seed)
             ref = {k: task.score_reference(p, problems) for k, p in task.fit_reference(train).items()}
