@@ -35,25 +35,32 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _run_check(args: argparse.Namespace) -> int:
+    return check_files(args.files, load_problems, AcreFormatError, lambda e: print(f"FORMAT ERROR {e}"),
+                       _disagreements,
+                       lambda ps: f"OK, {len(ps)} problems, {4 * len(ps)} queries, every label agrees with the rule")
+
+
+def check_files(paths, load, format_error: type, report_format_error, problem_lines, ok_text) -> int:
+    """``check``: each file is read with ``load`` (a ``format_error`` goes to ``report_format_error``), then
+    ``problem_lines(i, problem)`` (the disagreements of problem i, each a line) are printed as ``path: line``,
+    and a count, or ``path: ok_text(problems)``. Exit status 1 if any file is bad."""
     status = 0
-    for path in args.files:
+    for path in paths:
         try:
-            problems = load_problems(path)
-        except AcreFormatError as e:
-            print(f"FORMAT ERROR {e}")
+            problems = load(path)
+        except format_error as e:
+            report_format_error(e)
             status = 1
             continue
-        bad = [_disagreements(i, p) for i, p in enumerate(problems)]
+        bad = [problem_lines(i, p) for i, p in enumerate(problems)]
         for line in (line for lines in bad for line in lines):
             print(f"{path}: {line}")
         n_bad = sum(map(bool, bad))
         if n_bad:
             status = 1
-            print(f"{path}: {sum(map(len, bad))} disagreement(s) in {n_bad} of {len(problems)} "
-                  "problems")
+            print(f"{path}: {sum(map(len, bad))} disagreement(s) in {n_bad} of {len(problems)} problems")
         else:
-            print(f"{path}: OK, {len(problems)} problems, {4 * len(problems)} queries, "
-                  "every label agrees with the rule")
+            print(f"{path}: {ok_text(problems)}")
     return status
 
 
@@ -64,21 +71,23 @@ def _run_stats(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The data command line; each subcommand sets ``func(args) -> exit status`` as its default."""
-    parser = argparse.ArgumentParser(prog="python -m iclm_jax.data.acre",
-                                     description="ACRE blicket problems: generate, check, stats, render",
-                                     formatter_class=argparse.RawTextHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_problem_commands(sub, "--split", SPLITS, PARTS, {
-        "generate": (_run_generate, "generate problems in the release format"),
-        "check": (_run_check, "validate files and re-derive every label (exit 1 if bad)"),
-        "stats": (_run_stats, "query type x label table of a file")})
+    parser, sub = problem_parser(
+        "python -m iclm_jax.data.acre", "ACRE blicket problems: generate, check, stats, render",
+        "--split", SPLITS, PARTS, {
+            "generate": (_run_generate, "generate problems in the release format"),
+            "check": (_run_check, "validate files and re-derive every label (exit 1 if bad)"),
+            "stats": (_run_stats, "query type x label table of a file")})
     add_render_command(sub)
     return parser
 
 
-def add_problem_commands(sub, split_flag: str, splits, parts, commands: dict) -> None:
-    """The subcommands every task's data command line has: ``generate SPLIT_FLAG --part --n --seed --out``,
-    ``check FILE...`` and ``stats FILE``; ``commands`` maps each name to (func, help)."""
+def problem_parser(prog: str, description: str, split_flag: str, splits, parts, commands: dict):
+    """(parser, subparsers) with the subcommands every task's data command line has: ``generate SPLIT_FLAG
+    --part --n --seed --out``, ``check FILE...`` and ``stats FILE``; ``commands`` maps each name to (func,
+    help). Each subcommand sets ``func(args) -> exit status`` as its default (``run`` calls it)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawTextHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help=commands["generate"][1])
     g.add_argument(split_flag, choices=splits, required=True)
     g.add_argument("--part", choices=parts, required=True)
@@ -92,15 +101,21 @@ def add_problem_commands(sub, split_flag: str, splits, parts, commands: dict) ->
     s = sub.add_parser("stats", help=commands["stats"][1])
     s.add_argument("file", metavar="FILE")
     s.set_defaults(func=commands["stats"][0])
+    return parser, sub
+
+
+def run(parser: argparse.ArgumentParser, argv, errors: tuple) -> int:
+    """Parse ``argv`` and run its subcommand; one of ``errors`` is one line ``error: ...`` and exit 1."""
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (AcreFormatError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run(build_parser(), argv, (AcreFormatError, OSError))
 
 
 def _run_render(args: argparse.Namespace) -> int:

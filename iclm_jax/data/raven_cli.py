@@ -17,7 +17,7 @@ import sys
 from collections import Counter
 from typing import Sequence
 
-from iclm_jax.data.cli import add_problem_commands
+from iclm_jax.data.cli import check_files, problem_parser, run
 from iclm_jax.data.jsonl import write_jsonl
 from iclm_jax.data.raven import (
     CONFIGURATIONS,
@@ -56,25 +56,9 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _run_check(args: argparse.Namespace) -> int:
-    status = 0
-    for path in args.files:
-        try:
-            problems = load_problems(path)
-        except RavenFormatError as e:
-            print(f"error: {e}", file=sys.stderr)
-            status = 1
-            continue
-        bad = [disagreements(p) for p in problems]
-        for i, lines in enumerate(bad):
-            for line in lines:
-                print(f"{path}: problem {i}: {line}")
-        n_bad = sum(map(bool, bad))
-        if n_bad:
-            status = 1
-            print(f"{path}: {sum(map(len, bad))} disagreement(s) in {n_bad} of {len(problems)} problems")
-        else:
-            print(f"{path}: OK, {len(problems)} problems, every answer follows the rules and is unique")
-    return status
+    return check_files(args.files, load_problems, RavenFormatError, lambda e: print(f"error: {e}", file=sys.stderr),
+                       lambda i, p: [f"problem {i}: {line}" for line in disagreements(p)],
+                       lambda ps: f"OK, {len(ps)} problems, every answer follows the rules and is unique")
 
 
 def _run_stats(args: argparse.Namespace) -> int:
@@ -93,14 +77,12 @@ def _run_render(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; each subcommand sets ``func(args) -> exit status`` as its default."""
-    parser = argparse.ArgumentParser(prog="python -m iclm_jax.data.raven",
-                                     description="RAVEN progressive matrices: generate, check, stats, render",
-                                     formatter_class=argparse.RawTextHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_problem_commands(sub, "--configuration", CONFIGURATIONS, PARTS, {
-        "generate": (_run_generate, "generate problems (one JSON array)"),
-        "check": (_run_check, "validate files and re-derive every answer (exit 1 if bad)"),
-        "stats": (_run_stats, "rule counts per attribute and target letters of a file")})
+    parser, sub = problem_parser(
+        "python -m iclm_jax.data.raven", "RAVEN progressive matrices: generate, check, stats, render",
+        "--configuration", CONFIGURATIONS, PARTS, {
+            "generate": (_run_generate, "generate problems (one JSON array)"),
+            "check": (_run_check, "validate files and re-derive every answer (exit 1 if bad)"),
+            "stats": (_run_stats, "rule counts per attribute and target letters of a file")})
     r = sub.add_parser("render", help="render a problem file to JSONL (one record per problem)")
     r.add_argument("file", metavar="FILE")
     r.add_argument("--style", choices=DOMAINS, required=True, help="rendering (domain)")
@@ -111,9 +93,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (RavenFormatError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run(build_parser(), argv, (RavenFormatError, OSError, ValueError))
