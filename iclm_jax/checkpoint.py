@@ -27,6 +27,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from iclm_jax.model import layer_stack
+
 
 def _is_key(x) -> bool:
     return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
@@ -151,8 +153,9 @@ ADDED_LATER = {"removal_cost": 0, "split_gain": 0, "relocations": 0}     # model
 
 def _restore_step(mngr, abstract_state, step: int, with_data: bool):
     full = _abstract_storable(abstract_state)
-    added = _missing_added_later(mngr, step, full)
-    target = _without(full, added) if added else full
+    layout = _stored_layout(mngr, step, full)    # the target in the layout the step was saved in
+    added = _missing_added_later(mngr, step, layout)
+    target = _without(layout, added) if added else layout
     items = dict(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
     if with_data and "data" in mngr.item_metadata(step):
         items["data"] = ocp.args.JsonRestore()
@@ -160,9 +163,42 @@ def _restore_step(mngr, abstract_state, step: int, with_data: bool):
     data = out["data"] if "data" in items else None
     stored = out["state"]
     for path in added:              # start the variables the checkpoint predates at their init value
-        leaf = _get(full, path)
+        leaf = _get(layout, path)
         _set(stored, path, jax.numpy.full(leaf.shape, ADDED_LATER[path[-1]], leaf.dtype, device=leaf.sharding))
+    if layout is not full:          # saved with the other layer layout: convert, then place as the target
+        stored = jax.tree.map(lambda a, t: jax.device_put(a, t.sharding) if t.sharding is not None else a,
+                              layer_stack.convert(stored, full), full)
     return from_storable(abstract_state, stored), out["meta"], step, data
+
+
+def _stored_layout(mngr, step: int, full: dict) -> dict:
+    """``full`` (abstract, storable) in the layer layout of the stored step: itself when they agree, else
+    converted (``model.scan_layers`` changed: a stacked ``layers`` node stored per layer, or the reverse)."""
+    try:
+        stored = _plain(mngr.item_metadata(step)["state"])
+    except Exception:   # noqa: BLE001  (no metadata to compare: restore as is, and fail there if it must)
+        return full
+    if not layer_stack.layouts_differ(full, stored):
+        return full
+    return layer_stack.convert(full, stored, stack=_stack_abstract, take=_take_abstract)
+
+
+def _layer_sharding(sharding, add: bool):
+    """The sharding of a leaf with its leading layer axis added (replicated) or removed."""
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return sharding             # one device (or none): fits any shape
+    spec = tuple(sharding.spec)
+    spec = (None,) + spec if add else spec[1:]
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+
+
+def _stack_abstract(leaves):
+    x = leaves[0]
+    return jax.ShapeDtypeStruct((len(leaves),) + tuple(x.shape), x.dtype, sharding=_layer_sharding(x.sharding, True))
+
+
+def _take_abstract(leaf, i: int):
+    return jax.ShapeDtypeStruct(tuple(leaf.shape[1:]), leaf.dtype, sharding=_layer_sharding(leaf.sharding, False))
 
 
 def _paths(tree, prefix=()):

@@ -30,7 +30,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv", "tensor"),
-    ("layers", None),           # reserved for stored stacked layers (none yet)
+    ("layers", None),           # the stacked blocks' layer axis (model.scan_layers): never split
     ("module", "module"),       # the stacked adapter axis: expert parallelism over "module"
     ("codes", None),
     ("lora", None),

@@ -53,11 +53,20 @@ def random_batch(b: int = 4, length: int = 12, seed: int = 0, num_slots: int = 1
 
 
 def nonzero_lora_b(model, seed: int = 0, scale: float = 0.1):
-    """Give every LoRA B a random value: fresh adapters are B = 0, which hides routing effects."""
+    """Give every LoRA B a random value: fresh adapters are B = 0, which hides routing effects. A model
+    with stacked layers (``model.scan_layers``) gets the same values as the unrolled one of its config."""
     rng = np.random.default_rng(seed)
-    for path, v in nnx.iter_graph(model):
-        if isinstance(v, LoRAParam) and path[-1] == "lora_b":
-            v[...] = jnp.asarray(rng.normal(size=v.shape) * scale, jnp.float32)
+    bs = [v for path, v in nnx.iter_graph(model) if isinstance(v, LoRAParam) and path[-1] == "lora_b"]
+    if bs and (bs[0].get_metadata().get("out_sharding") or ("",))[0] == "layers":
+        vals = [np.empty(v.shape, np.float32) for v in bs]
+        for i in range(bs[0].shape[0]):       # the unrolled order: layer by layer
+            for val in vals:
+                val[i] = rng.normal(size=val.shape[1:]) * scale
+        for v, val in zip(bs, vals):
+            v[...] = jnp.asarray(val)
+        return model
+    for v in bs:
+        v[...] = jnp.asarray(rng.normal(size=v.shape) * scale, jnp.float32)
     return model
 
 

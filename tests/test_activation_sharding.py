@@ -13,6 +13,7 @@ from flax import nnx
 
 from iclm_jax import losses, sharding
 from iclm_jax.checkpoint import to_storable
+from iclm_jax.model import layer_stack
 from iclm_jax.model.lora import LoraConfig, LoRAParam
 from iclm_jax.model.transformer import REMAT_POLICIES, Transformer
 from iclm_jax.train import build
@@ -51,7 +52,7 @@ def _eager_loss_and_grads(config):
     ts, loss = _loss_fn(config)
     batch = {k: jnp.asarray(v) for k, v in random_batch(b=4, seed=3).items()}
     value, grads = nnx.value_and_grad(loss)(ts.model, batch)
-    return float(value), _flat(nnx.to_pure_dict(grads)), _flat(to_storable(nnx.state(ts.model)))
+    return float(value), nnx.to_pure_dict(grads), to_storable(nnx.state(ts.model))
 
 
 def _remat_eqns(config) -> list:
@@ -77,8 +78,10 @@ def _remat_eqns(config) -> list:
 @pytest.mark.parametrize("dropout", [0.0, 0.5])
 def test_remat_gives_identical_loss_gradients_and_state(dropout):
     want_loss, want_grads, want_state = _eager_loss_and_grads(_config("none", dropout))
+    want_grads, want_state = _flat(want_grads), _flat(want_state)
     for remat in ("block", "dots"):
         loss, grads, state = _eager_loss_and_grads(_config(remat, dropout))
+        grads, state = _flat(grads), _flat(state)
         assert loss == want_loss, remat
         assert grads.keys() == want_grads.keys()
         assert any(np.any(g != 0) for k, g in grads.items() if "lora_a" in k)
@@ -128,6 +131,9 @@ def test_scanned_layers_give_the_same_loss_gradients_and_state(remat, dropout):
     values agree to float32 rounding; dropout draws and RNG counts must agree exactly."""
     want_loss, want_grads, want_state = _eager_loss_and_grads(_config(remat, dropout))
     loss, grads, state = _eager_loss_and_grads(_scan_config(remat, dropout))
+    # the scanned model stores its blocks stacked: compare in the unrolled layout
+    grads, state = layer_stack.convert(grads, want_grads), layer_stack.convert(state, want_state)
+    want_grads, want_state, grads, state = map(_flat, (want_grads, want_state, grads, state))
     np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
     assert grads.keys() == want_grads.keys()
     assert any(np.any(g != 0) for k, g in grads.items() if "lora_a" in k)
@@ -246,7 +252,7 @@ def _train(config, mesh, steps=2):
     for s in range(steps):
         state, metrics = step(state, put(random_batch(b=8, seed=s)))
         out.append((float(metrics["loss"]), float(metrics["grad_norm"])))
-    return np.asarray(out), _flat(to_storable(state))
+    return np.asarray(out), to_storable(state)
 
 
 @pytest.mark.slow
@@ -264,6 +270,8 @@ def test_constrained_mesh_step_equals_the_plain_one_device_step(remat, scan):
     got_config = config(remat)
     got_config.model.scan_layers = scan
     got, params = _train(got_config, sharding.make_mesh(MESH))
+    # a scanned model stores its blocks (and their Adam moments) stacked: compare in the unrolled layout
+    params, want_params = _flat(layer_stack.convert(params, want_params)), _flat(want_params)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     assert params.keys() == want_params.keys()
     for k, x in want_params.items():

@@ -29,7 +29,7 @@ import numpy as np
 from iclm_jax.hf.export_custom import write_custom_model
 from iclm_jax.hf.files import DEFAULT_SHARD_BYTES, save_tokenizer, save_weights, write_json
 from iclm_jax.hf.import_hf import _LAYER_NAMES, _TOP_NAMES
-from iclm_jax.hf.weights import base_params
+from iclm_jax.hf.weights import base_params, per_layer
 from iclm_jax.model.transformer import TransformerConfig
 
 __all__ = ["export_model", "check_out", "check_exportable", "OutputError", "NotExportable",
@@ -81,13 +81,13 @@ def _np(value) -> np.ndarray:
 
 
 def base_weights(base) -> dict[str, np.ndarray]:
-    """{our name: float32 array} of a Transformer's base parameters (no LoRA)."""
-    return {name: _np(v.get_value()) for name, v in base_params(base).items()}
+    """{our name: float32 array} of a Transformer's base parameters (no LoRA), per layer in either layout."""
+    return per_layer({name: _np(v.get_value()) for name, v in base_params(base).items()})
 
 
 def _lora_layers(base):
     """(layer index, projection name, LoRALinear) of every projection carrying adapters."""
-    for i, layer in enumerate(base.layers):
+    for i, layer in enumerate(base.blocks()):
         for proj in _PEFT_TARGETS:
             lin = getattr(layer, proj)
             if lin.lora is not None:

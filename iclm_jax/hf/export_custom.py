@@ -70,7 +70,7 @@ def custom_tensors(model: ICLM) -> dict[str, np.ndarray]:
     t = {"embed_tokens.weight": _np(base.embedding[...]), "norm.weight": _np(base.norm.weight[...])}
     if not cfg.base.tie_embeddings:
         t["lm_head.weight"] = _np(base.lm_head[...]).T.copy()
-    for i, layer in enumerate(base.layers):
+    for i, layer in enumerate(base.blocks()):
         p = f"layers.{i}."
         t[p + "input_layernorm.weight"] = _np(layer.attn_norm.weight[...])
         t[p + "post_attention_layernorm.weight"] = _np(layer.mlp_norm.weight[...])

@@ -7,13 +7,16 @@ by ``jax.make_array_from_callback`` so a host only reads the slices its devices 
 
 Our names are the Transformer's parameter paths joined by dots: ``embedding``, ``lm_head``,
 ``norm.weight``, ``layers.{i}.{attn_norm,mlp_norm}.weight`` and
-``layers.{i}.{q,k,v,o,gate,up,down}.kernel``.
+``layers.{i}.{q,k,v,o,gate,up,down}.kernel``. A model with stacked blocks (``model.scan_layers``) holds
+``layers.{name}`` [L, ...] instead: ``load_into`` stacks the importers' per-layer tensors for it
+(``stacked_weights``), and ``per_layer`` splits them again for the exporters.
 LoRA weights (``LoRAParam``) are never touched.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from typing import Any, Mapping
 
@@ -99,6 +102,59 @@ def base_params(base) -> dict[str, nnx.Variable]:
             if isinstance(v, nnx.Param) and not isinstance(v, LoRAParam)}
 
 
+_STACKED = re.compile(r"layers\.([^0-9.][^.]*\..+)")
+_PER_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
+
+
+class _LayerStack:
+    """Per-layer arrays read as one [L, ...] array (a model with stacked blocks), slice by slice: numpy
+    indexing of the stack reads only the layers and elements asked for."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.shape = (len(parts),) + tuple(np.shape(parts[0]))
+
+    def __getitem__(self, index):
+        index = index if isinstance(index, tuple) else (index,)
+        first, rest = (index[0], index[1:]) if index else (slice(None), ())
+        layers = range(*first.indices(self.shape[0])) if isinstance(first, slice) else [first]
+        out = np.stack([np.asarray(self.parts[i][rest], np.float32) for i in layers])
+        return out if isinstance(first, slice) else out[0]
+
+
+def stacked_weights(weights: Mapping[str, Any], targets: Mapping[str, Any]) -> dict[str, Any]:
+    """``weights`` (per-layer names, as every importer writes them) renamed for ``targets``' layout: where
+    a target is a stacked block's ``layers.<name>`` [L, ...], the ``layers.<i>.<name>`` of every i in
+    0..L-1 become one lazily stacked tensor. Anything incomplete stays as it was (``check_weights`` then
+    names it)."""
+    stacked = {m.group(1): targets[name].shape[0] for name in targets if (m := _STACKED.fullmatch(name))}
+    if not stacked:
+        return dict(weights)
+    groups: dict[str, dict[int, str]] = {}
+    for name in weights:
+        m = _PER_LAYER.fullmatch(name)
+        if m and m.group(2) in stacked:
+            groups.setdefault(m.group(2), {})[int(m.group(1))] = name
+    out = dict(weights)
+    for rest, names in groups.items():
+        if sorted(names) == list(range(stacked[rest])):
+            out[f"layers.{rest}"] = _LayerStack([out.pop(names[i]) for i in range(stacked[rest])])
+    return out
+
+
+def per_layer(weights: Mapping[str, Any]) -> dict[str, Any]:
+    """The reverse of ``stacked_weights`` on arrays: every stacked ``layers.<name>`` [L, ...] becomes the
+    ``layers.<i>.<name>`` of each layer (the names importers and exporters use)."""
+    out = {}
+    for name, array in weights.items():
+        m = _STACKED.fullmatch(name)
+        if m:
+            out.update({f"layers.{i}.{m.group(1)}": array[i] for i in range(np.shape(array)[0])})
+        else:
+            out[name] = array
+    return out
+
+
 def check_weights(targets: Mapping[str, Any], weights: Mapping[str, Any]) -> None:
     """Refuse missing, unexpected and mis-shaped tensors, all listed in one error."""
     lines = []
@@ -135,6 +191,7 @@ def load_into(base, weights: Mapping[str, Any], *, shardings=None) -> None:
     Raises WeightMismatchError (nothing written) if any tensor is missing, unexpected or mis-shaped.
     """
     targets = base_params(base)
+    weights = stacked_weights(weights, targets)
     check_weights(targets, weights)
     shardings = {k: v.get_value() if isinstance(v, nnx.Variable) else v
                  for k, v in _flat(shardings or {}).items()}

@@ -18,8 +18,9 @@ earlier ones (same layers and weights as ``__call__``, which is unchanged); see 
 
 Scale: the residual stream is pinned at every block boundary by logical names
 (``partitioning.constrain``, a no-op outside a step traced under ``partitioning.activation_sharding``),
-``cfg.remat`` rematerialises each block in the backward pass, and ``cfg.scan_layers`` runs the blocks
-as one ``lax.scan`` (``scan_blocks``). None of them changes a value; ``extend`` uses none of them.
+``cfg.remat`` rematerialises each block in the backward pass, and ``cfg.scan_layers`` stores the blocks
+stacked on a leading ``layers`` axis and runs them as one ``lax.scan`` (``scan_blocks``; the layout and its
+conversion: ``layer_stack.py``). None of them changes a value; ``extend`` runs the blocks one by one.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from flax import nnx
 
 from iclm_jax import partitioning
 from iclm_jax.model.canon import canon_mix, canon_sum
+from iclm_jax.model.layer_stack import block_at, stack_blocks
 from iclm_jax.model.lora import BASE_INIT_STD, LoraConfig, LoRALinear
 
 #: What a rematerialised block keeps for the backward pass (``cfg.remat``): "none" = no remat (all of
@@ -62,7 +64,7 @@ class TransformerConfig:
     dtype: Any = jnp.float32  # compute dtype; params are always float32
     remat: str = "none"       # REMAT_POLICIES key; memory only, not part of the saved state's structure
     canon: int = 0            # K > 0: a canon layer of width K on the token embeddings (``canon_mix``)
-    scan_layers: bool = False  # run the blocks as one lax.scan (``scan_blocks``); compute only, same values
+    scan_layers: bool = False  # blocks stored stacked on a "layers" axis, run as one lax.scan; same values
     attention: str = "materialised"   # ATTENTION: the kernel (``attend``); compute only, same values
 
     def __post_init__(self) -> None:
@@ -242,27 +244,24 @@ class Block(nnx.Module):
         return x + self.down(g, adapter, **kw).astype(jnp.float32)
 
 
-def scan_blocks(layers, x: jax.Array, positions: jax.Array, mask: jax.Array, adapter: jax.Array | None,
+def scan_blocks(stacked, x: jax.Array, positions: jax.Array, mask: jax.Array, adapter: jax.Array | None,
                 deterministic: bool, policy) -> jax.Array:
-    """The blocks applied in order as one ``lax.scan`` over their stacked states: the same values as
-    the Python loop (dropout included: each block keeps its own RNG stream, whose counts are written
-    back), but the step compiles one block instead of ``n_layers`` and, with a remat ``policy``, the
-    backward pass keeps only each block's input on every backend (XLA:CPU merges an unrolled
-    recomputation back into the forward pass). The parameters stay one module per layer (checkpoints,
-    imports and exports do not change); the step stacks them, an extra copy of the block weights."""
-    graphdef, _ = nnx.split(layers[0])     # every block has the same structure
-    stacked = jax.tree.map(lambda *a: jnp.stack(a), *[nnx.state(layer) for layer in layers])
+    """The blocks of a stacked ``Block`` (``layer_stack.stack_blocks``) applied in order as one ``lax.scan``:
+    the same values as the unrolled Python loop (dropout included: each layer keeps its own RNG stream,
+    whose counts are written back), but the step compiles one block instead of ``n_layers`` and, with a
+    remat ``policy``, the backward pass keeps only each block's input on every backend (XLA:CPU merges an
+    unrolled recomputation back into the forward pass)."""
+    graphdef, state = nnx.split(stacked)
 
-    def body(h, state):
-        layer = nnx.merge(graphdef, state)
+    def body(h, layer_state):
+        layer = nnx.merge(graphdef, layer_state)
         h = partitioning.constrain(layer(h, positions, mask, adapter, deterministic), RESIDUAL)
         return h, nnx.state(layer, nnx.RngState)
 
     if policy is not None:   # inside a scan the recomputation cannot be merged away: no barrier needed
         body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    x, rng_states = jax.lax.scan(body, x, stacked)
-    for i, layer in enumerate(layers):   # dropout advanced each block's stream: keep the counts
-        nnx.update(layer, jax.tree.map(lambda a: a[i], rng_states))
+    x, rng_states = jax.lax.scan(body, x, state)
+    nnx.update(stacked, rng_states)   # dropout advanced each layer's stream: keep the counts
     return x
 
 
@@ -282,7 +281,9 @@ class Transformer(nnx.Module):
                                                       -bound, bound), out_sharding=(None, "embed"))
         else:
             self.canon = nnx.data(None)
-        self.layers = nnx.List([Block(cfg, lora, rngs=rngs) for _ in range(cfg.n_layers)])
+        blocks = [Block(cfg, lora, rngs=rngs) for _ in range(cfg.n_layers)]
+        # scan_layers: one Block whose variables are stacked on a leading "layers" axis (layer_stack.py)
+        self.layers = stack_blocks(blocks) if cfg.scan_layers else nnx.List(blocks)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs=rngs, dtype=cfg.dtype)
         if cfg.tie_embeddings:
             self.lm_head = nnx.data(None)
@@ -361,12 +362,18 @@ class Transformer(nnx.Module):
                 return table[prev], positions - i >= 0
             x = canon_sum(x, self.canon[...], predecessor)
         ks, vs = [], []
-        for layer, k, v in zip(self.layers, cache.k, cache.v):
+        for layer, k, v in zip(self.blocks(), cache.k, cache.v):
             x, k, v = layer.extend(x, positions, mask, adapter, k, v)
             ks.append(k)
             vs.append(v)
         added = jnp.full((b,), t, jnp.int32) if num_new is None else num_new.astype(jnp.int32)
         return x, KVCache(tuple(ks), tuple(vs), cache.lengths + added, tokens)
+
+    def blocks(self) -> list[Block]:
+        """The blocks in order, as separate ``Block``s in either layout (copies of a stacked one's layers)."""
+        if self.cfg.scan_layers:
+            return [block_at(self.layers, i) for i in range(self.cfg.n_layers)]
+        return list(self.layers)
 
     def final_norm(self, x: jax.Array) -> jax.Array:
         return self.norm(x)

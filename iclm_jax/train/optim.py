@@ -6,6 +6,8 @@ import dataclasses
 import jax
 import optax
 
+from iclm_jax.model.layer_stack import in_stack
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
@@ -38,10 +40,12 @@ def make_schedule(lr: float, steps: int, warmup_steps: int, final_lr_fraction: f
 
 
 def _decay_mask(params):
-    """Weight decay on matrices only (decaying norm scales or biases towards zero only hurts), and
-    never on a VQ codebook (``router.update=gradient``): its codes must sit on the data, not shrink."""
+    """Weight decay on matrices only (decaying norm scales or biases towards zero only hurts; a stacked
+    block's ``layers`` axis does not count), and never on a VQ codebook (``router.update=gradient``): its
+    codes must sit on the data, not shrink."""
     def decay(path, p):
-        return getattr(p, "ndim", 0) >= 2 and "codebook" not in jax.tree_util.keystr(path)
+        ndim = getattr(p, "ndim", 0) - int(in_stack(path))
+        return ndim >= 2 and "codebook" not in jax.tree_util.keystr(path)
     return jax.tree_util.tree_map_with_path(decay, params)
 
 
