@@ -1,7 +1,11 @@
 """``iclm-eval --workdir RUN --data FILE [--data FILE ...] [--score teacher|generate|both] [--out FILE]``:
 evaluate a trained run on ACRE release-format JSON files or evals-style JSONL files and print the accuracy
 tables: teacher-forced exact match (``evaluate.py``, the default) and/or exact / partial match and F1 of
-greedy generations (``generate_score.py``); ``--out`` also writes every number as JSON."""
+greedy generations (``generate_score.py``); ``--out`` also writes every number as JSON.
+
+``--intervene=SPEC`` evaluates under interventions on the modules instead (``intervene.py``: ``route=M``,
+``swap``, ``ablate=M|invariant``, ``invariant-only``, ``specific-only``, ``all``) and prints their tables;
+``--report DIR`` also writes ``report.md`` and a PNG there (``intervention_report.py``)."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +13,7 @@ import json
 import os
 import sys
 
-from iclm_jax import generate_score
+from iclm_jax import generate_score, intervene, intervention_report
 from iclm_jax.data.acre import QUERY_TYPES
 from iclm_jax.data.render import DOMAINS
 from iclm_jax.evaluate import independence_table, modules_table, results_table, views_table
@@ -54,6 +58,13 @@ def _new_tokens(text: str) -> int:
     return n
 
 
+def _interventions(text: str) -> list:
+    try:
+        return intervene.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def generation_table(scores: dict[str, dict], teacher: dict[str, dict] | None = None) -> str:
     """One row per (eval set, group): overall, per query type, per domain (groups without queries left
     out); exact / partial match and F1 of the greedy generations, and with ``teacher`` (``summarise``
@@ -95,7 +106,17 @@ def run_eval(argv=None) -> int:
                         f"{generate_score.EXTRA_NEW_TOKENS})")
     p.add_argument("--out", default="",
                    help="also write the results (every table's numbers, per eval file) to this JSON file")
+    p.add_argument("--intervene", type=_interventions, default=None,
+                   help="evaluate under interventions on the modules, comma-separated: route=M, swap, ablate=M, "
+                        "ablate=invariant, invariant-only, specific-only, none, all (iclm_jax/intervene.py); "
+                        "prints the intervention tables instead of the usual ones")
+    p.add_argument("--report", default="",
+                   help="with --intervene: write report.md and interventions.png into this directory")
     args = p.parse_args(argv)
+    if args.report and args.intervene is None:
+        p.error("--report needs --intervene")
+    if args.report and os.path.exists(args.report) and not os.path.isdir(args.report):
+        p.error(f"--report {args.report}: not a directory")
     out_dir = os.path.dirname(os.path.abspath(args.out)) if args.out else ""
     if args.out and (os.path.isdir(args.out) or not os.path.isdir(out_dir)):
         why = "is a directory" if os.path.isdir(args.out) else f"its directory {out_dir} does not exist"
@@ -106,6 +127,8 @@ def run_eval(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"iclm-eval: {e}", file=sys.stderr)
         return 2
+    if args.intervene is not None:
+        return _run_interventions(run, args)
     results, refs, scores = {}, {}, {}
     for path in args.data:
         try:
@@ -137,6 +160,27 @@ def run_eval(argv=None) -> int:
     if args.score == "both":
         print()
         print(generation_table(scores, results))
+    return 0
+
+
+def _run_interventions(run, args) -> int:
+    """``--intervene``: every file under every intervention; the tables, and the report and JSON if asked."""
+    try:
+        results = intervene.evaluate_files(run, args.data, args.intervene, score=args.score,
+                                           batch_size=args.batch_size or None, max_unk=args.max_unk,
+                                           max_new_tokens=args.max_new_tokens or None)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"iclm-eval: {e}", file=sys.stderr)
+        return 2
+    print(intervention_report.tables(results))
+    if args.report:
+        paths = intervention_report.write(args.report, results, workdir=os.path.abspath(args.workdir),
+                                          step=run.step)
+        print(f"iclm-eval: wrote {', '.join(paths)}", file=sys.stderr)
+    if args.out:
+        _write_json(args.out, {"workdir": os.path.abspath(args.workdir), "step": run.step, "data": args.data,
+                               "score": args.score, "interventions": results})
+        print(f"iclm-eval: wrote {args.out}", file=sys.stderr)
     return 0
 
 

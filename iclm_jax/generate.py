@@ -58,7 +58,7 @@ def module_generate(model: ICLM, prompts, module: int, *, max_new_tokens: int, e
 def decode(model: ICLM, prompts, *, max_new_tokens: int, eos_id: int | None, pad_id: int,
            temperature: float = 0.0, top_k: int = 0, rng: Any = None, domain=None,
            module: int | None = None, return_logits: bool = False,
-           pad_multiple: int = 16) -> Generation:
+           pad_multiple: int = 16, route=None) -> Generation:
     """Greedy (``temperature == 0``) or sampled decoding of a batch of prompts.
 
     ``prompts``: a list of token-id lists, a 2-D int array of full rows, or a batch dict with
@@ -67,6 +67,8 @@ def decode(model: ICLM, prompts, *, max_new_tokens: int, eos_id: int | None, pad
     ``softmax(logits / temperature)`` restricted to the ``top_k`` largest logits (0 = all), with
     key ``fold_in(rng, step)``; ``rng`` is a PRNG key or an int seed. ``eos_id`` None: no stop.
     ``module`` None runs the whole ICLM, an int one module alone (``module_generate``).
+    ``route`` (int [B], with the whole ICLM): the specific module each row is forced to, an
+    intervention (``intervene.py``); the router is then not run at all.
     """
     cfg = model.cfg
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
@@ -82,6 +84,8 @@ def decode(model: ICLM, prompts, *, max_new_tokens: int, eos_id: int | None, pad
     if module is not None and not -1 <= module < num_modules:
         raise ValueError(f"decode: module={module} must be in [-1, {num_modules}) "
                          f"(K={cfg.num_modules} specific, invariant={cfg.invariant})")
+    if route is not None and module is not None:
+        raise ValueError("decode: route forces the whole ICLM's specific module; it cannot go with module")
     greedy = temperature == 0
     if not greedy and rng is None:
         raise ValueError("decode: temperature > 0 needs rng (a PRNG key or an int seed)")
@@ -92,6 +96,12 @@ def decode(model: ICLM, prompts, *, max_new_tokens: int, eos_id: int | None, pad
     domain = batch_domain if domain is None else np.asarray(domain, np.int32).reshape(-1)
     if domain is not None and domain.shape != lengths.shape:
         raise ValueError(f"decode: domain has shape {domain.shape}, expected ({lengths.shape[0]},)")
+    if route is not None:
+        route = np.asarray(route)
+        if (route.shape != lengths.shape or not np.issubdtype(route.dtype, np.integer)
+                or not ((0 <= route) & (route < cfg.num_modules)).all()):
+            raise ValueError(f"decode: route must be one int per prompt in [0, {cfg.num_modules}), "
+                             f"got {route.tolist()}")
     n_cap = round_up(max_new_tokens, pad_multiple)
     graphdef, state = nnx.split(model)
     tokens, routed, logits = _run(
@@ -99,7 +109,8 @@ def decode(model: ICLM, prompts, *, max_new_tokens: int, eos_id: int | None, pad
         None if domain is None else jnp.asarray(domain), jnp.int32(max_new_tokens),
         jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id),
         jnp.float32(temperature if not greedy else 1.0), key, jnp.int32(-1 if module is None else module),
-        single=module is not None, greedy=greedy, top_k=int(top_k), n_cap=n_cap, want_logits=return_logits)
+        single=module is not None, greedy=greedy, top_k=int(top_k), n_cap=n_cap, want_logits=return_logits,
+        route=None if route is None else jnp.asarray(route, jnp.int32))
     n = max_new_tokens
     return Generation(np.asarray(tokens)[:, :n], np.asarray(routed),
                       None if logits is None else np.asarray(logits)[:, :n])
@@ -159,8 +170,10 @@ def _select(logits: jax.Array, key: jax.Array, greedy: bool, temperature: jax.Ar
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _prefill(model: ICLM, inputs, lengths, domain, module: jax.Array | None, max_len: int):
-    """Run the prompts through every active module stream.
+def _prefill(model: ICLM, inputs, lengths, domain, module: jax.Array | None, max_len: int,
+             forced: jax.Array | None = None):
+    """Run the prompts through every active module stream (``forced`` [B]: each row's specific module,
+    chosen without the router).
 
     -> (cache over S*B rows, adapter [S*B], last hidden [S*B, 1, d], combine, routed module [B]);
     ``combine`` maps the S streams' hidden states [B, T, d] to the model's logits [B, T, V].
@@ -184,13 +197,16 @@ def _prefill(model: ICLM, inputs, lengths, domain, module: jax.Array | None, max
             adapters.append(full(cfg.invariant_slot))
             outs.append(run(adapters[-1]))
             x_inv = outs[-1][0]
-        route = model.route(batch, x_inv, train=False)          # the only router call
-        soft = cfg.router.mode == "soft" and model.router is not None
-        spec = [full(m) for m in range(cfg.num_modules)] if soft else [route.index]
+        if forced is not None:      # an intervention: one-hot weights, so one stream is the same sum
+            spec, weights, routed = [forced], None, forced
+        else:
+            route = model.route(batch, x_inv, train=False)          # the only router call
+            soft = cfg.router.mode == "soft" and model.router is not None
+            spec = [full(m) for m in range(cfg.num_modules)] if soft else [route.index]
+            weights, routed = (route.weights if soft else None), route.index
         for a in spec:
             adapters.append(a)
             outs.append(run(a))
-        weights, routed = (route.weights if soft else None), route.index
 
     def combine(xs):
         if module is not None:
@@ -208,13 +224,14 @@ def _prefill(model: ICLM, inputs, lengths, domain, module: jax.Array | None, max
 
 
 def _core(graphdef, state, inputs, lengths, domain, max_new, eos_id, pad_id, temperature, key,
-          module, *, single: bool, greedy: bool, top_k: int, n_cap: int, want_logits: bool):
-    """The whole decode; ``module`` (traced, so every module shares one compile) is used iff ``single``."""
+          module, *, single: bool, greedy: bool, top_k: int, n_cap: int, want_logits: bool, route=None):
+    """The whole decode; ``module`` (traced, so every module shares one compile) is used iff ``single``;
+    ``route`` (traced [B], or None: the router) forces each row's specific module."""
     model: ICLM = nnx.merge(graphdef, state)
     base = model.base
     b, p = inputs.shape
     cache, adapter, last, combine, routed = _prefill(model, inputs, lengths, domain,
-                                                     module if single else None, p + n_cap)
+                                                     module if single else None, p + n_cap, route)
     streams = adapter.shape[0] // b
     split = lambda x: [x[s * b:(s + 1) * b] for s in range(streams)]  # noqa: E731
 

@@ -36,7 +36,7 @@ import os
 import re
 import string
 from collections import Counter
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from flax import nnx
@@ -160,9 +160,12 @@ def _score_group(rs: list[dict]) -> dict:
 
 # ---------------------------------------------------------------------------- running a model
 def generate_answers(model, prompts: Sequence[QueryPrompt], tok: Tokenizer, *, max_new_tokens: int,
-                     batch_size: int) -> tuple[list[str], np.ndarray]:
+                     batch_size: int, route: Callable[[np.ndarray], np.ndarray] | None = None
+                     ) -> tuple[list[str], np.ndarray]:
     """Greedy continuations of ``prompts`` (KV cache; ``generate.decode``), cut at the first EOS and
     decoded with special tokens dropped -> (texts, routed module per prompt), in ``prompts`` order.
+    ``route`` maps a batch's prompt domains [B] to the specific module each is forced to (an
+    intervention, ``intervene.py``: the router is not run); None: the router decides.
 
     Prompts go shortest first in batches of exactly ``batch_size`` (the last one filled with copies), so
     the compilations are one per prompt-width bucket."""
@@ -173,10 +176,10 @@ def generate_answers(model, prompts: Sequence[QueryPrompt], tok: Tokenizer, *, m
     for lo in range(0, len(order), batch_size):
         idx = order[lo:lo + batch_size]
         fill = idx + [idx[-1]] * (batch_size - len(idx))
+        domain = np.asarray([prompts[i].domain for i in fill], np.int32)
         out = generate.decode(model, [list(prompts[i].tokens) for i in fill], max_new_tokens=max_new_tokens,
-                              eos_id=tok.eos_id, pad_id=tok.pad_id,
-                              domain=np.asarray([prompts[i].domain for i in fill], np.int32),
-                              pad_multiple=PAD_MULTIPLE)
+                              eos_id=tok.eos_id, pad_id=tok.pad_id, domain=domain, pad_multiple=PAD_MULTIPLE,
+                              route=None if route is None else route(domain))
         for row, i in enumerate(idx):
             ids = out.tokens[row].tolist()
             if tok.eos_id in ids:
@@ -192,16 +195,17 @@ def default_max_new_tokens(prompts: Sequence[QueryPrompt], tok: Tokenizer) -> in
 
 
 def score_examples(model, examples, tok: Tokenizer, *, max_new_tokens: int | None = None,
-                   batch_size: int = 32) -> dict:
+                   batch_size: int = 32, route: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
     """Generate an answer for every query of ``examples`` and score it (``score_records``) -> ``{"groups":
     ..., "records": [per query: ideal, generation, domain, query_type, label, module], "max_new_tokens"}``.
     Ideals are compared as the tokenizer writes them back (``decode(encode(ideal))``: a word-level
-    vocabulary decodes with spaces between words and punctuation, as the generations are)."""
+    vocabulary decodes with spaces between words and punctuation, as the generations are). ``route``: as
+    ``generate_answers``."""
     prompts = query_prompts(examples, tok)
     if not prompts:
         raise ValueError("score_examples: no queries")
     n = default_max_new_tokens(prompts, tok) if max_new_tokens is None else max_new_tokens
-    texts, modules = generate_answers(model, prompts, tok, max_new_tokens=n, batch_size=batch_size)
+    texts, modules = generate_answers(model, prompts, tok, max_new_tokens=n, batch_size=batch_size, route=route)
     records = [dict(ideal=tok.decode(tok.encode(p.ideal)), generation=g, domain=p.domain,
                     query_type=p.query_type, label=p.label, module=int(m))
                for p, g, m in zip(prompts, texts, modules)]

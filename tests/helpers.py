@@ -91,3 +91,26 @@ def cpu_recipe_config(steps: int, **data):
     for k, v in data.items():
         c.data[k] = v
     return c
+
+
+def write_random_run(work, config, lora_scale: float = 0.5):
+    """A run directory as ``iclm-train`` leaves it (config, data.json, tokenizer, a checkpoint at step 1),
+    holding ``config``'s random model with nonzero adapters (so the modules differ), without training
+    steps. Returns the run's data (``sources.build``) and the model saved."""
+    import json
+
+    from iclm_jax import checkpoint
+    from iclm_jax.data import sources
+    from iclm_jax.train.run import Run
+    data = sources.build(config.data, config.seed)
+    data.tokenizer.save(str(work / "tokenizer"))
+    (work / "data.json").write_text(json.dumps({"max_len": data.max_len, "num_slots": data.num_slots}))
+    (work / "config.json").write_text(config.to_json_best_effort(indent=2))
+    run = Run(config, str(work), data)
+    ts = nnx.merge(run.graphdef, run.state)
+    nonzero_lora_b(ts.model, scale=lora_scale)
+    mngr = checkpoint.manager(str(work))
+    checkpoint.save(mngr, 1, nnx.state(ts), {"step": 1})
+    mngr.wait_until_finished()
+    mngr.close()
+    return data, ts.model

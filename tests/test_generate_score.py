@@ -2,19 +2,18 @@
 the per-query prompts against the rows the model is evaluated on, generated vs teacher-forced exact match
 on one tiny model, and the command line."""
 import dataclasses
-import json
 import math
 
 import numpy as np
 import pytest
 from flax import nnx
 
-from iclm_jax import checkpoint, evaluate
+from iclm_jax import evaluate
 from iclm_jax import generate_score as gs
-from iclm_jax.data import acre, acre_generate, jsonl, pipeline, sources
+from iclm_jax.data import acre, acre_generate, jsonl, pipeline
 from iclm_jax.eval_main import run_eval
-from iclm_jax.train.run import Run, load_run
-from tests.helpers import nonzero_lora_b
+from iclm_jax.train.run import load_run
+from tests.helpers import write_random_run
 from tests.test_step import acre_cfg
 
 
@@ -94,17 +93,7 @@ def tiny_run(tmp_path_factory):
     random tiny model with nonzero adapters (so the modules differ), without the training steps' time."""
     work = tmp_path_factory.mktemp("gen") / "run"
     c = _config()
-    data = sources.build(c.data, c.seed)
-    data.tokenizer.save(str(work / "tokenizer"))
-    (work / "data.json").write_text(json.dumps({"max_len": data.max_len, "num_slots": data.num_slots}))
-    (work / "config.json").write_text(c.to_json_best_effort(indent=2))
-    run = Run(c, str(work), data)
-    ts = nnx.merge(run.graphdef, run.state)
-    nonzero_lora_b(ts.model, scale=0.5)
-    mngr = checkpoint.manager(str(work))
-    checkpoint.save(mngr, 1, nnx.state(ts), {"step": 1})
-    mngr.wait_until_finished()
-    mngr.close()
+    write_random_run(work, c)
     return work
 
 

@@ -38,7 +38,8 @@ COVERAGE = [
     (r"^iclm-train --config=experiments/configs/acre\.py:baseline", ("run", SMALL, {})),
     (r"^python -m iclm_jax\.data\.acre generate ", ("run", ("--n", "40"), {})),   # iclm-eval reads it: 500 = 4 min
     (r"^python -m iclm_jax\.data\.acre (check|stats|render) ", ("run", (), {})),
-    (r"^iclm-eval --workdir runs/x ", ("run", (), {})),
+    (r"^iclm-eval --workdir runs/x (?!.*--intervene)", ("run", (), {})),
+    (r"^iclm-eval --workdir runs/x .*--intervene=all --report runs/x/interventions$", ("run", (), {})),
     (r"--workdir=runs/mine ", ("run", SMALL, {})),
     (r"^iclm-train --workdir=runs/[me] --config\.mesh", ("run", SMALL, EIGHT_DEVICES)),
     (r"^python -m iclm_jax\.data\.raven (generate|check|stats|render) ", ("run", (), {})),
@@ -174,6 +175,6 @@ def test_readme_commands_run_as_written(tmp_path):
     assert ran >= 20
     for made in ("runs/x/summary.json", "runs/x/eval_sys.json", "data/acre/Sys/test.text.jsonl",
                  "exported/config.json", "runs/sweep/results.md", "runs/mine/summary.json", "runs/raven/summary.json",
-                 "data/raven/d4.text.jsonl"):
+                 "data/raven/d4.text.jsonl", "runs/x/interventions/report.md"):
         assert (tmp_path / made).exists(), made
     shutil.rmtree(tmp_path / "runs", ignore_errors=True)

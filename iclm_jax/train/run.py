@@ -171,9 +171,10 @@ def _load_pretrained_base(run: Run, config) -> None:
 
 
 class LoadedRun(Run):
-    def evaluate_file(self, path: str, batch_size: int | None = None, max_unk: float | None = None):
-        """(name, results, reference rows) of a release JSON or evals JSONL file; ``max_unk``: the largest
-        accepted fraction of ``<unk>`` tokens (default: the run's ``data.max_unk``)."""
+    def file_examples(self, path: str, batch_size: int | None = None, max_unk: float | None = None):
+        """(examples, problems or None) of a release JSON or evals JSONL file, rendered as the run's data
+        (styles, packing, form; the same refusals). The run's max_len grows to fit, and ``batch_size``
+        (the eval batch) is rounded up to the batch split."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--data {path}: no such file")
         d = typed(sources.DataConfig, self.config.data)
@@ -184,6 +185,13 @@ class LoadedRun(Run):
             self.data.max_len = round_up(need, 32)
         if batch_size:
             self.config.eval.batch_size = round_up(batch_size, sharding.data_ways(self.mesh, self.rules))
+        return examples, problems
+
+    def evaluate_file(self, path: str, batch_size: int | None = None, max_unk: float | None = None):
+        """(name, results, reference rows) of a release JSON or evals JSONL file; ``max_unk``: the largest
+        accepted fraction of ``<unk>`` tokens (default: the run's ``data.max_unk``)."""
+        examples, problems = self.file_examples(path, batch_size, max_unk)
+        d = typed(sources.DataConfig, self.config.data)
         res = self.evaluate(examples, views=True)
         ref = {}
         if problems is not None:
