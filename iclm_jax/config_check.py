@@ -25,7 +25,7 @@ from iclm_jax.model.router import MODES, UPDATES
 from iclm_jax.model.transformer import ATTENTION
 from iclm_jax.model.transformer import REMAT_POLICIES as REMAT
 from iclm_jax.sharding import DEFAULT_RULES, MESH_AXES, data_ways, resolve_axes, rules_from_config
-from iclm_jax.train.build import DTYPES
+from iclm_jax.train.build import CONTINUAL_MODES, DTYPES
 from iclm_jax.train.step import NONFINITE
 
 
@@ -45,7 +45,7 @@ class _Errors(list):
 def validate(c, *, num_devices: int | None = None) -> None:
     """Raise ``ConfigError`` listing every invalid field of config ``c``."""
     errs = _Errors()
-    for check in (_model, _lora, _router, _mi, _loss, _data, _train, _checkpoint):
+    for check in (_model, _lora, _router, _mi, _loss, _data, _train, _checkpoint, _continual):
         check(c, errs)
     _mesh(c, errs, jax.device_count() if num_devices is None else num_devices)
     if not errs:
@@ -247,6 +247,19 @@ def _checkpoint(c, errs: _Errors) -> None:
              "data.eval_splits or data.eval_files, e.g. 'IID/all'")
     need(ck.every >= 0, "checkpoint.every", ck.every, ">= 0")
     need(ck.keep >= 1, "checkpoint.keep", ck.keep, ">= 1")
+
+
+def _continual(c, errs: _Errors) -> None:
+    co, need = c.get("continual") or {}, errs.need
+    mode, run = co.get("mode", "grow"), co.get("from_run", "")
+    need(mode in CONTINUAL_MODES, "continual.mode", mode, f"one of {CONTINUAL_MODES}")
+    need(isinstance(co.get("train_invariant", False), bool), "continual.train_invariant",
+         co.get("train_invariant"), "True or False")
+    if run:
+        need(os.path.isdir(os.path.join(run, "checkpoints")) and os.path.isfile(os.path.join(run, "config.json")),
+             "continual.from_run", run, "a run directory holding config.json and checkpoints/")
+        need(not c.init_from, "init_from", c.init_from, f"'' with continual.from_run={run!r} (the parameters come "
+             "from that run)")
 
 
 def _mesh(c, errs: _Errors, n: int) -> None:

@@ -63,6 +63,10 @@ COVERAGE = [
     (r"^python -m iclm_jax\.sweep .*--only=", ("run", tuple(f"--set={a[len('--config.'):]}" for a in SMALL), {})),
     (r"^python -m iclm_jax\.sweep collect runs/sweep$", ("run", (), {})),
     (r"acre\.py:cpu --workdir=runs/sweep_cpu$", ("run", ("--dry-run",), {})),   # 12 points of up to an hour
+    (r"acre\.py:cpu,symbolic --workdir=runs/sym ", ("run", SMALL_VAL, {})),
+    (r"acre\.py:cpu,text --workdir=runs/sym_(grow|finetune) .*--config\.continual\.from_run=runs/sym",
+     ("run", SMALL_VAL, {})),
+    (r"^python -m iclm_jax\.continual_report ", ("run", ("--problems", "4"), {})),
 ]
 
 

@@ -116,6 +116,11 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         best_metric="",            # e.g. "IID/all": also keep the best checkpoints by this eval metric
     )
     c.init_from = ""               # another run's workdir: start from its parameters (not its step)
+    # Continual learning of a new domain (README "Continual learning"): start from a trained run's workdir and
+    # train on this config's data. grow: one new specific module and router code, the run's modules, codes,
+    # aggregator and base frozen (model.num_modules and model.train_base are set from the run) | finetune: the
+    # baseline, the run as it is with only its base frozen.
+    c.continual = dict(from_run="", mode="grow", train_invariant=False)
     # Device mesh: sizes of the named axes (-1 = the remaining devices). With slices = S > 1 the sizes
     # are one slice's (ICI) and the data axis repeats over the S slices (DCN): TPU multislice, GPU nodes.
     c.mesh = dict(data=-1, fsdp=1, tensor=1, module=1, slices=1)

@@ -1,6 +1,7 @@
-"""Vector-quantisation codebook helpers: squared distances, k-means++ seeding, row sampling, the
-removal cost and split gain of codes (the router's relocation), the purity of a code assignment against
-labels (how the router's modules line up with the domains), and a one-line report of unused modules."""
+"""Vector-quantisation codebook helpers: squared distances, k-means++ seeding (also of new codes beside fixed
+ones, for continual learning), row sampling, the removal cost and split gain of codes (the router's
+relocation), the purity of a code assignment against labels (how the router's modules line up with the
+domains), and a one-line report of unused modules."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -42,6 +43,38 @@ def kmeans_plus_plus(key: jax.Array, x: jax.Array, k: int,
 
     centers, _ = jax.lax.fori_loop(1, k, body, (centers, d2))
     return centers
+
+
+def extend_codes(key: jax.Array, x: jax.Array, codes: jax.Array, k: int, mask: jax.Array | None = None,
+                 lloyd_steps: int = 10) -> jax.Array:
+    """``k`` new codes for the rows ``x`` [N, c] beside the fixed ``codes`` [K, c] (continual learning: a new
+    domain's pooled states, the old domains' codes): [k, c].
+
+    Seeded by k-means++ continued from ``codes`` (each pick drawn ∝ D², the squared distance to the nearest
+    code so far, old ones included, so a new code lands on rows the old codes serve worst), then
+    ``lloyd_steps`` Lloyd iterations that move the new codes only: each new code becomes the mean of the
+    (``mask``-ed) rows nearest to it among all codes; a new code no row is nearest to stays where it is."""
+    x = jnp.asarray(x, jnp.float32)
+    codes = jnp.asarray(codes, jnp.float32)
+    m = jnp.ones(x.shape[:1], jnp.float32) if mask is None else mask.astype(jnp.float32)
+    m = jnp.where(m.sum() > 0, m, 1.0)
+    keys = jax.random.split(key, k)
+    d2 = jnp.min(sqdist(x, codes), axis=1)
+    new = []
+    for i in range(k):
+        w = d2 * m
+        w = jnp.where(w.sum() > 0, w, m)
+        j = jax.random.categorical(keys[i], jnp.log(w))
+        new.append(x[j])
+        d2 = jnp.minimum(d2, jnp.sum(jnp.square(x - x[j]), axis=-1))
+    new = jnp.stack(new)
+    n_old = codes.shape[0]
+    for _ in range(lloyd_steps):
+        nearest = jnp.argmin(sqdist(x, jnp.concatenate([codes, new])), axis=1)
+        own = jax.nn.one_hot(nearest - n_old, k, dtype=jnp.float32) * m[:, None]     # old codes' rows: zeros
+        n = own.sum(0)
+        new = jnp.where(n[:, None] > 0, (own.T @ x) / jnp.maximum(n, 1.0)[:, None], new)
+    return new
 
 
 def sample_rows(key: jax.Array, weight: jax.Array, k: int) -> jax.Array:

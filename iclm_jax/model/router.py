@@ -43,6 +43,13 @@ no removal costs less than some split gains, so codes do not keep moving between
 k-means++ init and relocation; the VQ loss moves it otherwise.
 
 Routing uses the statistics *before* this step's update (the usual VQ convention).
+
+Continual learning (``Router.freeze_codes(n)``, ``train/continual.py``): the first ``n`` codes belong to
+modules trained earlier on other domains and must keep routing those domains as before. A train step then
+leaves their codebook rows and statistics (N, m, R, G) as they are, never relocates them nor onto a split of
+them, and neither updates the running mean nor centres on the batch mean: training centres on the stored
+mean, as evaluation does, so the codes the new domain's rows are routed to during training are those they
+are routed to afterwards. With ``n = 0`` (the default) nothing of this runs.
 """
 from __future__ import annotations
 
@@ -159,6 +166,15 @@ class Router(nnx.Module):
         self.center, self.normalize = center, normalize
         if center:
             self.mean = RouterStat(jnp.zeros((d_in,), jnp.float32), out_sharding=("embed",))
+        self.frozen_codes = 0      # freeze_codes: the first n codes stay as they are (continual learning)
+
+    def freeze_codes(self, n: int) -> None:
+        """Keep the first ``n`` codes (and the running mean) fixed in every later train step (module docstring);
+        a static setting (one compilation), not state: a checkpoint of the router restores under any ``n``."""
+        if not 0 <= n < self.num_codes:
+            raise ValueError(f"Router.freeze_codes({n}): expected 0 <= n < num_codes={self.num_codes} (at least "
+                             "one code must stay free to learn)")
+        self.frozen_codes = int(n)
 
     def standardize(self, e: jax.Array, v: jax.Array, train: bool) -> jax.Array:
         """Optionally subtract a running mean and L2-normalise the pooled embeddings.
@@ -172,7 +188,7 @@ class Router(nnx.Module):
         e = e.astype(jnp.float32)
         if self.center:
             m = self.mean[...]
-            if train:
+            if train and not self.frozen_codes:
                 n = v.sum()
                 bm = jnp.sum(e * v[:, None], axis=0) / jnp.maximum(n, 1.0)
                 g = self.ema_decay
@@ -280,13 +296,28 @@ class Router(nnx.Module):
         st = split_statistics(key, zs, codebook, sqdist(zs, codebook), v)
         warm = lambda old, new: g * jnp.where(init, old, 0.0) + (1.0 - g) * new  # noqa: E731
         cost, gain = warm(self.removal_cost[...], st.cost), warm(self.split_gain[...], st.gain)
-        dead = counts < self.dead_threshold * share
         codes_k = jnp.arange(k)
-        i = jnp.argmin(jnp.where(dead, -jnp.inf, cost))
-        target = jnp.where((codes_k != i) & ~dead, gain, -jnp.inf)
+        free = codes_k >= self.frozen_codes                   # all codes unless some are frozen
+        if self.frozen_codes:       # frozen codes keep their row and statistics, and take no part in relocation
+            fixed = lambda new, old: jnp.where(free.reshape((k,) + (1,) * (new.ndim - 1)), new, old)  # noqa: E731
+            counts, cost, gain = (fixed(counts, self.counts[...]), fixed(cost, self.removal_cost[...]),
+                                  fixed(gain, self.split_gain[...]))
+            new_codes = fixed(new_codes, codebook)
+            if self.update == "ema":
+                sums = fixed(sums, self.ema_sums[...])
+        dead = counts < self.dead_threshold * share
+        if self.frozen_codes:
+            dead = dead & free
+            i = jnp.argmin(jnp.where(free, jnp.where(dead, -jnp.inf, cost), jnp.inf))
+            target = jnp.where((codes_k != i) & ~dead & free, gain, -jnp.inf)
+        else:
+            i = jnp.argmin(jnp.where(dead, -jnp.inf, cost))
+            target = jnp.where((codes_k != i) & ~dead, gain, -jnp.inf)
         j = jnp.argmax(target)
         better = (cost[i] < gain[j]) if self.relocate else jnp.array(False)
         move = ok & (k > 1) & jnp.isfinite(target[j]) & st.valid[j] & (dead[i] | better)
+        if self.frozen_codes:
+            move = move & free[i] & free[j]
         to_i, to_j = move & (codes_k == i), move & (codes_k == j)
         split = to_i | to_j
         new_codes = jnp.where(to_i[:, None], codebook[j] + st.high[j],

@@ -2,9 +2,9 @@
 
 Each config group the code consumes has a frozen dataclass next to the code that reads it
 (``TransformerConfig``, ``LoraConfig`` in the ICLM's fields, ``RouterConfig``, ``MIConfig``, ``LossConfig``,
-``OptimConfig``, ``DataConfig``; the loop's ``LoopConfig``, ``EvalConfig`` and ``CheckpointConfig`` are
-here); ``fields.typed`` fills one from its group. Fields a stored config predates keep their defaults,
-so older runs still load.
+``OptimConfig``, ``DataConfig``; the loop's ``LoopConfig``, ``EvalConfig``, ``CheckpointConfig`` and the
+``continual`` group's ``ContinualConfig`` are here); ``fields.typed`` fills one from its group. Fields a
+stored config predates keep their defaults, so older runs still load.
 """
 from __future__ import annotations
 
@@ -52,6 +52,27 @@ class CheckpointConfig:
     best_metric: str = ""         # "<eval set>/<metric>": also keep the best checkpoint by it
 
 
+CONTINUAL_MODES = ("grow", "finetune")
+
+
+@dataclasses.dataclass(frozen=True)
+class ContinualConfig:
+    """The ``continual`` group: learn a new domain starting from a trained run (``train/continual.py``)."""
+    from_run: str = ""            # "" = off; else the workdir of the run to start from
+    mode: str = "grow"            # grow: a new module and code, the old ones frozen | finetune: the baseline
+    train_invariant: bool = False  # grow: also train the invariant module (else it stays frozen too)
+
+
+def continual_config(config) -> ContinualConfig:
+    return typed(ContinualConfig, config.get("continual") or {})
+
+
+def frozen_codes(config) -> int:
+    """The router codes that stay fixed: with ``continual.mode=grow``, every code but the new last one."""
+    c = continual_config(config)
+    return config.model.num_modules - 1 if c.from_run and c.mode == "grow" else 0
+
+
 def router_config(config) -> RouterConfig:
     return typed(RouterConfig, config.router)
 
@@ -86,6 +107,8 @@ def train_state(config, vocab_size: int, *, seed: int | None = None) -> TrainSta
     rngs = nnx.Rngs(params=seed, dropout=seed + 1, router=seed + 2)
     mcfg = model_config(config, vocab_size)
     model = ICLM(mcfg, rngs=rngs)
+    if frozen_codes(config) and model.router is not None:
+        model.router.freeze_codes(frozen_codes(config))
     ocfg, mi = optim_config(config), mi_config(config)
     tx = make_optimizer(ocfg)
     critic = critic_tx = None

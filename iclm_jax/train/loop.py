@@ -28,7 +28,7 @@ from iclm_jax.data.reference import fit_majority_answer, score_majority_answer
 from iclm_jax.data.sources import DataConfig
 from iclm_jax.fields import csv, typed
 from iclm_jax.model.codebook import collapse_report
-from iclm_jax.train import build, disk_space, resume, workdir_lock
+from iclm_jax.train import build, continual, disk_space, resume, workdir_lock
 from iclm_jax.train.build import CheckpointConfig, EvalConfig, LoopConfig
 from iclm_jax.train.optim import effective_warmup
 from iclm_jax.train.preemption import EXIT_PREEMPTED, PreemptionWatcher
@@ -52,6 +52,11 @@ def train(config, workdir: str, *, quiet: bool = False) -> dict:
     """Train per ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the summary. A full
     disk at any point (before training, a save, a metrics write) raises ``disk_space.DiskFull``."""
     config_check.validate(config)
+    config, notes = continual.prepare(config)      # the config itself unless continual.from_run is set
+    if notes:
+        config_check.validate(config)              # the fields it set (the adapter stack over mesh.module)
+    for note in notes if jax.process_index() == 0 else ():
+        print(note, file=sys.stderr, flush=True)
     try:
         return _train(config, workdir, quiet)
     except (OSError, ValueError) as e:   # a full disk surfaces as either, from our files or orbax's

@@ -23,7 +23,7 @@ from iclm_jax.losses import LossConfig
 from iclm_jax.model.mi import MIConfig
 from iclm_jax.model.router import RouterConfig
 from iclm_jax.model.transformer import TransformerConfig
-from iclm_jax.train.build import CheckpointConfig, EvalConfig, LoopConfig
+from iclm_jax.train.build import CheckpointConfig, ContinualConfig, EvalConfig, LoopConfig
 from iclm_jax.train.optim import OptimConfig
 
 # Fields (or whole groups, "group.*") that may differ between a checkpoint's config and a resuming one.
@@ -35,7 +35,7 @@ RESUMABLE = (
 )
 _GROUPS = {"model": (TransformerConfig,), "router": (RouterConfig,), "mi": (MIConfig,), "loss": (LossConfig,),
            "train": (OptimConfig, LoopConfig), "eval": (EvalConfig,), "checkpoint": (CheckpointConfig,),
-           "data": (DataConfig,)}
+           "data": (DataConfig,), "continual": (ContinualConfig,)}
 _MISSING = object()
 
 
@@ -58,15 +58,21 @@ def resumable(field: str) -> bool:
 
 def mismatch(stored: dict, current: dict) -> list[str]:
     """``"field: checkpoint has A, config has B"`` for every non-resumable field that differs."""
+    return differences(stored, current, lambda field: not resumable(field), ("checkpoint has", "config has"))
+
+
+def differences(stored: dict, current: dict, compared, says: tuple[str, str]) -> list[str]:
+    """``"field: <says[0]> A, <says[1]> B"`` for every field (dotted) for which ``compared(field)`` holds and
+    the two configs differ; a field a stored config predates counts as its typed default."""
     a, b = _flatten(stored), _flatten(current)
     diffs = []
     for field in sorted(set(a) | set(b)):
-        if resumable(field):
+        if not compared(field):
             continue
         x, y = (d.get(field, ABSENT_MEANS.get(field, _MISSING)) for d in (a, b))
         if x != y:
             show = lambda v: "no such field" if v is _MISSING else repr(v)   # noqa: E731
-            diffs.append(f"{field}: checkpoint has {show(x)}, config has {show(y)}")
+            diffs.append(f"{field}: {says[0]} {show(x)}, {says[1]} {show(y)}")
     return diffs
 
 

@@ -17,7 +17,7 @@ from iclm_jax.data.reference import fit_majority_answer, score_majority_answer
 from iclm_jax.data.tokenizer import load_tokenizer
 from iclm_jax.fields import csv, typed
 from iclm_jax.padding import round_up
-from iclm_jax.train import build
+from iclm_jax.train import build, continual
 from iclm_jax.train.step import make_steps, make_view_steps
 
 
@@ -45,7 +45,7 @@ class Run:
             ts, self.loss_cfg, num_domains=config.data.num_domains, num_slots=data.num_slots,
             skip_nonfinite=config.train.nonfinite == "skip",
             state_sharding=self.state_sharding, batch_sharding=sharding.batch_sharding(self.mesh, self.rules),
-            rules=self.rules)
+            rules=self.rules, trainable=continual.trainable(ts.model, config))
         self.state = jax.jit(init, out_shardings=self.state_sharding)()
 
     def evaluate(self, examples, views: bool = False) -> dict:
@@ -123,8 +123,11 @@ class Run:
 
 
 def start_fresh(run: Run, config) -> str:
-    """A new run's starting parameters: another run's (``init_from``), else a pretrained base
-    (``model.init``, with the heads derived from it), else the random init. Returns what it did."""
+    """A new run's starting parameters: a run to learn a new domain from (``continual.from_run``), another run's
+    (``init_from``), else a pretrained base (``model.init``, with the heads derived from it), else the random
+    init. Returns what it did."""
+    if continual.settings(config).from_run:
+        return continual.start(run, config)
     if config.init_from:
         run.state = _init_from(run, config.init_from)
         return f"initialised parameters from {config.init_from}"
@@ -187,6 +190,15 @@ class LoadedRun(Run):
             self.config.eval.batch_size = round_up(batch_size, sharding.data_ways(self.mesh, self.rules))
         return examples, problems
 
+    def train_problems(self):
+        """The run's training problems, which the reference predictors are fitted on (read on demand from
+        ``data.train_file``, else generated again as the run generated them)."""
+        d = typed(sources.DataConfig, self.config.data)
+        task = tasks.get(d.task)
+        if d.train_file:
+            return task.index(d.train_file)
+        return task.generate(d.train_split, "train", d.train_problems, self.config.seed)
+
     def evaluate_file(self, path: str, batch_size: int | None = None, max_unk: float | None = None):
         """(name, results, reference rows) of a release JSON or evals JSONL file; ``max_unk``: the largest
         accepted fraction of ``<unk>`` tokens (default: the run's ``data.max_unk``)."""
@@ -196,11 +208,7 @@ class LoadedRun(Run):
         ref = {}
         if problems is not None:
             task = tasks.get(d.task)
-            if d.train_file:
-                train = task.index(d.train_file)
-            else:
-                train = task.generate(d.train_split, "train", d.train_problems, self.config.seed)
-            ref = {k: task.score_reference(p, problems) for k, p in task.fit_reference(train).items()}
+            ref = {k: task.score_reference(p, problems) for k, p in task.fit_reference(self.train_problems()).items()}
         else:       # evals JSONL: the set's own answer prior (the best a prompt-blind predictor does)
             ref = {"majority answer (this set)": score_majority_answer(fit_majority_answer(examples), examples)}
         return os.path.basename(path), res, ref

@@ -28,7 +28,7 @@ FINITE_TERMS = ("ce", "vq", "mi", "aux", "context_ce", "grad_norm")
 
 
 def _train_step(graphdef, state, batch, *, loss_cfg: losses.LossConfig, num_domains: int,
-                skip_nonfinite: bool):
+                skip_nonfinite: bool, trainable: dict | None = None):
     ts: TrainState = nnx.merge(graphdef, state)
     wrt = param_filter(ts.train_base)
 
@@ -38,8 +38,15 @@ def _train_step(graphdef, state, batch, *, loss_cfg: losses.LossConfig, num_doma
 
     grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=True)
     (loss, (metrics, out)), grads = grad_fn(ts.model, ts.critic)
+    if trainable is not None:    # frozen entries: no gradient (clipping and grad_norm see the rest), no change
+        nnx.replace_by_pure_dict(grads, _where_trainable(trainable, nnx.to_pure_dict(grads), jnp.zeros_like))
+        before = nnx.to_pure_dict(nnx.state(ts.model, wrt))
     metrics["grad_norm"] = optax.tree.norm(grads)
     ts.opt.update(ts.model, grads)
+    if trainable is not None:    # AdamW's decay moves a parameter without gradient: put frozen entries back
+        after = nnx.state(ts.model, wrt)
+        nnx.replace_by_pure_dict(after, _where_trainable(trainable, nnx.to_pure_dict(after), before))
+        nnx.update(ts.model, after)
 
     if ts.critic is not None and out.pooled_inv is not None:
         x = jax.lax.stop_gradient(out.pooled_inv)
@@ -78,6 +85,29 @@ def _train_step(graphdef, state, batch, *, loss_cfg: losses.LossConfig, num_doma
         ts_skip.skipped[...] = ts_skip.skipped[...] + (~ok).astype(jnp.int32)
         new_state = nnx.state(ts_skip)
     return new_state, metrics
+
+
+def _where_trainable(trainable: dict, tree: dict, other) -> dict:
+    """``tree`` (a pure dict of model arrays) where ``trainable`` (plain key path -> bool array broadcasting to
+    the leaf) allows, else ``other``: a tree of the same paths, or a function of the leaf."""
+    def pick(path, x):
+        key = plain_path(path)
+        if key not in trainable:
+            return x
+        alt = other(x) if callable(other) else _at(other, key)
+        return jnp.where(trainable[key], x, alt)
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def plain_path(path) -> tuple:
+    """A ``jax.tree_util`` key path as a tuple of plain keys (dict keys, attribute names, list indices)."""
+    return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+
+
+def _at(tree: dict, key: tuple):
+    for k in key:
+        tree = tree[k]
+    return tree
 
 
 VIEWS = ("model", "forced", "alone")
@@ -137,17 +167,19 @@ def _under_rules(fn: Callable, mesh, rules) -> Callable:
 
 def make_steps(ts: TrainState, loss_cfg: losses.LossConfig, *, num_domains: int, num_slots: int,
                skip_nonfinite: bool = False,
-               state_sharding: Any = None, batch_sharding: Any = None, rules: Any = None
-               ) -> tuple[Any, Any, Callable, Callable]:
+               state_sharding: Any = None, batch_sharding: Any = None, rules: Any = None,
+               trainable: dict | None = None) -> tuple[Any, Any, Callable, Callable]:
     """Split the state and return (graphdef, state, train_step, eval_step), both jitted once.
 
     ``train_step(state, batch) -> (state, metrics)`` donates its state argument. With shardings, the
     steps are traced under ``sharding.activation_sharding(mesh, rules)``, so activations are pinned at
-    block boundaries by the same logical rules as the parameters.
+    block boundaries by the same logical rules as the parameters. ``trainable`` (``continual.trainable``):
+    model parameters (plain key path below the model) that the step may change only where a bool array,
+    broadcasting to the parameter, is True: elsewhere their gradient is zero and they stay bit-identical.
     """
     graphdef, state = nnx.split(ts)
     train = functools.partial(_train_step, graphdef, loss_cfg=loss_cfg, num_domains=num_domains,
-                              skip_nonfinite=skip_nonfinite)
+                              skip_nonfinite=skip_nonfinite, trainable=trainable)
     evaluate = functools.partial(_eval_step, graphdef, loss_cfg=loss_cfg, num_slots=num_slots)
     if state_sharding is not None:
         mesh = batch_sharding.mesh
