@@ -153,8 +153,9 @@ ADDED_LATER = {"removal_cost": 0, "split_gain": 0, "relocations": 0}     # model
 
 def _restore_step(mngr, abstract_state, step: int, with_data: bool):
     full = _abstract_storable(abstract_state)
-    layout = _stored_layout(mngr, step, full)    # the target in the layout the step was saved in
-    added = _missing_added_later(mngr, step, layout)
+    saved = _stored_tree(mngr, step)
+    layout = _stored_layout(saved, full)    # the target in the layout the step was saved in
+    added = _missing_added_later(saved, layout)
     target = _without(layout, added) if added else layout
     items = dict(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
     if with_data and "data" in mngr.item_metadata(step):
@@ -171,14 +172,19 @@ def _restore_step(mngr, abstract_state, step: int, with_data: bool):
     return from_storable(abstract_state, stored), out["meta"], step, data
 
 
-def _stored_layout(mngr, step: int, full: dict) -> dict:
-    """``full`` (abstract, storable) in the layer layout of the stored step: itself when they agree, else
-    converted (``model.scan_layers`` changed: a stacked ``layers`` node stored per layer, or the reverse)."""
+def _stored_tree(mngr, step: int) -> dict | None:
+    """The stored step's state tree (metadata only, as nested dicts); None when it cannot be read."""
     try:
-        stored = _plain(mngr.item_metadata(step)["state"])
+        return _plain(mngr.item_metadata(step)["state"])
     except Exception:   # noqa: BLE001  (no metadata to compare: restore as is, and fail there if it must)
-        return full
-    if not layer_stack.layouts_differ(full, stored):
+        return None
+
+
+def _stored_layout(stored: dict | None, full: dict) -> dict:
+    """``full`` (abstract, storable) in the layer layout of the ``stored`` tree: itself when they agree (or
+    nothing is known), else converted (``model.scan_layers`` changed: a stacked ``layers`` node stored per
+    layer, or the reverse)."""
+    if stored is None or not layer_stack.layouts_differ(full, stored):
         return full
     return layer_stack.convert(full, stored, stack=_stack_abstract, take=_take_abstract)
 
@@ -209,15 +215,11 @@ def _paths(tree, prefix=()):
         yield prefix
 
 
-def _missing_added_later(mngr, step: int, target: dict) -> list[tuple]:
-    """Paths of ``target`` in ADDED_LATER that the stored state lacks (an older run)."""
-    if not any(p[-1] in ADDED_LATER for p in _paths(target)):
+def _missing_added_later(stored: dict | None, target: dict) -> list[tuple]:
+    """Paths of ``target`` in ADDED_LATER that the ``stored`` tree lacks (an older run; None: unknown)."""
+    if stored is None or not any(p[-1] in ADDED_LATER for p in _paths(target)):
         return []
-    try:
-        stored = mngr.item_metadata(step)["state"]
-    except Exception:   # noqa: BLE001  (no metadata to compare: restore as is, and fail there if it must)
-        return []
-    have = {tuple(str(k) for k in p) for p in _paths(_plain(stored))}
+    have = {tuple(str(k) for k in p) for p in _paths(stored)}
     return [p for p in _paths(target) if p[-1] in ADDED_LATER and tuple(str(k) for k in p) not in have]
 
 
