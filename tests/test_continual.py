@@ -21,11 +21,11 @@ from iclm_jax.checkpoint import to_storable
 from iclm_jax.config_check import ConfigError, validate
 from iclm_jax.data import pipeline, sources, tasks
 from iclm_jax.model.codebook import extend_codes
+from iclm_jax.model.layer_stack import plain_path
 from iclm_jax.model.router import Router, RouterConfig
 from iclm_jax.train import continual, resume
 from iclm_jax.train.loop import train
 from iclm_jax.train.run import load_run
-from iclm_jax.train.step import plain_path
 from tests.test_faults import _losses
 from tests.test_step import acre_cfg
 

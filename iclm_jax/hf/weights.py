@@ -25,6 +25,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from iclm_jax.model.layer_stack import plain_path
 from iclm_jax.model.lora import LoRAParam
 
 # safetensors dtype tags -> little-endian numpy dtypes. BF16 is why we read the format ourselves:
@@ -81,18 +82,11 @@ def to_float32(weights: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items()}
 
 
-def _key(k) -> str:
-    for attr in ("key", "idx", "name"):   # DictKey, SequenceKey, GetAttrKey
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
 def _flat(tree) -> dict[str, Any]:
     """Dotted path -> leaf (Variables kept whole) of an nnx.State, nested dict or flat dict."""
     leaves, _ = jax.tree_util.tree_flatten_with_path(
         tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return {".".join(_key(k) for k in path): leaf for path, leaf in leaves}
+    return {".".join(str(k) for k in plain_path(path)): leaf for path, leaf in leaves}
 
 
 def base_params(base) -> dict[str, nnx.Variable]:

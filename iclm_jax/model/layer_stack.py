@@ -11,7 +11,7 @@ does not grow with depth.
 
 ``convert(tree, like)`` turns a nested dict (a pure state, a checkpoint's tree, its abstract target) of
 one layout into the other, wherever ``like`` has the other layout: checkpoints of either layout restore
-into a model of either. ``block_at`` is layer ``i`` of a stacked block as an ordinary ``Block``.
+into a model of either. ``unstack_blocks`` gives a stacked block's layers as ordinary ``Block``s.
 """
 from __future__ import annotations
 
@@ -41,10 +41,11 @@ def stack_blocks(blocks: Sequence[nnx.Module]) -> nnx.Module:
     return nnx.merge(graphdef, stacked)
 
 
-def block_at(stacked: nnx.Module, i: int) -> nnx.Module:
-    """Layer ``i`` of a stacked block, as the unrolled model's block (a copy: writes do not go back)."""
+def unstack_blocks(stacked: nnx.Module) -> list[nnx.Module]:
+    """The layers of a stacked block, in order, as the unrolled model's blocks (copies: writes do not go back)."""
     graphdef, state = nnx.split(stacked)
-    return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+    n = jax.tree.leaves(state)[0].shape[0]
+    return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(n)]
 
 
 def is_stacked(node: Any) -> bool:
@@ -55,15 +56,21 @@ def is_stacked(node: Any) -> bool:
 def in_stack(path: Sequence) -> bool:
     """Whether a ``jax.tree_util`` key path (or a tuple of keys) runs through a stacked ``layers`` node,
     i.e. the leaf's first axis is the layer axis."""
-    keys = [_plain_key(k) for k in path]
+    keys = plain_path(path)
     return any(k == LAYERS and _index(nxt) is None for k, nxt in zip(keys, keys[1:]))
 
 
-def _plain_key(k):
+def plain_key(k):
+    """One entry of a ``jax.tree_util`` key path as a plain key (dict key, list index or attribute name)."""
     for attr in ("key", "idx", "name"):   # DictKey, SequenceKey, GetAttrKey
         if hasattr(k, attr):
             return getattr(k, attr)
     return k
+
+
+def plain_path(path: Sequence) -> tuple:
+    """A ``jax.tree_util`` key path as a tuple of plain keys."""
+    return tuple(plain_key(k) for k in path)
 
 
 def _index(key) -> int | None:

@@ -33,7 +33,7 @@ from flax import nnx
 
 from iclm_jax import partitioning
 from iclm_jax.model.canon import canon_mix, canon_sum
-from iclm_jax.model.layer_stack import block_at, stack_blocks
+from iclm_jax.model.layer_stack import stack_blocks, unstack_blocks
 from iclm_jax.model.lora import BASE_INIT_STD, LoraConfig, LoRALinear
 
 #: What a rematerialised block keeps for the backward pass (``cfg.remat``): "none" = no remat (all of
@@ -372,7 +372,7 @@ class Transformer(nnx.Module):
     def blocks(self) -> list[Block]:
         """The blocks in order, as separate ``Block``s in either layout (copies of a stacked one's layers)."""
         if self.cfg.scan_layers:
-            return [block_at(self.layers, i) for i in range(self.cfg.n_layers)]
+            return unstack_blocks(self.layers)
         return list(self.layers)
 
     def final_norm(self, x: jax.Array) -> jax.Array:

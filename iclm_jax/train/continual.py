@@ -46,10 +46,11 @@ from iclm_jax import checkpoint, partitioning, sharding
 from iclm_jax.config_check import ConfigError
 from iclm_jax.data import pipeline
 from iclm_jax.model.codebook import extend_codes
+from iclm_jax.model.layer_stack import plain_path
 from iclm_jax.model.lora import LoRAParam
 from iclm_jax.train import build
 from iclm_jax.train.resume import differences
-from iclm_jax.train.step import plain_path
+from iclm_jax.train.step import at
 
 # Config fields that must be RUN's (the model's function and the token ids). model.num_modules and
 # model.train_base are set by ``prepare``; the compute-only fields (remat, scan_layers, attention) and the
@@ -228,7 +229,7 @@ def _grow(run, old: dict, k_old: int) -> dict:
 
     def grow(old, fresh):
         def leaf(path, new):
-            was = _at(old, plain_path(path))
+            was = at(old, plain_path(path))
             axis_names = names.get(plain_path(path), ())
             for axis_name in ("module", "codes"):
                 if axis_name in axis_names:
@@ -241,12 +242,6 @@ def _grow(run, old: dict, k_old: int) -> dict:
 
     out_sharding = jax.tree.map(lambda x: x.sharding, fresh)
     return jax.jit(grow, out_shardings=out_sharding)(old, fresh)
-
-
-def _at(tree: dict, key: tuple):
-    for k in key:
-        tree = tree[k]
-    return tree
 
 
 def _check_oracle_domains(run, config, k_old: int) -> None:

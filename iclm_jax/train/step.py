@@ -20,6 +20,7 @@ from iclm_jax import losses, sharding
 from iclm_jax.model import mi as mi_lib
 from iclm_jax.model.codebook import purity_of_counts
 from iclm_jax.model.iclm import ICLMHidden, param_filter
+from iclm_jax.model.layer_stack import plain_path
 from iclm_jax.model.router import RouteOut
 from iclm_jax.train.state import TrainState
 
@@ -94,17 +95,13 @@ def _where_trainable(trainable: dict, tree: dict, other) -> dict:
         key = plain_path(path)
         if key not in trainable:
             return x
-        alt = other(x) if callable(other) else _at(other, key)
+        alt = other(x) if callable(other) else at(other, key)
         return jnp.where(trainable[key], x, alt)
     return jax.tree_util.tree_map_with_path(pick, tree)
 
 
-def plain_path(path) -> tuple:
-    """A ``jax.tree_util`` key path as a tuple of plain keys (dict keys, attribute names, list indices)."""
-    return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
-
-
-def _at(tree: dict, key: tuple):
+def at(tree: dict, key: tuple):
+    """The leaf of nested dict ``tree`` at plain key path ``key``."""
     for k in key:
         tree = tree[k]
     return tree
