@@ -23,9 +23,11 @@ demo: $(STAMP)
 demo-iclm: $(STAMP)
 	$(BIN)/python -m iclm_jax.demo --iclm --workdir=runs/demo_iclm
 
-# The reproduction table (issue `experiments`): 18 points, ~4 h on 2 idle CPU cores; resumable (rerun it).
+# The reproduction table (issue `experiments`): 18 points, ~4 h on 2 idle CPU cores, then the interventions on
+# each multi-module point (~3 min each); resumable (rerun it).
 reproduce: $(STAMP)
 	$(BIN)/python -m iclm_jax.sweep --config=experiments/configs/acre.py:cpu,reproduce --workdir=runs/reproduce
+	$(BIN)/python -m iclm_jax.sweep intervene runs/reproduce
 	$(BIN)/python -m iclm_jax.sweep collect runs/reproduce --out experiments/results/acre_cpu.md
 
 # The benchmark suite (issue `perf`): side-by-side timings -> BENCHMARKS.md (~30-40 min on 2 CPU cores).

@@ -382,9 +382,15 @@ def evaluate_files(run, paths: list[str], spec: str | list[Intervention], *, sco
     (per ``score``: teacher | generate | both). Each value has the sets' cells (hits and queries per
     domain, rows per module), the own and swap modules and the run's shape; ``intervention_report``
     renders it."""
+    sets = {name: load_examples(run, p, batch_size, max_unk) for name, p in zip(set_names(paths), paths)}
+    return evaluate_sets(run, sets, spec, score=score, batch_size=batch_size, max_new_tokens=max_new_tokens)
+
+
+def evaluate_sets(run, sets: dict[str, list], spec: str | list[Intervention], *, score: str = "teacher",
+                  batch_size: int | None = None, max_new_tokens: int | None = None) -> dict[str, dict]:
+    """``evaluate_files`` of examples already built: {set name: examples} (e.g. ``LoadedRun.eval_sets``)."""
     ivs = parse(spec) if isinstance(spec, str) else list(spec)
     ivs = expand(ivs, run.num_modules, run.model_cfg.invariant)
-    sets = {name: load_examples(run, p, batch_size, max_unk) for name, p in zip(set_names(paths), paths)}
     out = {}
     if score != "generate":
         out["teacher"] = teacher_results(run, sets, ivs)

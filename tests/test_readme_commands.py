@@ -61,6 +61,7 @@ COVERAGE = [
     (r"^python - exported <<'PY'", ("run", (), {})),
     (r"^python -m iclm_jax\.sweep .*--dry-run$", ("run", (), {})),
     (r"^python -m iclm_jax\.sweep .*--only=", ("run", tuple(f"--set={a[len('--config.'):]}" for a in SMALL), {})),
+    (r"^python -m iclm_jax\.sweep intervene runs/sweep$", ("run", (), {})),
     (r"^python -m iclm_jax\.sweep collect runs/sweep$", ("run", (), {})),
     (r"acre\.py:cpu --workdir=runs/sweep_cpu$", ("run", ("--dry-run",), {})),   # 12 points of up to an hour
     (r"acre\.py:cpu,symbolic --workdir=runs/sym ", ("run", SMALL_VAL, {})),
@@ -179,6 +180,7 @@ def test_readme_commands_run_as_written(tmp_path):
     assert ran >= 20
     for made in ("runs/x/summary.json", "runs/x/eval_sys.json", "data/acre/Sys/test.text.jsonl",
                  "exported/config.json", "runs/sweep/results.md", "runs/mine/summary.json", "runs/raven/summary.json",
-                 "data/raven/d4.text.jsonl", "runs/x/interventions/report.md"):
+                 "data/raven/d4.text.jsonl", "runs/x/interventions/report.md",
+                 "runs/sweep/variant=iclm,seed=0/interventions/report.md", "runs/sweep/interventions.png"):
         assert (tmp_path / made).exists(), made
     shutil.rmtree(tmp_path / "runs", ignore_errors=True)

@@ -123,6 +123,28 @@ def _length(ex, ids: list[list[int]], tok: tok_lib.Tokenizer) -> int:
     return sum(map(len, ids)) + bos + (len(ex.queries) if isinstance(ex, render.PackedExample) else 1)
 
 
+def eval_sets(data: DataConfig, seed: int, only=None) -> list[EvalSet]:
+    """The run's eval sets, in order: the generated validation set (``data.val_problems``), one generated
+    test set per ``data.eval_splits`` entry, one per ``data.eval_files`` file. The same seeds as every
+    build of this config, so a finished run's sets are made again exactly. ``only``: these names only."""
+    d = data if isinstance(data, DataConfig) else typed(DataConfig, data)
+    styles, task = tuple(csv(d.styles)), tasks.get(d.task)
+    wanted = (lambda name: only is None or name in only)    # noqa: E731
+    evals = []
+    if d.val_problems and wanted(VAL_SET):   # generated validation problems of the training split: select on these
+        problems = task.generate(d.train_split, "val", d.val_problems, seed + 999)
+        evals.append(EvalSet(VAL_SET, task.render(problems, styles, d.packed, d.form, False), problems))
+    for i, split in enumerate(csv(d.eval_splits)):
+        if wanted(split):
+            problems = task.generate(split, "test", d.eval_problems, seed + 1000 + i)
+            evals.append(EvalSet(split, task.render(problems, styles, d.packed, d.form, False), problems))
+    for path in csv(d.eval_files):
+        if wanted(os.path.basename(path)):
+            ex, problems = file_examples(path, styles, d.packed, d.form, task=d.task)
+            evals.append(EvalSet(os.path.basename(path), ex, problems))
+    return evals
+
+
 def build(data: DataConfig, seed: int) -> RunData:
     """The run's data from a ``DataConfig`` (or the config's ``data`` group, read into one)."""
     d = data if isinstance(data, DataConfig) else typed(DataConfig, data)
@@ -149,16 +171,7 @@ def build(data: DataConfig, seed: int) -> RunData:
     else:
         train_problems = generate(d.train_split, "train", d.train_problems, seed)
         train_examples = render_all(train_problems, extra)
-    evals = []
-    if d.val_problems:   # generated validation problems of the training split: select on these
-        problems = generate(d.train_split, "val", d.val_problems, seed + 999)
-        evals.append(EvalSet(VAL_SET, render_all(problems), problems))
-    for i, split in enumerate(csv(d.eval_splits)):
-        problems = generate(split, "test", d.eval_problems, seed + 1000 + i)
-        evals.append(EvalSet(split, render_all(problems), problems))
-    for path in csv(d.eval_files):
-        ex, problems = file_examples(path, styles, packed, form, task=d.task)
-        evals.append(EvalSet(os.path.basename(path), ex, problems))
+    evals = eval_sets(d, seed)
     any_packed = any(isinstance(e, render.PackedExample) for e in train_examples[:1])
     num_slots = (NUM_SLOTS_PACKED + (render.MAX_EXTRA_QUERIES if extra else 0)) if any_packed else 1
     stream = isinstance(train_examples, AcreStream)

@@ -2,13 +2,16 @@
 
     python -m iclm_jax.sweep --config=experiments/configs/acre.py:cpu --workdir=runs/sweep \\
         [--launcher=local|slurm|tpu] [--dry-run] [--only=REGEX] [--set=FIELD=VALUE ...] [--sbatch=ARG ...]
+    python -m iclm_jax.sweep intervene runs/sweep [--spec=all] [--sets=IID,Sys] [--only=REGEX] [--redo]
     python -m iclm_jax.sweep collect runs/sweep
 
 The config file's ``get_sweep(arg)`` lists the points (see ``points``). ``local`` trains them here in
 sequence (rerun the same command to resume: finished points are skipped); ``slurm`` writes
 ``<workdir>/sweep.sbatch`` and submits it with sbatch (``--dry-run``: writes and prints it only);
-``tpu`` runs ``launch/tpu_pod.sh`` once per point (``--dry-run``: prints the commands). ``collect``
-writes results.md, results.csv and results.png. Exit status: 0, 1 if a point failed, 2 refused input.
+``tpu`` runs ``launch/tpu_pod.sh`` once per point (``--dry-run``: prints the commands). ``intervene``
+evaluates every finished point with two or more modules under interventions on its modules
+(``intervene.py``; resumable). ``collect`` writes results.md, results.csv and results.png (with the
+intervention tables and interventions.png once ``intervene`` ran). Exit status: 0, 1 if a point failed, 2 refused input.
 """
 from __future__ import annotations
 
@@ -42,6 +45,15 @@ def _parse(argv):
         p.add_argument("workdir")
         p.add_argument("--out", default="", help="also copy results.md to this file (e.g. experiments/results/...)")
         return "collect", p.parse_args(argv[1:])
+    if argv[:1] == ["intervene"]:
+        p = _Parser(prog="iclm-sweep intervene")
+        p.add_argument("workdir")
+        p.add_argument("--spec", default="all", help="the interventions (iclm-eval --intervene's SPEC; default all)")
+        p.add_argument("--sets", default="", help="comma-separated eval set names (default: every test set, "
+                                                  "not the validation set)")
+        p.add_argument("--only", default="", help="a regular expression: only the points whose name matches")
+        p.add_argument("--redo", action="store_true", help="evaluate points that have a report again")
+        return "intervene", p.parse_args(argv[1:])
     p = _Parser(prog="iclm-sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="file.py[:arg] defining get_sweep(arg) and get_config(arg)")
     p.add_argument("--workdir", required=True, help="the sweep's directory: one subdirectory per point")
@@ -61,6 +73,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     what, a = _parse(argv)
     try:
+        if what == "intervene":
+            return _intervene(a)
         if what == "collect":
             out = collect_lib.collect(a.workdir)
             print(open(os.path.join(a.workdir, "results.md")).read(), end="")
@@ -112,6 +126,25 @@ def main(argv=None) -> int:
         if _call(c) != 0:
             return 1
     return 0
+
+
+def _intervene(a) -> int:
+    from iclm_jax import intervene as iv_lib
+    from iclm_jax.sweep import intervene as sweep_iv
+    try:
+        iv_lib.parse(a.spec)
+    except ValueError as e:
+        _refuse(f"--spec: {e}")
+    path = os.path.join(a.workdir, collect_lib.SWEEP_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: not a sweep directory (no {collect_lib.SWEEP_FILE}; run the sweep first)")
+    with open(path) as f:
+        sweep = json.load(f)
+    sets = [s.strip() for s in a.sets.split(",") if s.strip()] or None
+    failed = sweep_iv.run_all(a.workdir, sweep, spec=a.spec, sets=sets, only=a.only, redo=a.redo)
+    print(("failed: " + "; ".join(failed) + "\n" if failed else "")
+          + f"collect the tables with: python -m iclm_jax.sweep collect {a.workdir}")
+    return 1 if failed else 0
 
 
 def _call(cmd: list[str]) -> int:

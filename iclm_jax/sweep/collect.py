@@ -1,6 +1,8 @@
 """``collect``: one table from a sweep's finished points: ``results.csv`` (a row per point × eval set),
 ``results.md`` (mean ± std over seeds per group × eval set, beside the reference predictors) and
-``results.png`` (the same as bars with error bars, the majority predictor as a line).
+``results.png`` (the same as bars with error bars, the majority predictor as a line). Points that have
+``iclm-sweep intervene``'s reports add the intervention tables and ``interventions.png``
+(``intervention_table.py``).
 
 It reads ``sweep.json`` (written by the launch) for the points, and each point's ``summary.json``; a point
 without one is listed as not finished. ``answer_acc`` is the eval's ``all`` accuracy (query exact match).
@@ -15,6 +17,7 @@ from collections import defaultdict
 import numpy as np
 
 from iclm_jax.data.render import DOMAINS
+from iclm_jax.sweep import intervention_table
 
 SWEEP_FILE = "sweep.json"
 INDEPENDENCE = ("router_nmi", "cka_inv_spec", "cka_inv_spec_delta", "cka_spec0_spec1_delta", "mi_mine",
@@ -109,6 +112,8 @@ def collect(workdir: str) -> dict:
                 sel = [r for r in rows if r["group"] == g and r["split"] == sp]
                 lines.append(f"| {g} | {sp} | " + " | ".join(
                     _cell(*_mean_std([r[k] for r in sel]), pct=False) for k in measured) + " |")
+    interventions = intervention_table.load(workdir, sweep)
+    lines += intervention_table.markdown(interventions)
     if missing:
         lines += ["", "Not finished: " + "; ".join(missing)]
     train_h = sum(r["train_s"] or 0 for r in _per_point(rows)) / 3600
@@ -120,7 +125,8 @@ def collect(workdir: str) -> dict:
         f.write("\n".join(lines) + "\n")
     png = _plot(workdir, groups, splits, table, refs) if rows else None
     return {"groups": {g: dict(v) for g, v in table.items()}, "refs": refs, "missing": missing,
-            "rows": rows, "png": png}
+            "rows": rows, "png": png, "interventions": interventions,
+            "interventions_png": intervention_table.plot(workdir, interventions)}
 
 
 def _per_point(rows: list[dict]) -> list[dict]:

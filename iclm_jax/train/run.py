@@ -190,6 +190,18 @@ class LoadedRun(Run):
             self.config.eval.batch_size = round_up(batch_size, sharding.data_ways(self.mesh, self.rules))
         return examples, problems
 
+    def eval_sets(self, only=None) -> list[sources.EvalSet]:
+        """The run's own eval sets (``sources.eval_sets``: generated again with the run's seeds, or read
+        from its ``data.eval_files``); ``only``: these names. The run's max_len grows to fit."""
+        d = typed(sources.DataConfig, self.config.data)
+        sets = sources.eval_sets(d, self.config.seed, only)
+        for es in sets:
+            need = sources.measure(self.data.num_slots, self.data.tokenizer, f"eval set {es.name!r}", es.examples,
+                                   d.max_unk, d.tokenizer) + 1
+            if need > self.data.max_len:
+                self.data.max_len = round_up(need, 32)
+        return sets
+
     def train_problems(self):
         """The run's training problems, which the reference predictors are fitted on (read on demand from
         ``data.train_file``, else generated again as the run generated them)."""
