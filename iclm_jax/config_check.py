@@ -193,8 +193,7 @@ def _data(c, errs: _Errors) -> None:
     need(d.train_split in splits, "data.train_split", d.train_split, f"one of {splits} (data.task={task})")
     bad = [x for x in csv(d.eval_splits) if x not in splits]
     need(not bad, "data.eval_splits", d.eval_splits, f"a comma list from {splits} (data.task={task})")
-    if task in tasks.TASKS and not tasks.TASKS[task].packable:
-        need(not d.packed, "data.packed", d.packed, f"False: data.task={task} asks one question per problem")
+    if task in tasks.TASKS and not tasks.TASKS[task].streams:
         need(not d.get("stream", False), "data.stream", d.get("stream"), "False: streams generate ACRE only")
     need(d.train_problems >= 1 or bool(d.train_file), "data.train_problems", d.train_problems, ">= 1")
     need(d.eval_problems >= 0, "data.eval_problems", d.eval_problems, ">= 0")

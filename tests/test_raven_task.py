@@ -52,8 +52,63 @@ def test_a_problem_file_evaluates_like_the_generated_set(tmp_path):
     assert examples == tasks.examples("raven", problems, ("symbolic", "text"), False, "compact")
 
 
+def test_packed_rows_ask_the_unpacked_letter_question_then_the_missing_panels_attributes():
+    """The letter query of a packed row is the unpacked question token for token (inputs, positions,
+    targets, loss); each attribute answer is the value the problem's rules predict for panel 9 from the
+    context alone (``raven_rules.predict``), worded as the row's style words it."""
+    from iclm_jax.data import pipeline
+    from iclm_jax.data.raven import COLORS, SIZES, TYPES
+    from iclm_jax.data.raven_rules import grid_rows, predict, problem_rules, space
+    from iclm_jax.data.tokenizer import load_tokenizer
+    tok = load_tokenizer("raven_word")
+    problems = raven_generate.generate_problems("center_single", "train", 20, 7)
+    words = {"type": TYPES, "size": SIZES, "color": COLORS}
+    for p in problems:
+        predicted = {}
+        for c, attr, rule in problem_rules(p):
+            rows = grid_rows(p["panels"] + [p["panels"][0]], c, attr)      # panel 9: a placeholder, never read
+            predicted[attr] = predict(rule, space("center_single", c, attr), rows[:2], rows[2][:2])
+        assert set(predicted) == set(raven_render.ATTRIBUTES)
+        for style in DOMAINS:
+            flat = raven_render.render_problem(p, style, "compact")
+            packed = raven_render.render_packed(p, style, "compact", extra_queries=True)
+            assert packed.prefix + packed.queries[0][0] == flat.prompt and packed.queries[0][1] == flat.answer
+            assert packed.labels[0] == p["target"]
+            for (q, a), code, attr in zip(packed.queries[1:], packed.labels[1:], raven_render.ATTRIBUTES):
+                assert q == f"{attr}:" and code == predicted[attr]
+                assert a == (f" {attr[0]}{code}" if style == "symbolic" else f" {words[attr][code]}")
+            row = pipeline.tokenize_example(packed, tok, 320, 4)
+            ref = pipeline.tokenize_example(flat, tok, 320, 1)
+            n, end = int((ref["segments"] > 0).sum()), int((row["segments"] == 1).sum()) - 1
+            for key in ("inputs", "positions", "targets", "loss_mask"):
+                same = row[key][:n] == ref[key][:n]
+                if key == "targets":     # the prefix's last target: a placeholder no loss reads (segment ends)
+                    same[end] = True
+                assert same.all(), key
+            assert (row["answer_slot"][:n] == ref["answer_slot"][:n]).all()
+            assert row["loss_mask"].sum() == 4 * 2        # four answers, each its word and EOS
+    d4 = raven_generate.generate_problems("distribute_four", "test", 3, 0)
+    with pytest.raises(ValueError, match="distribute_four answer panel holds .* one-entity panels"):
+        next(raven_render.render_packed(q, "text", "compact", True) for q in d4
+             if len(q["candidates"][q["target"]]["entities"]) > 1)
+
+
+def test_build_packs_the_training_rows_with_attribute_queries_and_evaluates_the_letter_only():
+    c = _config("cpu,queries")
+    c.data.update(max_unk=0.0, val_problems=3)
+    data = sources.build(c.data, seed=2)
+    assert data.num_slots == 4
+    assert {len(e.queries) for e in data.train_examples} == {4}
+    for es in data.eval_sets:
+        assert {len(e.queries) for e in es.examples} == {1} and len(es.examples) == 2 * len(es.problems)
+    flat = tasks.examples("raven", data.eval_sets[1].problems, ("symbolic", "text"), False, "compact")
+    assert [e.prefix + e.queries[0][0] for e in data.eval_sets[1].examples] == [e.prompt for e in flat]
+    with pytest.raises(ValueError, match="data.extra_queries needs packed rows"):
+        tasks.examples("raven", data.train_problems, ("text",), False, "compact", extra_queries=True)
+
+
 @pytest.mark.parametrize("field,value,message", [
-    ("packed", True, "data.packed=True: expected False: data.task=raven asks one question per problem"),
+    ("extra_queries", True, "data.extra_queries=True: expected False unless data.packed=True"),
     ("stream", True, "data.stream=True: expected False: streams generate ACRE only"),
     ("train_split", "IID", "data.train_split='IID': expected one of ('center_single'"),
     ("eval_splits", "center_single,Sys", "data.eval_splits='center_single,Sys': expected a comma list from"),

@@ -6,9 +6,12 @@ in_center_single_out_center_single, as in the paper.
     get_config("baseline")   # any acre.py variant, comma-separated: "baseline,text", "no_mi", "oracle", "k4"
     get_config("full")       # the paper's full renderings (instruction, "Panel 1: a large red circle ...")
     get_config("cpu")        # acre.py's CPU recipe (model, optimiser, context loss) on 20,000 generated problems
+    get_config("cpu,queries")   # + packed training rows that also ask the missing panel's type, size, color
 
 One question per problem (8 candidates, answer " A".." H"), so rows are not packed and the acre.py
-variants' ACRE-only data settings (packed rows, extra queries, streamed problems) are turned off. The
+variants' ACRE-only data settings (packed rows, extra queries, streamed problems) are turned off, except
+with "queries": packed rows whose training rows also ask the missing panel's attributes
+(raven_render.render_packed; evaluation asks the letter only, the same tokens as an unpacked row). The
 problems, rules and balanced candidates: iclm_jax/data/raven.py; the data command line:
 `python -m iclm_jax.data.raven generate|check|stats|render`. Not found yet: a CPU recipe on which a
 model learns the rules (`cpu` is ACRE's recipe on RAVEN data, a starting point; see the README's RAVEN section).
@@ -30,11 +33,12 @@ EVAL = "center_single,distribute_four,in_center_single_out_center_single"
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = [v.strip() for v in arg.split(",") if v.strip()]
     full = "full" in variants
-    c = _acre.get_config(",".join(v for v in variants if v != "full"))
+    c = _acre.get_config(",".join(v for v in variants if v not in ("full", "queries")))
     d = c.data
     d.task = "raven"
     d.train_split, d.eval_splits = TRAIN, EVAL
-    d.packed = d.extra_queries = d.stream = False
+    d.packed = d.extra_queries = "queries" in variants
+    d.stream = False
     d.form = "full" if full else "compact"
     d.tokenizer = "raven_word"
     d.train_problems = 20000 if "cpu" in variants else 4000   # per rendering (generation: ~1 ms per problem)

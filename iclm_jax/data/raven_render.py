@@ -28,6 +28,14 @@ a newline ends each row of the grid, then one line of candidates each led by its
     A huge blue circle -45 | B ... | ... | H ... |
     answer:
 
+Packed, with attribute queries (``render_packed``; the CPU recipe's training rows): the prompt above
+without its last line is a shared prefix, and the row asks ``answer:`` (the letter) and then, with
+``extra_queries``, one question per attribute of the missing panel's entity, ``type:`` / ``size:`` /
+``color:``, answered in the row's style (`` t4`` or `` circle``). Each query sees the prefix and itself
+only (the packed rows' segment mask), so the letter query is exactly the unpacked question; the attribute
+queries supervise what the letter depends on, the rule applied to the third row (Angle is noise: not
+asked). Defined for one-entity panels (``center_single``, the training configuration).
+
 Whitespace rule (as ``render``): a prompt never ends in whitespace and an answer always starts with
 one space. ``vocabulary_words`` lists every word any rendering can produce, split like the word-level
 tokenizer's pre-tokenizer (whitespace, then each punctuation character on its own).
@@ -47,7 +55,7 @@ from iclm_jax.data.raven import (
     SIZES,
     TYPES,
 )
-from iclm_jax.data.render import DOMAINS, FORMS, Example
+from iclm_jax.data.render import DOMAINS, FORMS, Example, PackedExample
 
 LETTERS = "ABCDEFGH"
 INSTRUCTIONS = {
@@ -58,6 +66,9 @@ INSTRUCTIONS = {
             "Each row follows rules on the shapes. Which candidate completes the grid?",
 }
 QUERY = {("symbolic", "full"): "Answer:", ("text", "full"): "The answer is", "compact": "answer:"}
+#: The attribute queries of ``render_packed(..., extra_queries=True)``, in order (Angle is noise).
+ATTRIBUTES = ("type", "size", "color")
+MAX_ATTRIBUTE_QUERIES = len(ATTRIBUTES)
 
 
 def _check(style: str, form: str) -> None:
@@ -126,6 +137,32 @@ def render_problem(problem: dict, style: str, form: str = "full") -> Example:
     return Example(prompt, answer_text(problem["target"]), DOMAINS.index(style), -1, problem["target"])
 
 
+def attribute_queries(problem: dict, style: str) -> list[tuple[str, str, int]]:
+    """(query, answer, code) per ``ATTRIBUTES`` entry of the answer panel's one entity: ``("type:", " t4",
+    4)`` in symbolic, ``("type:", " circle", 4)`` in text. A panel of several entities is refused."""
+    ents = problem["candidates"][problem["target"]]["entities"]
+    if len(ents) != 1:
+        raise ValueError(f"data.extra_queries: a {problem['configuration']} answer panel holds {len(ents)} "
+                         "entities; attribute queries are defined for one-entity panels (center_single)")
+    words = {"type": TYPES, "size": SIZES, "color": COLORS}
+    out = []
+    for attr in ATTRIBUTES:
+        code = ents[0][attr]
+        word = f"{attr[0]}{code}" if style == "symbolic" else str(words[attr][code])
+        out.append((f"{attr}:", f" {word}", code))
+    return out
+
+
+def render_packed(problem: dict, style: str, form: str = "full", extra_queries: bool = False) -> PackedExample:
+    """The problem as a packed row: the prompt's lines before the question as the prefix, then the letter
+    question (``render_problem``'s, token for token) and, with ``extra_queries``, the attribute queries."""
+    ex = render_problem(problem, style, form)
+    head, query = ex.prompt.rsplit("\n", 1)
+    queries = [(query, ex.answer, ex.label)] + (attribute_queries(problem, style) if extra_queries else [])
+    return PackedExample(head + "\n", tuple((q, a) for q, a, _ in queries), ex.domain, (-1,) * len(queries),
+                         tuple(code for _, _, code in queries))
+
+
 def split_words(text: str) -> list[str]:
     """The word tokenizer's pre-tokenization: split on whitespace, then every punctuation character
     (ASCII punctuation or a Unicode P* category) is a word of its own."""
@@ -153,6 +190,7 @@ def _every_entity(configuration: str) -> list[dict]:
 def vocabulary_words() -> list[str]:
     """Sorted: every word (``split_words``) of any rendering, both styles and forms, every configuration."""
     texts = list(INSTRUCTIONS.values()) + list(QUERY.values()) + [answer_text(k) for k in range(8)]
+    texts += [f"{attr}:" for attr in ATTRIBUTES]
     texts += [f"Panel {j + 1}: . |" for j in range(8)] + [f"{x}: {x} |" for x in LETTERS]
     for config in CONFIGURATIONS:
         panel = {"entities": _every_entity(config)}

@@ -173,7 +173,7 @@ def build(data: DataConfig, seed: int) -> RunData:
         train_examples = render_all(train_problems, extra)
     evals = eval_sets(d, seed)
     any_packed = any(isinstance(e, render.PackedExample) for e in train_examples[:1])
-    num_slots = (NUM_SLOTS_PACKED + (render.MAX_EXTRA_QUERIES if extra else 0)) if any_packed else 1
+    num_slots = task.max_queries(extra) if any_packed else 1
     stream = isinstance(train_examples, AcreStream)
     if not stream:
         train_sample = measured = train_examples

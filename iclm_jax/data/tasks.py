@@ -6,7 +6,8 @@ examples, its problem files and its reference predictors (its word tokenizer: ``
   rows share the contexts); references majority and object count.
 * ``raven``: RAVEN-style matrices (``raven``); the splits are its configurations (train on
   ``center_single``, test o.o.d. on ``distribute_four`` and ``in_center_single_out_center_single``); one
-  question per problem (answer letter " A".." H"), so rows are never packed; references majority letter
+  question per problem (answer letter " A".." H"); packed rows add, with ``extra_queries``, the missing
+  panel's attributes as training questions (``raven_render.render_packed``); references majority letter
   and the best single attribute.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from iclm_jax.data import (
     raven_reference,
     raven_render,
     reference,
+    render,
 )
 
 
@@ -36,23 +38,29 @@ class Task:
     index: Callable               # path -> the same problems, read on demand where the task can
     fit_reference: Callable       # train problems -> {name: predictor}
     score_reference: Callable     # (predictor, problems) -> {"all": accuracy, ...}
-    packable: bool                # several queries per problem (data.packed, data.extra_queries)
+    streams: bool                 # data.stream can generate it (AcreStream: ACRE only)
+    max_queries: Callable         # extra_queries -> the most queries a packed row of the task holds
 
 
 def _raven_examples(problems, styles, packed: bool = False, form: str = "full", extra_queries: bool = False):
-    if packed or extra_queries:
-        raise ValueError("data.task=raven asks one question per problem: set data.packed=False and "
-                         "data.extra_queries=False")
+    if extra_queries and not packed:
+        raise ValueError("data.extra_queries needs packed rows (data.packed=True)")
+    if packed:
+        return [dataclasses.replace(raven_render.render_packed(p, style, form, extra_queries),
+                                    source=f"problem {i} {style}")
+                for i, p in enumerate(problems) for style in styles]
     return [dataclasses.replace(raven_render.render_problem(p, style, form), source=f"problem {i} {style}")
             for i, p in enumerate(problems) for style in styles]
 
 
 TASKS = {
     "acre": Task("acre", acre.SPLITS, acre_generate.generate_problems, pipeline.acre_examples, acre.load_problems,
-                 acre.index_problems, reference.fit_reference, reference.score_reference, True),
+                 acre.index_problems, reference.fit_reference, reference.score_reference, True,
+                 lambda extra: 4 + (render.MAX_EXTRA_QUERIES if extra else 0)),
     "raven": Task("raven", raven.CONFIGURATIONS, raven_generate.generate_problems, _raven_examples,
                   raven.load_problems, raven.load_problems, raven_reference.fit_reference,
-                  raven_reference.score_reference, False),
+                  raven_reference.score_reference, False,
+                  lambda extra: 1 + (raven_render.MAX_ATTRIBUTE_QUERIES if extra else 0)),
 }
 
 
