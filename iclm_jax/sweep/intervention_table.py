@@ -95,7 +95,11 @@ def markdown(groups: dict[str, list[dict]]) -> list[str]:
     lines += ["", "Causal effect of each domain's own module (the one the router sends it to): accuracy drop in "
               "points when that module's adapter is zeroed, on its own domain and on the other domain, and when "
               "the domain is swapped to another module. A really domain-specific module costs its own domain "
-              "the most (`intervention_report.py`; \"within noise\": the gap is under 2 standard errors):", "",
+              "the most (`intervention_report.py`; \"within noise\": the gap is under 2 standard errors). With hard "
+              "routing a module sees only the rows routed to it, so the other domain's drop is 0 wherever the router "
+              "is pure, and \"holds\" then says only that the own drop is above 0; the informative columns are the "
+              "own drop (what the module adds to the rest of the model) and the swap (whether another domain's "
+              "module can stand in for it):", "",
               "| group | domain | its module ablated: drop on it | drop on the other domain | swapped: drop on it "
               "| own domain hurt most? |", "|---|---|---|---|---|---|"]
     for g, rows in groups.items():
@@ -109,7 +113,8 @@ def markdown(groups: dict[str, list[dict]]) -> list[str]:
 
 def plot(workdir: str, groups: dict[str, list[dict]]) -> str | None:
     """``interventions.png``: per group and domain, the drop on the domain when its module is ablated, on
-    the other domain, and when it is swapped; bars are means over seeds, error bars their std."""
+    the other domain, and when it is swapped; bars are means over seeds, error bars their std, dots each
+    seed."""
     pairs = [(g, d) for g, rows in groups.items() for d in DOMAINS if any(d in r["domains"] for r in rows)]
     if not pairs:
         return None
@@ -126,11 +131,13 @@ def plot(workdir: str, groups: dict[str, list[dict]]) -> str | None:
         stds = [np.nanstd(v, ddof=1) if np.isfinite(v).sum() > 1 else 0.0 for v in vals]
         xs = np.arange(len(pairs)) + (i - (len(kinds) - 1) / 2) * width
         ax.bar(xs, means, width, label=label, yerr=stds, capsize=3, error_kw={"elinewidth": 0.8})
+        for j, (x, v) in enumerate(zip(xs, vals)):   # each seed: two seeds are not a distribution
+            ax.scatter([x] * len(v), v, s=9, color="black", zorder=3, label="one seed" if i == j == 0 else None)
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(range(len(pairs)), [f"{g.removeprefix('variant=')}\n{d}" for g, d in pairs], fontsize=8)
     ax.set_ylabel("accuracy drop (points)")
     ax.set_title("interventions: does a domain's own module matter to it most?\n"
-                 "mean over seeds, error bars: std over seeds", fontsize=10)
+                 "bars: mean over seeds, error bars: std over seeds, dots: each seed", fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     out = os.path.join(workdir, "interventions.png")
