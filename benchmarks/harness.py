@@ -148,7 +148,8 @@ class StepBench:
 
 
 def step_bench(config, n_batches: int = 4) -> StepBench:
-    """Build ``config``'s run (mesh, data, state, jitted steps) and ``n_batches`` placed batches."""
+    """Build ``config``'s run (mesh, data, state, jitted steps) and ``n_batches`` placed batches (padded as
+    ``data.length_bucket`` says: to max_len, or each to its bucket)."""
     from iclm_jax import sharding
     from iclm_jax.data import pipeline, sources
     from iclm_jax.train.run import Run
@@ -157,9 +158,9 @@ def step_bench(config, n_batches: int = 4) -> StepBench:
     run = Run(config, tempfile.mkdtemp(prefix="iclm_bench_"), data)
     ds = pipeline.make_dataset(data.train_examples, data.tokenizer, max_len=data.max_len,
                                batch_size=config.train.batch_size, num_slots=data.num_slots, seed=0,
-                               shuffle=True, repeat=True)
+                               shuffle=True, repeat=True, length_bucket=config.data.get("length_bucket", 0))
     it = iter(ds)
     host = [next(it) for _ in range(n_batches)]
     real = int(np.mean([(b["segments"] > 0).sum() for b in host]))
     batches = [sharding.put_batch(b, run.mesh, run.rules) for b in host]
-    return StepBench(run, batches, real, host[0]["inputs"].size)
+    return StepBench(run, batches, real, int(np.mean([b["inputs"].size for b in host])))

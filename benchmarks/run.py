@@ -12,7 +12,7 @@ import importlib
 import sys
 import time
 
-SECTIONS = ("routed", "vs_torch", "mfu", "attention", "generation", "compile_depth", "data_speed")
+SECTIONS = ("routed", "vs_torch", "mfu", "padding", "attention", "generation", "compile_depth", "data_speed")
 
 
 def main(argv=None) -> int:

@@ -205,6 +205,8 @@ def _data(c, errs: _Errors) -> None:
     need(not (d.get("stream", False) and d.train_file), "data.stream", d.get("stream"),
          "False with data.train_file (a stream generates fresh problems; it reads no file)")
     need(d.max_len >= 0, "data.max_len", d.max_len, ">= 0 (0 = automatic)")
+    need(isinstance(d.get("length_bucket", 0), int) and d.get("length_bucket", 0) >= 0, "data.length_bucket",
+         d.get("length_bucket"), "an integer >= 0 (0 = pad every training batch to data.max_len)")
     need(d.workers >= 0, "data.workers", d.workers, ">= 0")
     need(0 <= d.get("max_unk", 1.0) <= 1, "data.max_unk", d.get("max_unk"), "in [0, 1]")
     for f in [d.train_file] + csv(d.eval_files):

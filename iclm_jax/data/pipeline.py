@@ -34,6 +34,8 @@ from iclm_jax.data.render import DOMAINS, Example, PackedExample, render_problem
 from iclm_jax.data.tokenizer import Tokenizer
 
 _INT_KEYS = ("inputs", "targets", "positions", "segments", "answer_slot")
+#: The keys with a position axis (the others are per row or per query slot); ``length_bucket`` trims these.
+POSITION_KEYS = _INT_KEYS + ("loss_mask", "prompt_mask")
 STREAM_MIN_LEN = 2 ** 31     # longer sequences are streams: read in order, never indexed as an array
 
 
@@ -124,9 +126,9 @@ class _Rows:
     rows ``[lo, hi)`` (index -1 -> empty row). Only those rows are tokenized."""
 
     def __init__(self, examples: Sequence, tok: Tokenizer, max_len: int, num_slots: int, lo: int,
-                 hi: int):
+                 hi: int, bucket: int = 0):
         self.examples, self.tok, self.max_len, self.num_slots = examples, tok, max_len, num_slots
-        self.lo, self.hi = lo, hi
+        self.lo, self.hi, self.bucket = lo, hi, bucket
 
     def row(self, index: int) -> dict[str, np.ndarray]:
         if index < 0:
@@ -134,14 +136,36 @@ class _Rows:
         return tokenize_example(self.examples[index], self.tok, self.max_len, self.num_slots, index)
 
     def __call__(self, indices) -> dict[str, np.ndarray]:
-        rows = [self.row(int(i)) for i in np.asarray(indices)[self.lo:self.hi]]
-        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        indices = np.asarray(indices)
+        rows = [self.row(int(i)) for i in indices[self.lo:self.hi]]
+        batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        if not self.bucket:
+            return batch
+        # Every process must cut the global batch at the same length: the rows of the other processes'
+        # blocks are measured too (tokenized, not kept).
+        others = [self.row(int(i)) for i in np.concatenate([indices[:self.lo], indices[self.hi:]])]
+        length = bucket_length(max([used_length(r) for r in rows + others]), self.bucket, self.max_len)
+        return {k: v[:, :length] if k in POSITION_KEYS else v for k, v in batch.items()}
+
+
+def used_length(row: dict[str, np.ndarray]) -> int:
+    """Positions up to the last token of a row (its segments; 0 for an empty row)."""
+    used = np.flatnonzero(row["segments"] > 0)
+    return int(used[-1]) + 1 if used.size else 0
+
+
+def bucket_length(longest: int, bucket: int, max_len: int) -> int:
+    """The smallest multiple of ``bucket`` that holds ``longest`` positions (at least one bucket), at most
+    ``max_len``: a batch padded to it instead of to ``max_len`` computes the same losses on fewer
+    positions, and the step compiles once per distinct length."""
+    return min(max_len, max(bucket, -(-longest // bucket) * bucket))
 
 
 def make_dataset(examples: Sequence, tok: Tokenizer, *, max_len: int, batch_size: int,
                  num_slots: int, seed: int, shuffle: bool, repeat: bool,
                  rows: tuple[int, int] | None = None, worker_count: int = 0,
-                 pad_last_batch: bool = False, stream: bool | None = None) -> grain.IterDataset:
+                 pad_last_batch: bool = False, stream: bool | None = None,
+                 length_bucket: int = 0) -> grain.IterDataset:
     """Rows ``rows = (lo, hi)`` (default: all) of each global batch of ``batch_size`` examples (see
     the module docstring); a multi-host caller passes ``sharding.process_rows(mesh, batch_size, rules)``.
 
@@ -153,6 +177,10 @@ def make_dataset(examples: Sequence, tok: Tokenizer, *, max_len: int, batch_size
     ``stream.AcreStream``) reads ``examples`` once in order, ``batch_size`` consecutive examples per
     global batch, with no index array: the stream is already random and endless, so it needs
     ``shuffle=False, repeat=False`` (``seed`` is unused); rows, workers and state work as above.
+
+    ``length_bucket > 0`` pads each batch to the smallest multiple of it that holds the batch's longest row
+    (``bucket_length``; at most ``max_len``) instead of to ``max_len``: the position axis varies between
+    batches, in steps of ``length_bucket``.
     """
     if batch_size < 1 or max_len < 1 or num_slots < 1:
         raise ValueError(f"batch_size, max_len, num_slots must be >= 1, got {batch_size}, "
@@ -165,6 +193,8 @@ def make_dataset(examples: Sequence, tok: Tokenizer, *, max_len: int, batch_size
             and 0 <= lo < hi <= batch_size):
         raise ValueError(f"rows={rows!r}: need integers 0 <= lo < hi <= batch_size={batch_size} "
                          "(this process's block of each global batch)")
+    if length_bucket < 0:
+        raise ValueError(f"length_bucket={length_bucket}: expected >= 0 (0 = pad every batch to max_len)")
     if repeat and pad_last_batch:
         raise ValueError("pad_last_batch is for a single pass; it cannot go with repeat=True")
     n = len(examples)
@@ -194,7 +224,7 @@ def make_dataset(examples: Sequence, tok: Tokenizer, *, max_len: int, batch_size
             indices = np.concatenate([indices, np.full(total - n, -1, np.int64)])
         ds = grain.MapDataset.source(indices)
     ds = ds.batch(batch_size, drop_remainder=True)
-    ds = ds.map(_Rows(examples, tok, max_len, num_slots, int(lo), int(hi)))
+    ds = ds.map(_Rows(examples, tok, max_len, num_slots, int(lo), int(hi), int(length_bucket)))
     it = ds.to_iter_dataset()
     if worker_count > 0:
         from absl import flags  # grain's worker processes read absl flags

@@ -44,6 +44,7 @@ class DataConfig:
     val_problems: int = 0
     stream: bool = False
     max_unk: float = 1.0          # runs from before the check accepted any file
+    length_bucket: int = 0        # training batches padded to a multiple of this (0: to max_len)
 
 
 @dataclasses.dataclass

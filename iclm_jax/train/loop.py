@@ -121,7 +121,7 @@ class _Training:
             data.train_examples, data.tokenizer, max_len=data.max_len,
             batch_size=batch, num_slots=data.num_slots, seed=config.seed, shuffle=not stream,
             repeat=not stream, stream=stream, rows=sharding.process_rows(run.mesh, batch, run.rules),
-            worker_count=data_cfg.workers)
+            worker_count=data_cfg.workers, length_bucket=data_cfg.length_bucket)
         tr.it = iter(ds)
         tr.mngr = checkpoint.manager(workdir, tr.ckpt.keep)
         tr.best = (checkpoint.manager(workdir, 1, "best", tr.ckpt.best_metric) if tr.ckpt.best_metric else None)

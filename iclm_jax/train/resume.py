@@ -31,6 +31,7 @@ RESUMABLE = (
     "train.steps", "train.log_every", "train.time_limit_s", "train.nonfinite", "train.skip_limit",
     "eval.*", "checkpoint.*", "mesh.*", "rules.*", "init_from",
     "data.workers", "data.eval_splits", "data.eval_problems", "data.eval_files", "data.val_problems", "data.max_unk",
+    "data.length_bucket",
     "model.remat", "model.scan_layers", "model.attention", "loss.logit_chunk",
 )
 _GROUPS = {"model": (TransformerConfig,), "router": (RouterConfig,), "mi": (MIConfig,), "loss": (LossConfig,),
