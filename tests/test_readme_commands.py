@@ -44,6 +44,8 @@ COVERAGE = [
     (r"^iclm-train --workdir=runs/[me] --config\.mesh", ("run", SMALL, EIGHT_DEVICES)),
     (r"^python -m iclm_jax\.data\.raven (generate|check|stats|render) ", ("run", (), {})),
     (r"raven\.py --workdir=runs/raven$", ("run", SMALL, {})),
+    (r"raven\.py:cpu,queries,baseline,symbolic --workdir=runs/raven_q$", ("run", SMALL_VAL, {})),
+    (r"^python experiments/prototypes/raven_query_slots\.py runs/raven_q$", ("run", (), {})),
     (r"^python -m iclm_jax\.sharding_report ", ("run", (), {})),
     (r"^launch/local\.sh 2 ", ("elsewhere", "tests/test_launch.py runs launch/local.sh 2 with training arguments "
                                           "(and its failure and usage paths)")),

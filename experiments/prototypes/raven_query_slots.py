@@ -1,0 +1,34 @@
+"""Per-query accuracy of a RAVEN run trained with attribute queries (``raven.py:cpu,queries``): the letter and
+each of the missing panel's attributes, on generated center_single validation problems (teacher-forced).
+
+    python experiments/prototypes/raven_query_slots.py RUN_DIR [--n 300]
+
+``iclm-eval`` scores the letter only (evaluation rows ask it alone); this tells whether the rules
+(type, size, color of panel 9) or the matching of a candidate to them is what is missing.
+"""
+import argparse
+
+from iclm_jax.data import raven_render, tasks
+from iclm_jax.train.run import load_run
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("workdir")
+    p.add_argument("--n", type=int, default=300)
+    a = p.parse_args()
+    run = load_run(a.workdir)
+    d = run.config.data
+    # the run's validation problems (sources.eval_sets: the "val" part, seed + 999), all n of them
+    problems = tasks.get("raven").generate(d.train_split, "val", a.n, run.config.seed + 999)
+    examples = tasks.examples("raven", problems, tuple(d.styles.split(",")), True, d.form, extra_queries=True)
+    res = run._run(run.eval_step, examples)
+    correct, present = res["correct"], res["present"]
+    names = ("letter",) + raven_render.ATTRIBUTES
+    for j, name in enumerate(names):
+        print(f"{name}: {correct[:, j][present[:, j]].mean():.1%} of {int(present[:, j].sum())} queries")
+    print(f"(step {run.step}; chance: letter 12.5%, type 20%, size 16.7%, color 10%)")
+
+
+if __name__ == "__main__":
+    main()
