@@ -107,6 +107,16 @@ def last_time_s(workdir: str, up_to_step: int) -> float:
     return max((float(r["time_s"]) for r in recs), default=0.0)
 
 
+def save_with_outside_legend(fig, ax, path: str) -> str:
+    """Legend to the right of ``ax``, tight layout, ``path`` written at 120 dpi, the figure closed."""
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return path
+
+
 def _pyplot():
     """``matplotlib.pyplot`` on the file-only Agg backend; None off process 0 (only it writes plots)."""
     if jax.process_index() != 0:

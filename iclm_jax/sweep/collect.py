@@ -17,6 +17,7 @@ from collections import defaultdict
 import numpy as np
 
 from iclm_jax.data.render import DOMAINS
+from iclm_jax.report import save_with_outside_legend
 from iclm_jax.sweep import intervention_table
 
 SWEEP_FILE = "sweep.json"
@@ -188,9 +189,4 @@ def _plot(workdir, groups, splits, table, refs) -> str:
     ax.set_ylabel("answer accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title("sweep: mean ± std over seeds (no error bar: one seed)")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    out = os.path.join(workdir, "results.png")
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_with_outside_legend(fig, ax, os.path.join(workdir, "results.png"))

@@ -16,7 +16,7 @@ import numpy as np
 
 from iclm_jax import intervention_report as ir
 from iclm_jax.data.render import DOMAINS
-from iclm_jax.report import _pyplot
+from iclm_jax.report import _pyplot, save_with_outside_legend
 from iclm_jax.sweep.intervene import results_path
 
 # The intervention columns that mean the same in every seed (route=M depends on the router's numbering).
@@ -138,9 +138,4 @@ def plot(workdir: str, groups: dict[str, list[dict]]) -> str | None:
     ax.set_ylabel("accuracy drop (points)")
     ax.set_title("interventions: does a domain's own module matter to it most?\n"
                  "bars: mean over seeds, error bars: std over seeds, dots: each seed", fontsize=10)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    out = os.path.join(workdir, "interventions.png")
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_with_outside_legend(fig, ax, os.path.join(workdir, "interventions.png"))
