@@ -23,7 +23,9 @@ import shutil
 import subprocess
 import sys
 
+from iclm_jax import intervene as iv_lib
 from iclm_jax.sweep import collect as collect_lib
+from iclm_jax.sweep import intervene as sweep_iv
 from iclm_jax.sweep import launchers, points
 
 LAUNCHERS = ("local", "slurm", "tpu")
@@ -129,8 +131,6 @@ def main(argv=None) -> int:
 
 
 def _intervene(a) -> int:
-    from iclm_jax import intervene as iv_lib
-    from iclm_jax.sweep import intervene as sweep_iv
     try:
         iv_lib.parse(a.spec)
     except ValueError as e:
