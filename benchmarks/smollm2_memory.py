@@ -164,10 +164,10 @@ def main(args: argparse.Namespace) -> None:
     config = smollm2_config(args.config_arg, args.set)
     t0 = time.time()
     if args.seq_len:     # skip tokenizing the data set (minutes on a slow CPU)
-        from iclm_jax.data import render, sources
+        from iclm_jax.data import tasks
         d = config.data
-        extra = render.MAX_EXTRA_QUERIES if d.get("extra_queries", False) else 0
-        max_len, num_slots = args.seq_len, (sources.NUM_SLOTS_PACKED + extra) if d.packed else 1
+        max_len = args.seq_len
+        num_slots = tasks.get(d.get("task", "acre")).max_queries(d.get("extra_queries", False)) if d.packed else 1
     else:
         max_len, num_slots = row_shape(config)
     seq_len = max_len

@@ -9,7 +9,6 @@ greedy generations (``generate_score.py``); ``--out`` also writes every number a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -17,7 +16,7 @@ from iclm_jax import generate_score, intervene, intervention_report
 from iclm_jax.data.acre import QUERY_TYPES
 from iclm_jax.data.render import DOMAINS
 from iclm_jax.evaluate import independence_table, modules_table, results_table, views_table
-from iclm_jax.report import format_table
+from iclm_jax.report import format_table, write_json
 from iclm_jax.train.run import load_run
 
 SCORES = ("teacher", "generate", "both")
@@ -143,7 +142,7 @@ def run_eval(argv=None) -> int:
             print(f"iclm-eval: {e}", file=sys.stderr)
             return 2
     if args.out:
-        _write_json(args.out, {"workdir": os.path.abspath(args.workdir), "step": run.step, "data": args.data,
+        write_json(args.out, {"workdir": os.path.abspath(args.workdir), "step": run.step, "data": args.data,
                                "score": args.score, "teacher": results, "reference": refs, "generate": scores})
         print(f"iclm-eval: wrote {args.out}", file=sys.stderr)
     if args.score == "generate":
@@ -178,18 +177,10 @@ def _run_interventions(run, args) -> int:
                                           step=run.step)
         print(f"iclm-eval: wrote {', '.join(paths)}", file=sys.stderr)
     if args.out:
-        _write_json(args.out, {"workdir": os.path.abspath(args.workdir), "step": run.step, "data": args.data,
+        write_json(args.out, {"workdir": os.path.abspath(args.workdir), "step": run.step, "data": args.data,
                                "score": args.score, "interventions": results})
         print(f"iclm-eval: wrote {args.out}", file=sys.stderr)
     return 0
-
-
-def _write_json(path: str, obj) -> None:
-    """``obj`` as JSON (NumPy scalars and arrays as numbers and lists), written whole or not at all."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else float(o))
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -107,6 +107,14 @@ def last_time_s(workdir: str, up_to_step: int) -> float:
     return max((float(r["time_s"]) for r in recs), default=0.0)
 
 
+def write_json(path: str, obj) -> None:
+    """``obj`` as JSON (NumPy scalars and arrays as numbers and lists), written whole or not at all."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else float(o))
+    os.replace(tmp, path)
+
+
 def save_with_outside_legend(fig, ax, path: str) -> str:
     """Legend to the right of ``ax``, tight layout, ``path`` written at 120 dpi, the figure closed."""
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))

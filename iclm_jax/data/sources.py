@@ -16,7 +16,6 @@ from iclm_jax.data.stream import AcreStream
 from iclm_jax.fields import csv, typed
 from iclm_jax.padding import round_up
 
-NUM_SLOTS_PACKED = 4
 # data.stream: row lengths are measured on at least this many problems of the stream (see build).
 STREAM_LEN_SAMPLE = 2000
 VAL_SET = "val"     # name of the generated validation set (data.val_problems) in results and logs

@@ -56,7 +56,7 @@ def _raven_examples(problems, styles, packed: bool = False, form: str = "full", 
 TASKS = {
     "acre": Task("acre", acre.SPLITS, acre_generate.generate_problems, pipeline.acre_examples, acre.load_problems,
                  acre.index_problems, reference.fit_reference, reference.score_reference, True,
-                 lambda extra: 4 + (render.MAX_EXTRA_QUERIES if extra else 0)),
+                 lambda extra: acre.NUM_QUERIES + (render.MAX_EXTRA_QUERIES if extra else 0)),
     "raven": Task("raven", raven.CONFIGURATIONS, raven_generate.generate_problems, _raven_examples,
                   raven.load_problems, raven.load_problems, raven_reference.fit_reference,
                   raven_reference.score_reference, False,

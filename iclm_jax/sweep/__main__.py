@@ -135,11 +135,7 @@ def _intervene(a) -> int:
         iv_lib.parse(a.spec)
     except ValueError as e:
         _refuse(f"--spec: {e}")
-    path = os.path.join(a.workdir, collect_lib.SWEEP_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: not a sweep directory (no {collect_lib.SWEEP_FILE}; run the sweep first)")
-    with open(path) as f:
-        sweep = json.load(f)
+    sweep = collect_lib.read_sweep(a.workdir)
     sets = [s.strip() for s in a.sets.split(",") if s.strip()] or None
     failed = sweep_iv.run_all(a.workdir, sweep, spec=a.spec, sets=sets, only=a.only, redo=a.redo)
     print(("failed: " + "; ".join(failed) + "\n" if failed else "")

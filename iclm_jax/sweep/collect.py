@@ -60,13 +60,18 @@ def _cell(m: float, s: float, n: int, pct: bool = True) -> str:
     return f"{k * m:{f}} ± {k * s:{f}} (n={n})" if n > 1 else f"{k * m:{f}} (n=1)"
 
 
-def collect(workdir: str) -> dict:
-    """Write results.csv/.md/.png in ``workdir``; returns {"groups": {group: {split: (mean, std, n)}}, ...}."""
+def read_sweep(workdir: str) -> dict:
+    """The sweep's ``sweep.json`` (written by the launch); FileNotFoundError naming it when there is none."""
     path = os.path.join(workdir, SWEEP_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: not a sweep directory (no {SWEEP_FILE}; run the sweep first)")
     with open(path) as f:
-        sweep = json.load(f)
+        return json.load(f)
+
+
+def collect(workdir: str) -> dict:
+    """Write results.csv/.md/.png in ``workdir``; returns {"groups": {group: {split: (mean, std, n)}}, ...}."""
+    sweep = read_sweep(workdir)
     rows, missing = [], []
     for point in sweep["points"]:
         r = _point_rows(workdir, point)

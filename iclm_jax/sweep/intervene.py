@@ -19,6 +19,7 @@ import traceback
 
 from iclm_jax import intervene, intervention_report
 from iclm_jax.data.sources import VAL_SET
+from iclm_jax.report import write_json
 from iclm_jax.train.run import load_run
 
 OUT_DIR = "interventions"
@@ -58,10 +59,7 @@ def run_point(path: str, spec: str = "all", sets: list[str] | None = None) -> di
     intervention_report.write(out_dir, results, workdir=os.path.abspath(path), step=run.step)
     record = {"workdir": os.path.abspath(path), "step": run.step, "spec": spec,
               "sets": [es.name for es in chosen], "interventions": results}
-    tmp = os.path.join(out_dir, RESULTS + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else float(o))
-    os.replace(tmp, os.path.join(out_dir, RESULTS))       # written last: its presence means the point is done
+    write_json(os.path.join(out_dir, RESULTS), record)   # written last: its presence means the point is done
     return record
 
 

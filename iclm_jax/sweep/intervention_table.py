@@ -38,11 +38,12 @@ def point_effects(res: dict) -> dict:
         drop = ir.drops(cells, f"ablate={m}")
         others = [drop[o] for o in DOMAINS if o != d and np.isfinite(drop[o])]
         label = f"specific {m}"
-        word, why = ir.verdict(drop, ir.own_domains(res, label), label, ir.drop_variances(cells, f"ablate={m}"))
+        owners = ir.own_domains(res, label)
+        word, why = ir.verdict(drop, owners, label, ir.drop_variances(cells, f"ablate={m}"))
         swap = (ir.accuracy(cells["none"], d) - ir.accuracy(cells["swap"], d)) if cells.get("swap") else float("nan")
         domains[d] = {"module": m, "own_drop": drop[d], "other_drop": max(others) if others else float("nan"),
                       "swap_drop": swap, "verdict": word, "noise": why.startswith("within noise"),
-                      "shared": len(ir.own_domains(res, label)) > 1}
+                      "shared": len(owners) > 1}
     return {"acc": acc, "domains": domains}
 
 

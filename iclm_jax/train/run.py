@@ -182,10 +182,7 @@ class LoadedRun(Run):
             raise FileNotFoundError(f"--data {path}: no such file")
         d = typed(sources.DataConfig, self.config.data)
         examples, problems = sources.file_examples(path, tuple(csv(d.styles)), d.packed, d.form, task=d.task)
-        need = sources.measure(self.data.num_slots, self.data.tokenizer, path, examples,
-                               d.max_unk if max_unk is None else max_unk, d.tokenizer) + 1
-        if need > self.data.max_len:
-            self.data.max_len = round_up(need, 32)
+        self._fit(path, examples, d.max_unk if max_unk is None else max_unk)
         if batch_size:
             self.config.eval.batch_size = round_up(batch_size, sharding.data_ways(self.mesh, self.rules))
         return examples, problems
@@ -196,11 +193,15 @@ class LoadedRun(Run):
         d = typed(sources.DataConfig, self.config.data)
         sets = sources.eval_sets(d, self.config.seed, only)
         for es in sets:
-            need = sources.measure(self.data.num_slots, self.data.tokenizer, f"eval set {es.name!r}", es.examples,
-                                   d.max_unk, d.tokenizer) + 1
-            if need > self.data.max_len:
-                self.data.max_len = round_up(need, 32)
+            self._fit(f"eval set {es.name!r}", es.examples, d.max_unk)
         return sets
+
+    def _fit(self, name: str, examples, max_unk: float) -> None:
+        """``sources.measure``'s refusals for ``examples``, and the run's max_len grown to hold them."""
+        need = sources.measure(self.data.num_slots, self.data.tokenizer, name, examples, max_unk,
+                               self.config.data.tokenizer) + 1
+        if need > self.data.max_len:
+            self.data.max_len = round_up(need, 32)
 
     def train_problems(self):
         """The run's training problems, which the reference predictors are fitted on (read on demand from
