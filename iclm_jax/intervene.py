@@ -293,7 +293,8 @@ def teacher_results(run, sets: dict[str, list], ivs: list[Intervention]) -> dict
     def evaluate(step, state, examples, route=None):
         return run_eval_set(step, state, examples, tok=run.data.tokenizer, mesh=run.mesh, rules=run.rules,
                             max_len=run.data.max_len, num_slots=run.data.num_slots,
-                            batch_size=run.config.eval.batch_size, route_index=route)
+                            batch_size=run.config.eval.batch_size, route_index=route,
+                            length_bucket=run.config.data.get("length_bucket", 0))
 
     base = {name: evaluate(run.eval_step, run.state, ex) for name, ex in sets.items()}
     real = {name: r["present"].any(1) for name, r in base.items()}

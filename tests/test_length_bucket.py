@@ -79,3 +79,37 @@ def test_the_train_step_on_a_trimmed_batch_equals_the_full_batch(data):
             np.testing.assert_allclose(np.asarray(mb[k]), np.asarray(ma[k]), rtol=2e-5, atol=1e-7, err_msg=k)
     pa, pb = pure(sa), pure(sb)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6), pa, pb)
+
+
+def test_evaluation_on_trimmed_batches_equals_the_full_batches(tmp_path):
+    """``Run.evaluate`` (and every per-module view and the independence numbers) with the eval batches
+    padded to their bucket gives the numbers it gives on batches padded to ``max_len``: only padding goes."""
+    from iclm_jax.train.run import load_run
+    from tests.helpers import write_random_run
+    config = tiny_config("cpu")
+    config.model.canon = 4
+    config.data.update(stream=False, train_problems=16, val_problems=12, eval_problems=0, eval_splits="")
+    data, _ = write_random_run(tmp_path, config)
+    run = load_run(str(tmp_path))
+    examples = data.eval_sets[0].examples
+    rows = make_dataset(examples, data.tokenizer, max_len=data.max_len, batch_size=run.config.eval.batch_size,
+                        num_slots=data.num_slots, seed=0, shuffle=False, repeat=False, pad_last_batch=True,
+                        length_bucket=16)
+    assert max(b["inputs"].shape[1] for b in rows) < data.max_len          # the trimmed run really is shorter
+    got = {}
+    for bucket in (0, 16):
+        run.config.data.length_bucket = bucket
+        got[bucket] = run.evaluate(examples, views=True)
+
+    def flat(tree, prefix=""):
+        if isinstance(tree, dict):
+            return {k2: v2 for k, v in tree.items() for k2, v2 in flat(v, f"{prefix}{k}/").items()}
+        return {prefix: tree}
+    full, cut = flat(got[0]), flat(got[16])
+    assert full.keys() == cut.keys() and "views/specific 1 alone/all/" in full and "mi/" in full
+    for k in full:
+        if isinstance(full[k], str) or np.asarray(full[k]).dtype.kind in "USO":     # names: equal
+            assert np.array_equal(np.asarray(cut[k]), np.asarray(full[k])), k
+            continue
+        np.testing.assert_allclose(np.asarray(cut[k], float), np.asarray(full[k], float), rtol=1e-5, atol=1e-6,
+                                   err_msg=k)

@@ -185,6 +185,20 @@ def test_local_sweep_runs_resumes_after_a_kill_skips_finished_points_and_collect
     assert "resuming from step " in log
     again = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("finished, skipped") == 4
+    # The points share a persistent compilation cache under the sweep's workdir; a point trained again from
+    # the warm cache logs the same losses as when it compiled its own steps.
+    assert any((work / "xla_cache").iterdir())
+    point = work / "variant=baseline,seed=1"
+
+    def losses():
+        return [r["loss"] for r in map(json.loads, (point / "metrics.jsonl").read_text().splitlines())
+                if r["split"] == "train"]
+    before = losses()
+    os.rename(point, tmp_path / "moved")
+    redo = subprocess.run(cmd + ["--only=baseline,seed=1"], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert redo.returncode == 0, redo.stdout[-3000:] + redo.stderr[-3000:]
+    assert len(before) == 12 and losses() == before
 
     r = subprocess.run([sys.executable, "-m", "iclm_jax.sweep", "collect", str(work)], cwd=REPO, capture_output=True,
                        text=True, timeout=300)

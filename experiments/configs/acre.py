@@ -95,8 +95,8 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         tokenizer="acre_word",     # acre_word | smollm2 | a directory holding tokenizer.json
         max_unk=0.05,              # refuse a data file with more <unk> tokens than this fraction
         max_len=0,                 # 0 = longest example rounded up to 32
-        length_bucket=0,           # > 0: pad each training batch to a multiple of this that holds its longest
-        #                            row, not to max_len (fewer positions; one compile per distinct length)
+        length_bucket=0,           # > 0: pad each training and evaluation batch to a multiple of this that holds
+        #                            its longest row, not to max_len (fewer positions; one compile per length)
         num_domains=2,
         workers=0,                 # grain worker processes
     )

@@ -17,9 +17,12 @@ import re
 import time
 import traceback
 
+import jax
+
 from iclm_jax import intervene, intervention_report
 from iclm_jax.data.sources import VAL_SET
 from iclm_jax.report import write_json
+from iclm_jax.sweep.launchers import compile_cache_dir
 from iclm_jax.train.run import load_run
 
 OUT_DIR = "interventions"
@@ -67,6 +70,8 @@ def run_all(workdir: str, sweep: dict, *, spec: str = "all", sets: list[str] | N
             redo: bool = False) -> list[str]:
     """Every point of ``sweep`` (``sweep.json``) in turn, printing one line each -> the names that failed."""
     pts = [p for p in sweep["points"] if not only or re.search(only, p["name"])]
+    if not jax.config.jax_compilation_cache_dir:      # reuse the compiled steps of the points' evaluations
+        jax.config.update("jax_compilation_cache_dir", compile_cache_dir(workdir))
     failed = []
     for i, p in enumerate(pts):
         head = f"[{i + 1}/{len(pts)}] {p['name']}"

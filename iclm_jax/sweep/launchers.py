@@ -22,6 +22,14 @@ from iclm_jax.sweep.points import Point
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SUMMARY = "summary.json"
+#: The sweep's persistent XLA compilation cache, under its workdir: points of one structure (seeds,
+#: protocols) share compiled steps, so only the first compiles them. ``JAX_COMPILATION_CACHE_DIR`` wins.
+COMPILE_CACHE = "xla_cache"
+
+
+def compile_cache_dir(workdir: str) -> str:
+    """The cache directory the sweep's points use: ``$JAX_COMPILATION_CACHE_DIR`` or ``<workdir>/xla_cache``."""
+    return os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(os.path.abspath(workdir), COMPILE_CACHE)
 
 
 def finished(workdir: str, p: Point) -> bool:
@@ -31,6 +39,7 @@ def finished(workdir: str, p: Point) -> bool:
 def run_local(points: list[Point], workdir: str, total: int, say=print, extra: list[str] = ()) -> list[Point]:
     """Train each unfinished point in turn (output in ``<point>/train.log``); returns the failed points."""
     failed = []
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": compile_cache_dir(workdir)}
     for p in points:
         head = f"[{p.index + 1}/{total}] {p.name}"
         if finished(workdir, p):
@@ -41,7 +50,7 @@ def run_local(points: list[Point], workdir: str, total: int, say=print, extra: l
         t0 = time.time()
         with open(log, "a") as f:
             code = subprocess.call([sys.executable, "-m", "iclm_jax.main", *p.train_args(workdir), "--quiet",
-                                    *extra], stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+                                    *extra], stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         took = time.time() - t0
         if code != 0:
             failed.append(p)

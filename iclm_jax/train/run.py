@@ -62,7 +62,8 @@ class Run:
     def _run(self, step, examples, route_index=None) -> dict:
         return evaluate.run_eval_set(step, self.state, examples, tok=self.data.tokenizer, mesh=self.mesh,
                                      rules=self.rules, max_len=self.data.max_len, num_slots=self.data.num_slots,
-                                     batch_size=self.config.eval.batch_size, route_index=route_index)
+                                     batch_size=self.config.eval.batch_size, route_index=route_index,
+                                     length_bucket=self.config.data.get("length_bucket", 0))
 
     def _views(self, examples, res: dict, model: dict) -> dict:
         if self.view_steps is None:
