@@ -23,10 +23,11 @@ demo: $(STAMP)
 demo-iclm: $(STAMP)
 	$(BIN)/python -m iclm_jax.demo --iclm --workdir=runs/demo_iclm
 
-# The reproduction table (issue `experiments`): 18 points, ~4 h on 2 idle CPU cores, then the interventions on
-# each multi-module point (~3 min each); resumable (rerun it).
+# The reproduction table (issue `experiments`): 18 points, two at a time on their own cores where there are two
+# (JOBS=1: one at a time), then the interventions on each multi-module point; resumable (rerun it).
+JOBS ?= $(shell [ "$$(nproc)" -ge 2 ] && echo 2 || echo 1)
 reproduce: $(STAMP)
-	$(BIN)/python -m iclm_jax.sweep --config=experiments/configs/acre.py:cpu,reproduce --workdir=runs/reproduce
+	$(BIN)/python -m iclm_jax.sweep --config=experiments/configs/acre.py:cpu,reproduce --workdir=runs/reproduce --jobs=$(JOBS)
 	$(BIN)/python -m iclm_jax.sweep intervene runs/reproduce
 	$(BIN)/python -m iclm_jax.sweep collect runs/reproduce --out experiments/results/acre_cpu.md
 

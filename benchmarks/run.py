@@ -12,7 +12,8 @@ import importlib
 import sys
 import time
 
-SECTIONS = ("routed", "vs_torch", "mfu", "padding", "attention", "generation", "compile_depth", "data_speed")
+SECTIONS = ("routed", "vs_torch", "mfu", "padding", "attention", "generation", "compile_depth", "data_speed",
+            "sweep_jobs")
 
 
 def main(argv=None) -> int:

@@ -215,3 +215,49 @@ def test_local_sweep_runs_resumes_after_a_kill_skips_finished_points_and_collect
     csv_rows = (work / "results.csv").read_text().strip().splitlines()
     assert len(csv_rows) == 1 + 4 * 2
     assert (work / "results.png").stat().st_size > 10_000
+
+
+def test_core_slices_split_the_cores_and_refuse_more_jobs_than_cores():
+    from iclm_jax.sweep.launchers import core_slices
+    assert core_slices(2, {0, 1}) == [[0], [1]]
+    assert core_slices(3, range(8)) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert core_slices(1, {3, 5}) == [[3, 5]]
+    with pytest.raises(ValueError, match=r"--jobs=3: only 2 CPU cores here, so at most 2 points at once"):
+        core_slices(3, {0, 1})
+    with pytest.raises(ValueError, match=r"--jobs=0: expected an integer >= 1"):
+        core_slices(0, {0, 1})
+
+
+def test_jobs_is_refused_in_one_line_where_it_cannot_run(tmp_path):
+    cfg = _config(tmp_path)
+    for args, message in [([f"--jobs={os.cpu_count() + 1}"], "CPU cores here, so at most"),
+                          (["--jobs=2", "--launcher=tpu"], "--jobs=2 is for --launcher=local")]:
+        r = subprocess.run([sys.executable, "-m", "iclm_jax.sweep", f"--config={cfg}", f"--workdir={tmp_path / 'w'}",
+                            *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two points at once need two cores")
+def test_two_jobs_train_points_at_once_on_their_own_cores_with_the_sequential_results(tmp_path):
+    """``--jobs=2``: the two points start before either finishes, each on one core, and log the losses the
+    same points log when the sweep trains them one after the other."""
+    cfg = _config(tmp_path, steps=6)
+    logs = {}
+    for jobs in (1, 2):
+        work = tmp_path / f"jobs{jobs}"
+        r = subprocess.run([sys.executable, "-m", "iclm_jax.sweep", f"--config={cfg}", f"--workdir={work}",
+                            "--only=seed=0", f"--jobs={jobs}"], cwd=REPO, env=_env(), capture_output=True,
+                           text=True, timeout=900)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        logs[jobs] = r.stdout.splitlines()
+        for name in ("variant=iclm,seed=0", "variant=baseline,seed=0"):
+            rows = [json.loads(x) for x in (work / name / "metrics.jsonl").read_text().splitlines()]
+            logs[(jobs, name)] = [x["loss"] for x in rows if x["split"] == "train"]
+    started = [i for i, x in enumerate(logs[2]) if ": started on cores " in x]
+    done = [i for i, x in enumerate(logs[2]) if ": done in " in x]
+    assert len(started) == 2 and len(done) == 2 and max(started) < min(done), logs[2]
+    cores = [logs[2][i].rsplit(" ", 1)[1] for i in started]
+    assert len(set(cores)) == 2
+    assert not any("started on cores" in x for x in logs[1])
+    for name in ("variant=iclm,seed=0", "variant=baseline,seed=0"):
+        assert len(logs[(1, name)]) == 6 and logs[(2, name)] == logs[(1, name)], name

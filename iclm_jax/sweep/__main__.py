@@ -1,12 +1,13 @@
 """Sweeps from the command line (also installed as ``iclm-sweep``):
 
     python -m iclm_jax.sweep --config=experiments/configs/acre.py:cpu --workdir=runs/sweep \\
-        [--launcher=local|slurm|tpu] [--dry-run] [--only=REGEX] [--set=FIELD=VALUE ...] [--sbatch=ARG ...]
+        [--launcher=local|slurm|tpu] [--dry-run] [--only=REGEX] [--set=FIELD=VALUE ...] [--jobs=N] [--sbatch=ARG ...]
     python -m iclm_jax.sweep intervene runs/sweep [--spec=all] [--sets=IID,Sys] [--only=REGEX] [--redo]
     python -m iclm_jax.sweep collect runs/sweep
 
 The config file's ``get_sweep(arg)`` lists the points (see ``points``). ``local`` trains them here in
-sequence (rerun the same command to resume: finished points are skipped); ``slurm`` writes
+sequence, or ``--jobs`` at once on their own cores (rerun the same command to resume: finished points are
+skipped); ``slurm`` writes
 ``<workdir>/sweep.sbatch`` and submits it with sbatch (``--dry-run``: writes and prints it only);
 ``tpu`` runs ``launch/tpu_pod.sh`` once per point (``--dry-run``: prints the commands). ``intervene``
 evaluates every finished point with two or more modules under interventions on its modules
@@ -66,6 +67,8 @@ def _parse(argv):
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="a config override for every point, after its own (repeatable), e.g. "
                         "--set=train.steps=100 for a quick pass over a grid")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="local launcher: train this many points at once, each pinned to its share of the CPU cores")
     p.add_argument("--sbatch", action="append", default=[],
                    help="an #SBATCH line for each task, e.g. --sbatch=--nodes=1 (repeatable)")
     return "run", p.parse_args(argv)
@@ -88,7 +91,10 @@ def main(argv=None) -> int:
             return 0
         pts = points.load(a.config, tuple(a.set))
         chosen = points.select(pts, a.only)
-    except (points.SweepError, FileNotFoundError) as e:
+        if a.jobs != 1 and a.launcher != "local":
+            raise points.SweepError(f"--jobs={a.jobs} is for --launcher=local (a {a.launcher} job runs its own points)")
+        launchers.core_slices(a.jobs)
+    except (points.SweepError, FileNotFoundError, ValueError) as e:
         _refuse(str(e))
     command = "python -m iclm_jax.sweep " + " ".join(shlex.quote(x) for x in argv)
     if not a.dry_run or a.launcher == "slurm":
@@ -106,7 +112,7 @@ def main(argv=None) -> int:
                 print(f"[{p.index + 1}/{len(pts)}] {p.name} ({state}): iclm-train "
                       + " ".join(shlex.quote(x) for x in p.train_args(a.workdir)))
             return 0
-        failed = launchers.run_local(chosen, a.workdir, len(pts))
+        failed = launchers.run_local(chosen, a.workdir, len(pts), jobs=a.jobs)
         print(f"{len(chosen) - len(failed)} of {len(chosen)} points done; collect with: "
               f"python -m iclm_jax.sweep collect {a.workdir}")
         return 1 if failed else 0
