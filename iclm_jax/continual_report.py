@@ -85,7 +85,7 @@ def _from_run(run) -> str:
 def _results(run, examples) -> dict:
     need = sources.measure(run.data.num_slots, run.data.tokenizer, "the report's examples", examples) + 1
     run.data.max_len = max(run.data.max_len, round_up(need, 32))
-    res = run._run(run.eval_step, examples)
+    res = run.run_set(run.eval_step, examples)
     real = res["present"].any(1)
     return {k: v for k, v in res.items() if not k.startswith("pooled")} | {"real": real}
 

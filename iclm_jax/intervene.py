@@ -47,7 +47,6 @@ from flax import nnx
 
 from iclm_jax import generate_score, partitioning, sharding
 from iclm_jax.data.render import DOMAINS
-from iclm_jax.evaluate import run_eval_set
 from iclm_jax.model.iclm import ICLM
 from iclm_jax.model.lora import LoRAParam
 from iclm_jax.train.step import make_steps, make_view_steps
@@ -291,10 +290,7 @@ def teacher_results(run, sets: dict[str, list], ivs: list[Intervention]) -> dict
     views = {}
 
     def evaluate(step, state, examples, route=None):
-        return run_eval_set(step, state, examples, tok=run.data.tokenizer, mesh=run.mesh, rules=run.rules,
-                            max_len=run.data.max_len, num_slots=run.data.num_slots,
-                            batch_size=run.config.eval.batch_size, route_index=route,
-                            length_bucket=run.config.data.get("length_bucket", 0))
+        return run.run_set(step, examples, route, state=state)
 
     base = {name: evaluate(run.eval_step, run.state, ex) for name, ex in sets.items()}
     real = {name: r["present"].any(1) for name, r in base.items()}

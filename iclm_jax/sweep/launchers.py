@@ -87,9 +87,9 @@ def run_local(points: list[Point], workdir: str, total: int, say=print, extra: l
             for slot in range(len(slices)):
                 if slot not in running and todo:
                     start(slot, todo.pop(0))
-            time.sleep(0.2 if len(slices) > 1 else 0.0)
+            time.sleep(0.2)
             for slot, (proc, p, t0, log, f) in list(running.items()):
-                code = proc.wait() if len(slices) == 1 else proc.poll()
+                code = proc.poll()
                 if code is None:
                     continue
                 f.close()

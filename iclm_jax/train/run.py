@@ -52,15 +52,18 @@ class Run:
         """``evaluate.summarise`` of ``examples``; with ``views`` (and more than one module or an invariant
         one) also ``"views"``: accuracy of the model as routed, routed by domain (each domain to the module
         the router sends most of it to), and of each module alone (its adapter on the base head)."""
-        res = self._run(self.eval_step, examples)
+        res = self.run_set(self.eval_step, examples)
         out = evaluate.summarise(res, self.num_modules)
         cfg = self.model_cfg
         if views and (self.num_modules > 1 or cfg.invariant):
             out["views"] = self._views(examples, res, out)
         return out
 
-    def _run(self, step, examples, route_index=None) -> dict:
-        return evaluate.run_eval_set(step, self.state, examples, tok=self.data.tokenizer, mesh=self.mesh,
+    def run_set(self, step, examples, route_index=None, state=None) -> dict:
+        """``evaluate.run_eval_set`` of ``step`` over ``examples`` with this run's data settings, on the run's
+        state (or ``state``: e.g. an intervention's surgery)."""
+        state = self.state if state is None else state
+        return evaluate.run_eval_set(step, state, examples, tok=self.data.tokenizer, mesh=self.mesh,
                                      rules=self.rules, max_len=self.data.max_len, num_slots=self.data.num_slots,
                                      batch_size=self.config.eval.batch_size, route_index=route_index,
                                      length_bucket=self.config.data.get("length_bucket", 0))
@@ -78,14 +81,14 @@ class Run:
             table = evaluate.domain_modules(res, self.num_modules)
             by_domain = lambda b: np.vectorize(lambda d: table.get(int(d), table[-1]))(b["domain"])  # noqa: E731
             views["routed by domain"] = pick(evaluate.summarise(
-                self._run(self.view_steps["forced"], examples, by_domain), self.num_modules))
+                self.run_set(self.view_steps["forced"], examples, by_domain), self.num_modules))
         slots = [(f"specific {m} alone", m) for m in range(self.num_modules)]
         if cfg.invariant:
             slots.append(("invariant alone", cfg.invariant_slot))
         alone = {}
         for name, slot in slots:
             const = lambda b, s=slot: np.full(b["domain"].shape, s)   # noqa: E731
-            alone[slot] = self._run(self.view_steps["alone"], examples, const)
+            alone[slot] = self.run_set(self.view_steps["alone"], examples, const)
             views[name] = pick(evaluate.summarise(alone[slot], self.num_modules))
         real = res["present"].any(1)
         inv = res["pooled_inv"][real] if "pooled_inv" in res else None
@@ -97,7 +100,7 @@ class Run:
         reps = ({"invariant": inv} if inv is not None else {}) | {"routed specific": res["pooled_spec"][real]}
         reps |= {f"specific {m} alone": z for m, z in specs.items()} if self.num_modules > 1 else {}
         # What the adapters add: every module shares the base, whose pooled state dominates theirs.
-        base = self._run(self.view_steps["alone"], examples,
+        base = self.run_set(self.view_steps["alone"], examples,
                          lambda b: np.full(b["domain"].shape, -1))["pooled_spec"][real]
         delta_sim = independence.similarity({k: v - base for k, v in reps.items()})
         model["independence"].update(independence.delta_scalars(delta_sim))
