@@ -22,7 +22,7 @@ def main():
     # the run's validation problems (sources.eval_sets: the "val" part, seed + 999), all n of them
     problems = tasks.get("raven").generate(d.train_split, "val", a.n, run.config.seed + 999)
     examples = tasks.examples("raven", problems, tuple(d.styles.split(",")), True, d.form, extra_queries=True)
-    res = run._run(run.eval_step, examples)
+    res = run.run_set(run.eval_step, examples)
     correct, present = res["correct"], res["present"]
     names = ("letter",) + raven_render.ATTRIBUTES
     for j, name in enumerate(names):
