@@ -149,12 +149,52 @@ def test_collect_means_and_stds_equal_numpy_and_unfinished_points_are_listed(tmp
     assert "| variant=iclm | IID | 62.5 ± 17.7 (n=2) | 31.2 ± 8.8 (n=2) |" in md      # per rendering
     assert "| variant=iclm | IID | 62.5 ± 17.7 (n=2) | 15.6 ± 4.4 (n=2) |" in md      # per module view
     assert "| variant=baseline | IID | - | - |" not in md                            # no such numbers: no row
-    assert "Time: 0.00 h of training" in md and "cores, jax" in md
+    assert "Summed over the finished points: 0.00 h of training" in md and "cores, jax" in md
+    assert "Wall time:" not in md                                   # no start/end times recorded: no claim
     from iclm_jax.sweep.__main__ import main
     assert main(["collect", str(work), "--out", str(tmp_path / "res" / "table.md")]) == 0
     assert (tmp_path / "res" / "table.md").read_text() == md
     purity = {r["point"]: r["purity"] for r in out["rows"] if r["split"] == "IID"}
     assert purity == {"variant=iclm,seed=0": 0.9, "variant=iclm,seed=1": 0.9, "variant=baseline,seed=0": None}
+
+
+def test_union_seconds_equals_a_count_of_covered_seconds():
+    """The union of intervals against counting the covered unit cells one by one (integer endpoints)."""
+    from iclm_jax.sweep.collect import union_seconds
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        spans = [tuple(sorted(rng.integers(0, 60, 2))) for _ in range(rng.integers(0, 6))]
+        cells = {t for a, b in spans for t in range(a, b)}
+        assert union_seconds(spans) == len(cells)
+    assert union_seconds([(0, 10), (5, 12), (100, 101)]) == 13       # side by side once, the gap not at all
+
+
+def test_collect_reports_the_wall_time_of_points_side_by_side_and_of_interventions(tmp_path, monkeypatch):
+    """Two points trained at once (overlapping start/end times), a third in a later sitting, and two
+    intervention reports: the wall line is the union of each kind's times, the sums stay the sums."""
+    from iclm_jax.sweep.collect import collect
+    cfg, work = _config(tmp_path), tmp_path / "sw"
+    pts = points.load(cfg)
+    work.mkdir()
+    (work / "sweep.json").write_text(json.dumps({"config": cfg, "command": "x", "points": [
+        {"name": p.name, "dirname": p.dirname, "group": p.group, "seed": p.seed} for p in pts]}))
+    spans = {"variant=baseline,seed=0": (0, 1800), "variant=baseline,seed=1": (0, 3600),
+             "variant=iclm,seed=0": (10_000, 13_600)}
+    for name, (a, b) in spans.items():
+        (work / name).mkdir()
+        (work / name / "summary.json").write_text(json.dumps({
+            "steps": 6, "train_s": b - a, "setup_s": 0, "train_wall_s": b - a, "started_at": 1e9 + a,
+            "finished_at": 1e9 + b, "eval": {"IID": {"all": 0.5, "answer_ce": 1.0, "module_0_rows": 8}}}))
+    from iclm_jax.sweep import intervention_table  # two reports' times; their tables are tested elsewhere
+    monkeypatch.setattr(intervention_table, "load", lambda w, s: {"variant=iclm": [
+        {"point": "a", "interval": (2e9, 2e9 + 900)}, {"point": "b", "interval": (2e9 + 600, 2e9 + 1800)}]})
+    monkeypatch.setattr(intervention_table, "markdown", lambda groups: [])
+    monkeypatch.setattr(intervention_table, "plot", lambda workdir, groups: None)
+    collect(str(work))
+    md = (work / "results.md").read_text()
+    assert "Wall time: 2.00 h training the points + 0.50 h of interventions" in md
+    assert "Summed over the finished points: 2.50 h of training" in md
+    assert "without start/end times" not in md
 
 
 @pytest.mark.slow

@@ -6,6 +6,8 @@ skipped with its reason, and a rerun skips the points done. ``collect``'s interv
 against a hand computation (NumPy) from known counts, with module numbers that differ between seeds.
 """
 import json
+import re
+import time
 
 import numpy as np
 import pytest
@@ -64,6 +66,7 @@ def test_sweep_intervene_matches_the_runs_own_eval_skips_one_module_and_resumes(
         path = tiny_sweep / f"variant=iclm,seed={seed}"
         rec = json.loads((path / "interventions" / "interventions.json").read_text())
         assert rec["sets"] == ["IID", "Sys"]                     # the test sets, not the validation set
+        assert 0 < rec["started_at"] < rec["finished_at"] <= time.time()     # its time, for the sweep's wall time
         assert (path / "interventions" / "interventions.png").read_bytes()[:4] == b"\x89PNG"
         assert "## Teacher-forced exact match" in (path / "interventions" / "report.md").read_text()
         run = load_run(str(path))
@@ -82,6 +85,9 @@ def test_sweep_intervene_matches_the_runs_own_eval_skips_one_module_and_resumes(
     md = (tiny_sweep / "results.md")
     collect(str(tiny_sweep))
     assert "| variant=iclm | text |" in md.read_text() and (tiny_sweep / "interventions.png").is_file()
+    # the fixture's summaries carry no training times: only the interventions' wall time is claimed
+    assert re.search(r"Wall time: \d+\.\d\d h of interventions \(", md.read_text())
+    assert "; 3 finished points or reports without start/end times are not counted" in md.read_text()
 
 
 def test_sweep_intervene_refuses_bad_input_in_one_line(tiny_sweep, tmp_path, capsys):

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -31,6 +32,9 @@ def test_cli_train_then_eval(tmp_path):
     assert "train.warmup_steps=25 exceeds train.steps=12: warming up over 1 steps" in r.stderr
     summary = json.loads((work / "summary.json").read_text())
     assert summary["steps"] == 12
+    # the process's start and end (a sweep's wall time): they hold its setup, training and evaluation
+    span = summary["finished_at"] - summary["started_at"]
+    assert summary["setup_s"] + summary["train_wall_s"] <= span <= time.time() - summary["started_at"]
     assert set(summary["eval"]) == {"IID", "Comp", "Sys"}
     for split, res in summary["eval"].items():
         assert 0.0 <= res["all"] <= 1.0

@@ -46,6 +46,49 @@ def _point_rows(workdir: str, point: dict) -> list[dict] | None:
     return rows
 
 
+def union_seconds(intervals) -> float:
+    """Seconds covered by the union of ``(start, end)`` intervals: points trained side by side (``--jobs``)
+    count once, the gap between two sittings of a resumed sweep not at all."""
+    total, reach = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > reach:
+            total += b - max(a, reach)
+            reach = b
+    return total
+
+
+def _training_intervals(workdir: str, sweep: dict) -> tuple[list[tuple[float, float]], int]:
+    """(started_at, finished_at) of each finished point's (last) training process, and how many finished
+    points have no such record (trained before it was written)."""
+    spans, unknown = [], 0
+    for point in sweep["points"]:
+        path = os.path.join(workdir, point["dirname"], "summary.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                s = json.load(f)
+            if s.get("started_at") is None or s.get("finished_at") is None:
+                unknown += 1
+            else:
+                spans.append((float(s["started_at"]), float(s["finished_at"])))
+    return spans, unknown
+
+
+def _wall_line(train: tuple[list, int], interventions: dict) -> str:
+    """The sweep's measured wall time: training and interventions, each the union of its processes' times."""
+    spans, unknown = train
+    runs = [r.get("interval") for rs in interventions.values() for r in rs]
+    parts = [f"{union_seconds(spans) / 3600:.2f} h training the points" if spans else "",
+             f"{union_seconds([x for x in runs if x]) / 3600:.2f} h of interventions" if any(runs) else ""]
+    text = " + ".join(x for x in parts if x)
+    if not text:
+        return ""
+    missing = unknown + sum(x is None for x in runs)
+    return (f"Wall time: {text} (each the union of its processes' start-to-end times: points run side by side "
+            "count once, pauses between sittings not at all; a resumed point counts from its last start)"
+            + (f"; {missing} finished points or reports without start/end times are not counted" if missing else "")
+            + ". ")
+
+
 def _mean_std(xs) -> tuple[float, float, int]:
     xs = [x for x in xs if x is not None]
     if not xs:
@@ -125,8 +168,9 @@ def collect(workdir: str) -> dict:
     train_h = sum(r["train_s"] or 0 for r in _per_point(rows)) / 3600
     wall_h = sum(r["wall_s"] or 0 for r in _per_point(rows)) / 3600
     lines += ["", f"Command: `{sweep.get('command', '')}`", "",
-              f"Time: {train_h:.2f} h of training, {wall_h:.2f} h with set-up and evaluation, over the finished "
-              f"points. Machine: {_machine()}."]
+              _wall_line(_training_intervals(workdir, sweep), interventions)
+              + f"Summed over the finished points: {train_h:.2f} h of training, {wall_h:.2f} h with set-up and "
+              f"evaluation. Machine: {_machine()}."]
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     png = _plot(workdir, groups, splits, table, refs) if rows else None

@@ -48,7 +48,9 @@ def skip_reason(workdir: str, point: dict) -> str | None:
 
 def run_point(path: str, spec: str = "all", sets: list[str] | None = None) -> dict:
     """One point's interventions (``intervene.evaluate_sets``, teacher-forced) -> the JSON written to
-    ``<path>/interventions/interventions.json``, beside ``report.md`` and ``interventions.png``."""
+    ``<path>/interventions/interventions.json``, beside ``report.md`` and ``interventions.png``; its
+    ``started_at`` / ``finished_at`` (Unix times) go into the sweep's wall time (``collect``)."""
+    started = time.time()
     run = load_run(path)
     chosen = run.eval_sets(only=sets)
     if sets is None:
@@ -61,7 +63,8 @@ def run_point(path: str, spec: str = "all", sets: list[str] | None = None) -> di
     out_dir = os.path.join(path, OUT_DIR)
     intervention_report.write(out_dir, results, workdir=os.path.abspath(path), step=run.step)
     record = {"workdir": os.path.abspath(path), "step": run.step, "spec": spec,
-              "sets": [es.name for es in chosen], "interventions": results}
+              "sets": [es.name for es in chosen], "interventions": results,
+              "started_at": started, "finished_at": time.time()}
     write_json(os.path.join(out_dir, RESULTS), record)   # written last: its presence means the point is done
     return record
 

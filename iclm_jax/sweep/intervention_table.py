@@ -56,8 +56,14 @@ def load(workdir: str, sweep: dict) -> dict[str, list[dict]]:
             with open(path) as f:
                 rec = json.load(f)
             out.setdefault(p["group"], []).append(point_effects(rec["interventions"]["teacher"]) | {
-                "point": p["name"], "sets": rec["sets"]})
+                "point": p["name"], "sets": rec["sets"], "interval": _interval(rec)})
     return out
+
+
+def _interval(rec: dict) -> tuple[float, float] | None:
+    """(started_at, finished_at) of a record that has both (written since they were recorded), else None."""
+    a, b = rec.get("started_at"), rec.get("finished_at")
+    return (float(a), float(b)) if a is not None and b is not None else None
 
 
 def _cell(xs, pct_points: bool = False) -> str:

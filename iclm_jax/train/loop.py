@@ -295,6 +295,8 @@ class _Training:
                  + run_report.plot_routing(workdir, results) + run_report.plot_similarity(workdir, results))
         summary = {"steps": step, "resumed_from": self.start, "setup_s": self.setup_s, "train_s": self.train_s,
                    "train_wall_s": self.wall_s,
+                   # Unix times of this process's start and of this summary: a sweep's wall time is their union
+                   "started_at": self.t0, "finished_at": time.time(),
                    "final_train": _floats(last), "eval": results, "reference": refs,
                    "majority_loss": majority_loss, "plots": plots}
         if self.is_main:
