@@ -173,7 +173,7 @@ def collect(workdir: str) -> dict:
               f"evaluation. Machine: {_machine()}."]
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    png = _plot(workdir, groups, splits, table, refs) if rows else None
+    png = _plot(workdir, groups, splits, table, refs, rows) if rows else None
     return {"groups": {g: dict(v) for g, v in table.items()}, "refs": refs, "missing": missing,
             "rows": rows, "png": png, "interventions": interventions,
             "interventions_png": intervention_table.plot(workdir, interventions)}
@@ -211,12 +211,14 @@ def _machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.default_backend()}"
 
 
-def _plot(workdir, groups, splits, table, refs) -> str:
+def _plot(workdir, groups, splits, table, refs, rows) -> str:
+    """Bars of the mean over seeds with their std, and a dot for each seed: two seeds that disagree (one run
+    that learned, one that did not) show as two dots, not as one bar with an error bar past 100%."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     groups = [g for g in groups if any(table[g][sp][2] for sp in splits)]   # unfinished groups: no bar
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * len(splits) / 2 + 3), 4.5))
+    fig, ax = plt.subplots(figsize=(min(16, max(6, 1.2 * len(groups) * len(splits) / 2 + 3)), 4.5))
     width = 0.8 / max(len(groups), 1)
     x = np.arange(len(splits))
     for i, g in enumerate(groups):
@@ -228,6 +230,11 @@ def _plot(workdir, groups, splits, table, refs) -> str:
             stds = np.array([100 * np.nan_to_num(table[g][sp][1]) for sp in splits])
             ax.errorbar(xs[spread], means[spread], yerr=stds[spread], fmt="none", ecolor="black", capsize=3,
                         lw=1)
+        for j, sp in enumerate(splits):
+            seeds = [100 * r["answer_acc"] for r in rows if r["group"] == g and r["split"] == sp
+                     and r["answer_acc"] is not None]
+            ax.scatter([xs[j]] * len(seeds), seeds, s=9, color="black", zorder=3,
+                       label="one seed" if i == 0 and j == 0 else None)
     for j, sp in enumerate(splits):
         m = refs[sp]["majority"][0]
         if not np.isnan(m):
@@ -237,5 +244,5 @@ def _plot(workdir, groups, splits, table, refs) -> str:
     ax.set_xlabel("eval set")
     ax.set_ylabel("answer accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title("sweep: mean ± std over seeds (no error bar: one seed)")
+    ax.set_title("sweep: bars: mean over seeds, error bars: std over seeds, dots: each seed")
     return save_with_outside_legend(fig, ax, os.path.join(workdir, "results.png"))
