@@ -1,6 +1,7 @@
 """Small builders shared by the model/train tests (tiny sizes, float32)."""
 from __future__ import annotations
 
+import os
 import socket
 
 import jax.numpy as jnp
@@ -68,6 +69,13 @@ def nonzero_lora_b(model, seed: int = 0, scale: float = 0.1):
     for v in bs:
         v[...] = jnp.asarray(rng.normal(size=v.shape) * scale, jnp.float32)
     return model
+
+
+def one_device_env() -> dict:
+    """The environment of a test's subprocess: one CPU device, the suite's persistent compilation cache."""
+    cache = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache")
+    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+                JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
 def free_port() -> int:

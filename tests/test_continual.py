@@ -26,6 +26,7 @@ from iclm_jax.model.router import Router, RouterConfig
 from iclm_jax.train import continual, resume
 from iclm_jax.train.loop import train
 from iclm_jax.train.run import load_run
+from tests.helpers import one_device_env
 from tests.test_faults import _losses
 from tests.test_step import acre_cfg
 
@@ -59,9 +60,7 @@ def _grow_cmd(workdir, old, *extra):
 
 
 def _env():
-    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-                JAX_COMPILATION_CACHE_DIR=os.path.join(REPO, ".jax_cache"),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    return one_device_env()
 
 
 @pytest.fixture(scope="module")

@@ -169,18 +169,18 @@ def group_of(command: str) -> str:
 
 
 def test_every_group_runs_commands_and_keeps_its_inputs_together():
-    """Each group runs at least one command; a command that reads a run directory is in the group that writes
-    it (the directories one command creates with --workdir/--out are looked for in the others)."""
+    """Each group runs at least one command; a command that names a run directory (runs/NAME) is in the one
+    group whose commands write into it (--workdir/--out)."""
     runs = [(n, c) for n, c in readme_commands() if _row(c)[0] == "run"]
     assert {group_of(c) for _, c in runs} == {name for name, _ in GROUPS}
-    made = {}
+    writers = {}                                        # runs/NAME -> the groups whose commands write into it
     for _, c in runs:
-        for d in re.findall(r"--(?:workdir|out)[= ](\S+)", c):
-            made.setdefault(d.split("/")[0] + "/" + d.split("/")[1] if "/" in d else d, set()).add(group_of(c))
+        for d in re.findall(r"--(?:workdir|out)[= ](runs/\w+)", c):
+            writers.setdefault(d, set()).add(group_of(c))
     for _, c in runs:
         for d in re.findall(r"\b(runs/\w+)\b", c):
-            if d in made:
-                assert group_of(c) in made[d] and len(made[d]) == 1, (c, d, made[d])
+            if d in writers:
+                assert writers[d] == {group_of(c)}, (c, d, writers[d])
 
 
 def run_group(tmp_path, group: str, min_commands: int):

@@ -3,12 +3,11 @@
 The diagnosis runs in a process of its own, as a user runs it: loading and evaluating a run inside a long-lived
 pytest worker that has already trained others once aborted inside XLA (as in test_faults' SIGTERM test)."""
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
-from tests.helpers import write_random_run
+from tests.helpers import one_device_env, write_random_run
 from tests.test_generate_score import _config as tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -43,9 +42,7 @@ def test_numpy_routes_agree_with_the_models_on_every_row(tmp_path):
         work.mkdir()
         write_random_run(work, c)
         works.append(str(work))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=str(REPO / ".jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    r = subprocess.run([sys.executable, "-c", _DIAGNOSE, str(SCRIPT), *works], cwd=REPO, env=env,
+    r = subprocess.run([sys.executable, "-c", _DIAGNOSE, str(SCRIPT), *works], cwd=REPO, env=one_device_env(),
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
