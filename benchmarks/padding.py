@@ -16,13 +16,13 @@ BUCKET = 16
 
 def _config(bucket: int, quick: bool):
     c = H.acre_config("cpu")
-    c.data.update(stream=False, train_problems=64 if quick else 512, val_problems=0, eval_problems=8,
+    c.data.update(stream=False, train_problems=16 if quick else 512, val_problems=0, eval_problems=8,
                   eval_splits="IID", length_bucket=bucket)
     return c
 
 
 def run(quick: bool = False) -> H.Section:
-    n = 4 if quick else 16
+    n = 2 if quick else 16
     arms = {"padded to max_len": _config(0, quick), f"length_bucket={BUCKET}": _config(BUCKET, quick)}
     benches = {name: H.step_bench(c, n_batches=n) for name, c in arms.items()}
 

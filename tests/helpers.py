@@ -12,6 +12,7 @@ import iclm_jax  # noqa: F401  (disables eager sharding)
 from iclm_jax.model.iclm import ICLM, ICLMConfig
 from iclm_jax.model.lora import LoRAParam
 from iclm_jax.model.transformer import TransformerConfig
+from tests.xla_env import xla_flags
 
 VOCAB = 37
 
@@ -71,10 +72,11 @@ def nonzero_lora_b(model, seed: int = 0, scale: float = 0.1):
     return model
 
 
-def one_device_env() -> dict:
-    """The environment of a test's subprocess: one CPU device, the suite's persistent compilation cache."""
+def one_device_env(devices: int = 1) -> dict:
+    """The environment of a test's subprocess: ``devices`` CPU devices (one unless a test builds a mesh) and the
+    suite's persistent compilation cache, so that the many runs of one tiny config compile it once."""
     cache = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache")
-    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+    return dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu",
                 JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 

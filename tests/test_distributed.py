@@ -3,13 +3,13 @@ import os
 import subprocess
 import sys
 
-from tests.helpers import free_port
+from tests.helpers import free_port, one_device_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _main(tmp_path, *flags, timeout=120):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = one_device_env()
     return subprocess.run([sys.executable, "-m", "iclm_jax.main", f"--workdir={tmp_path / 'run'}", *flags],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from iclm_jax.checkpoint import to_storable
+from tests.helpers import one_device_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.model.d_model=16", "--config.model.n_layers=1", "--config.model.n_heads=2",
@@ -29,7 +30,7 @@ def _cmd(workdir, *extra):
 
 
 def _env():
-    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    return one_device_env()
 
 
 def _copy_run(reference_run, tmp_path):

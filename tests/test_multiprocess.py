@@ -12,6 +12,7 @@ import pytest
 
 from tests.helpers import free_port
 from tests.test_faults import REPO, TINY
+from tests.xla_env import xla_flags
 
 STEPS = 40
 
@@ -21,7 +22,7 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
     from iclm_jax.train.preemption import EXIT_PREEMPTED
     work = tmp_path / "run"
     port = free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu")
     args = [a for a in TINY if not a.startswith("--config.mesh")]
     procs = [subprocess.Popen(
         [sys.executable, "-m", "iclm_jax.main", f"--workdir={work}", *args,
@@ -77,7 +78,7 @@ def test_two_processes_match_one_process(tmp_path):
     multi, single = tmp_path / "multi", tmp_path / "single"
 
     def start(work, devices, *extra):
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        env = dict(os.environ, XLA_FLAGS=xla_flags(devices),
                    JAX_PLATFORMS="cpu")
         return subprocess.Popen([sys.executable, "-m", "iclm_jax.main", f"--workdir={work}", *args, *extra],
                                 cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -11,6 +11,7 @@ import pytest
 from iclm_jax import config_check, evaluate
 from iclm_jax.data import raven, raven_generate, raven_reference, raven_render, sources, tasks
 from iclm_jax.data.render import DOMAINS
+from tests.helpers import one_device_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "experiments", "configs", "raven.py")
@@ -140,7 +141,7 @@ def test_training_on_raven_writes_references_and_every_split(tmp_path):
             "--config.model.mlp_dim=32", "--config.lora.rank=2", "--config.mi.critic_hidden=16",
             "--config.train.steps=3", "--config.train.batch_size=4", "--config.eval.batch_size=8",
             "--config.data.train_problems=16", "--config.data.eval_problems=4", "--config.mesh.data=1"]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env = one_device_env()
     r = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((work / "summary.json").read_text())

@@ -18,6 +18,8 @@ import time
 
 import pytest
 
+from tests.xla_env import xla_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(REPO, "README.md")
 
@@ -25,7 +27,7 @@ README = os.path.join(REPO, "README.md")
 SMALL = ("--config.train.steps=2", "--config.train.batch_size=8", "--config.data.train_problems=16",
          "--config.data.eval_problems=4", "--config.eval.every=0", "--config.eval.at_start=false")
 SMALL_VAL = SMALL + ("--config.data.val_problems=4",)     # for the commands that ask for validation problems
-EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+EIGHT_DEVICES = {"XLA_FLAGS": xla_flags(8)}
 
 # (regex on the command, how): ("run", extra args, extra env) | ("elsewhere", why not here + what covers it)
 COVERAGE = [
@@ -193,7 +195,7 @@ def run_group(tmp_path, group: str, min_commands: int):
         (tmp_path / name).write_text(own)
     bin_dir = os.path.dirname(sys.executable)           # the README: "activate the virtual environment"
     base_env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", JAX_PLATFORMS="cpu",
-                    XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                    XLA_FLAGS=xla_flags(1),
                     JAX_COMPILATION_CACHE_DIR=os.path.join(REPO, ".jax_cache"),
                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     ran, took = 0, []

@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from iclm_jax import sharding, sharding_report
 from iclm_jax.train import build
-from tests.helpers import VOCAB
+from tests.helpers import VOCAB, one_device_env
 from tests.test_step import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -148,7 +148,7 @@ def test_report_bytes_equal_what_jax_places_on_a_device():
 
 
 def test_report_cli_plans_a_64_device_mesh_without_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env = one_device_env()
     r = subprocess.run(
         [sys.executable, "-m", "iclm_jax.sharding_report", "--config=experiments/configs/acre.py",
          "--config.mesh.data=4", "--config.mesh.fsdp=16", "--devices=64", "--vocab=64000"],

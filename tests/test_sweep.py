@@ -12,6 +12,7 @@ import pytest
 
 from iclm_jax.sweep import points
 from iclm_jax.sweep.__main__ import main as sweep_main
+from tests.xla_env import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,7 +47,7 @@ def _config(tmp_path, steps=6) -> str:
 
 
 def _env():
-    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    return dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")    # the sweep's own compilation cache
 
 
 def test_points_are_named_grouped_and_checked_against_the_config(tmp_path):

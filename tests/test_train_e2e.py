@@ -8,6 +8,8 @@ import time
 import numpy as np
 import pytest
 
+from tests.helpers import one_device_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.model.d_model=16", "--config.model.n_layers=1", "--config.model.n_heads=2",
         "--config.model.n_kv_heads=1", "--config.model.head_dim=8", "--config.model.mlp_dim=32",
@@ -18,7 +20,7 @@ TINY = ["--config.model.d_model=16", "--config.model.n_layers=1", "--config.mode
 
 
 def _run(args, **kw):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env = one_device_env()
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600, **kw)
 
