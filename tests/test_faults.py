@@ -1,5 +1,6 @@
 """Faults: kill -9 and resume bit-exactly, interrupted saves, SIGTERM, NaN, unwritable or full workdir,
 incompatible resume configs."""
+import gc
 import json
 import os
 import shutil
@@ -142,6 +143,7 @@ def _largest_file(step_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")    # orbax's failed read: below
 def test_a_flipped_or_truncated_checkpoint_falls_back_to_the_previous_one(reference_run, tmp_path):
     """400 flipped bytes in the latest step's largest data file: caught by its SHA-256, the run resumes
     from the step before (saying which and why) and ends bit-identical to the reference; eval, export
@@ -178,6 +180,8 @@ def test_a_flipped_or_truncated_checkpoint_falls_back_to_the_previous_one(refere
     os.remove(cut / ".checkpoints_integrity" / f"{STEPS}.json")
     with pytest.raises(CorruptCheckpoint, match=rf"checkpoint step {STEPS} in .* could not be read"):
         load_run(str(cut))
+    # orbax leaves the failed read's coroutines unawaited: collected here, not as ~100 warnings in the next test
+    gc.collect()
 
 
 @pytest.mark.slow
