@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -28,14 +27,8 @@ def _worker(shape: str, steps: int) -> None:
     t0 = time.perf_counter()
     b()
     first = time.perf_counter() - t0
-    for _ in range(2):
-        b()
-    ts = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        b()
-        ts.append(time.perf_counter() - t0)
-    print(json.dumps({"first_s": round(first, 2), "med_ms": round(statistics.median(ts) * 1e3, 1),
+    ts = H.interleaved({"step": b}, steps, warmup=2)["step"]
+    print(json.dumps({"first_s": round(first, 2), "med_ms": round(H.med(ts) * 1e3, 1),
                       "min_ms": round(min(ts) * 1e3, 1)}), flush=True)
 
 

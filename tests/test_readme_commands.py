@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+from tests.helpers import one_device_env
 from tests.xla_env import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -194,10 +195,7 @@ def run_group(tmp_path, group: str, min_commands: int):
     for name in ("my.jsonl", "my_test.jsonl"):          # the README's own example records
         (tmp_path / name).write_text(own)
     bin_dir = os.path.dirname(sys.executable)           # the README: "activate the virtual environment"
-    base_env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", JAX_PLATFORMS="cpu",
-                    XLA_FLAGS=xla_flags(1),
-                    JAX_COMPILATION_CACHE_DIR=os.path.join(REPO, ".jax_cache"),
-                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    base_env = dict(one_device_env(), PATH=f"{bin_dir}:{os.environ['PATH']}")
     ran, took = 0, []
     for n, cmd in readme_commands():
         how = _row(cmd)
