@@ -202,6 +202,12 @@ def _data(c, errs: _Errors) -> None:
     need(d.get("val_problems", 0) >= 0, "data.val_problems", d.get("val_problems"), ">= 0 (0 = none)")
     need(not d.get("extra_queries", False) or bool(d.packed), "data.extra_queries",
          d.get("extra_queries"), "False unless data.packed=True (extra queries share a packed row)")
+    kinds = csv(d.get("extra_query_kinds", ""))
+    offered = tasks.TASKS[task].query_kinds if task in tasks.TASKS else ()
+    need(all(k in offered for k in kinds), "data.extra_query_kinds", d.get("extra_query_kinds"),
+         f"a comma list from {offered} (data.task={task})" if offered else f"empty (data.task={task} has one kind)")
+    need(not kinds or bool(d.get("extra_queries", False)), "data.extra_query_kinds", d.get("extra_query_kinds"),
+         "empty unless data.extra_queries=True")
     need(not (d.get("stream", False) and d.train_file), "data.stream", d.get("stream"),
          "False with data.train_file (a stream generates fresh problems; it reads no file)")
     need(d.max_len >= 0, "data.max_len", d.max_len, ">= 0 (0 = automatic)")

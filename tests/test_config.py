@@ -58,6 +58,7 @@ BAD = [
     ("data.eval_problems", -5), ("train.lr", float("inf")), ("train.weight_decay", 2.0), ("model.norm_eps", 0.0),
     ("loss.context_weight", 1e9), ("router.commitment", -1.0), ("mi.critic_lr", 3.0),
     ("data.max_len", 10_000_000),                    # memory: one layer's attention scores alone need PiB
+    ("data.extra_query_kinds", "attributes"),        # ACRE offers one kind of extra query: none to name
 ]
 
 

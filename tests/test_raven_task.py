@@ -108,8 +108,45 @@ def test_build_packs_the_training_rows_with_attribute_queries_and_evaluates_the_
         tasks.examples("raven", data.train_problems, ("text",), False, "compact", extra_queries=True)
 
 
+def test_candidate_queries_count_each_candidates_attributes_shared_with_the_answer():
+    """``A:`` .. ``H:`` after the attribute queries; each answer counts the attributes (type, size, color)
+    a candidate shares with the answer panel, recounted here from the codes. I-RAVEN candidates switch all
+    three in center_single, so the counts are one 3 (the target), three 2s, three 1s and one 0."""
+    problems = raven_generate.generate_problems("center_single", "train", 30, 4)
+    for p in problems:
+        ans = p["candidates"][p["target"]]["entities"][0]
+        for style in DOMAINS:
+            row = raven_render.render_packed(p, style, "compact", extra_queries=("attributes", "candidates"))
+            assert row == raven_render.render_packed(p, style, "compact", ("attributes", "candidates"))
+            attrs = raven_render.render_packed(p, style, "compact", extra_queries=True)
+            assert row.queries[:4] == attrs.queries and row.labels[:4] == attrs.labels
+            assert [q for q, _ in row.queries[4:]] == [f"{x}:" for x in "ABCDEFGH"]
+            counts = [int(p["candidates"][k]["entities"][0]["type"] == ans["type"])
+                      + int(p["candidates"][k]["entities"][0]["size"] == ans["size"])
+                      + int(p["candidates"][k]["entities"][0]["color"] == ans["color"]) for k in range(8)]
+            assert [a for _, a in row.queries[4:]] == [f" {n}" for n in counts] and list(row.labels[4:]) == counts
+            assert counts[p["target"]] == 3 and sorted(counts) == [0, 1, 1, 1, 2, 2, 2, 3]
+        only = raven_render.render_packed(p, "text", "compact", ("candidates",))
+        assert only.queries[1:] == row.queries[4:]
+    with pytest.raises(ValueError, match="data.extra_query_kinds: 'objects' is not one of"):
+        raven_render.render_packed(problems[0], "text", "compact", ("objects",))
+
+
+def test_build_with_match_asks_twelve_queries_in_training_rows_without_unknown_words():
+    c = _config("cpu,match")
+    c.data.update(max_unk=0.0)
+    data = sources.build(c.data, seed=2)
+    assert data.num_slots == 12 and {len(e.queries) for e in data.train_examples} == {12}
+    assert {len(e.queries) for es in data.eval_sets for e in es.examples} == {1}
+    assert data.max_len >= max(sources.row_length(e, data.tokenizer) for e in data.train_examples)
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("extra_queries", True, "data.extra_queries=True: expected False unless data.packed=True"),
+    ("extra_query_kinds", "candidates", "data.extra_query_kinds='candidates': expected empty unless "
+     "data.extra_queries=True"),
+    ("extra_query_kinds", "panels", "data.extra_query_kinds='panels': expected a comma list from "
+     "('attributes', 'candidates') (data.task=raven)"),
     ("stream", True, "data.stream=True: expected False: streams generate ACRE only"),
     ("train_split", "IID", "data.train_split='IID': expected one of ('center_single'"),
     ("eval_splits", "center_single,Sys", "data.eval_splits='center_single,Sys': expected a comma list from"),

@@ -7,6 +7,7 @@ in_center_single_out_center_single, as in the paper.
     get_config("full")       # the paper's full renderings (instruction, "Panel 1: a large red circle ...")
     get_config("cpu")        # acre.py's CPU recipe (model, optimiser, context loss) on 20,000 generated problems
     get_config("cpu,queries")   # + packed training rows that also ask the missing panel's type, size, color
+    get_config("cpu,match")     # + and each candidate's count of attributes shared with the answer (A: 2)
 
 One question per problem (8 candidates, answer " A".." H"), so rows are not packed and the acre.py
 variants' ACRE-only data settings (packed rows, extra queries, streamed problems) are turned off, except
@@ -33,11 +34,12 @@ EVAL = "center_single,distribute_four,in_center_single_out_center_single"
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = [v.strip() for v in arg.split(",") if v.strip()]
     full = "full" in variants
-    c = _acre.get_config(",".join(v for v in variants if v not in ("full", "queries")))
+    c = _acre.get_config(",".join(v for v in variants if v not in ("full", "queries", "match")))
     d = c.data
     d.task = "raven"
     d.train_split, d.eval_splits = TRAIN, EVAL
-    d.packed = d.extra_queries = "queries" in variants
+    d.packed = d.extra_queries = "queries" in variants or "match" in variants
+    d.extra_query_kinds = "attributes,candidates" if "match" in variants else ""
     d.stream = False
     d.form = "full" if full else "compact"
     d.tokenizer = "raven_word"

@@ -1,5 +1,6 @@
-"""Per-query accuracy of a RAVEN run trained with attribute queries (``raven.py:cpu,queries``): the letter and
-each of the missing panel's attributes, on generated center_single validation problems (teacher-forced).
+"""Per-query accuracy of a RAVEN run trained with extra queries (``raven.py:cpu,queries`` or ``cpu,match``): the
+letter, each of the missing panel's attributes and, with ``match``, each candidate's count of attributes shared
+with the answer, on generated center_single validation problems (teacher-forced).
 
     python experiments/prototypes/raven_query_slots.py RUN_DIR [--n 300]
 
@@ -21,13 +22,20 @@ def main():
     d = run.config.data
     # the run's validation problems (sources.eval_sets: the "val" part, seed + 999), all n of them
     problems = tasks.get("raven").generate(d.train_split, "val", a.n, run.config.seed + 999)
-    examples = tasks.examples("raven", problems, tuple(d.styles.split(",")), True, d.form, extra_queries=True)
+    kinds = tuple(k for k in d.get("extra_query_kinds", "").split(",") if k) or ("attributes",)
+    examples = tasks.examples("raven", problems, tuple(d.styles.split(",")), True, d.form, extra_queries=kinds)
     res = run.run_set(run.eval_step, examples)
     correct, present = res["correct"], res["present"]
-    names = ("letter",) + raven_render.ATTRIBUTES
+    names = ["letter"]
+    for k in kinds:
+        names += raven_render.ATTRIBUTES if k == "attributes" else [f"candidate {x}" for x in raven_render.LETTERS]
     for j, name in enumerate(names):
         print(f"{name}: {correct[:, j][present[:, j]].mean():.1%} of {int(present[:, j].sum())} queries")
-    print(f"(step {run.step}; chance: letter 12.5%, type 20%, size 16.7%, color 10%)")
+    if "candidates" in kinds:
+        first = names.index("candidate A")
+        counts = correct[:, first:first + 8]
+        print(f"all 8 counts right: {counts.all(axis=1).mean():.1%} of {len(counts)} rows")
+    print(f"(step {run.step}; chance: letter 12.5%, type 20%, size 16.7%, color 10%; a count: 3 of 8 are 2s)")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,10 @@ without its last line is a shared prefix, and the row asks ``answer:`` (the lett
 ``color:``, answered in the row's style (`` t4`` or `` circle``). Each query sees the prefix and itself
 only (the packed rows' segment mask), so the letter query is exactly the unpacked question; the attribute
 queries supervise what the letter depends on, the rule applied to the third row (Angle is noise: not
-asked). Defined for one-entity panels (``center_single``, the training configuration).
+asked). With the ``candidates`` kind (``data.extra_query_kinds=attributes,candidates``) the row then asks,
+per candidate, ``A:`` .. ``H:``, how many of the three attributes it shares with the answer (`` 0`` ..
+`` 3``): the comparison the letter needs, one candidate at a time. Defined for one-entity panels
+(``center_single``, the training configuration).
 
 Whitespace rule (as ``render``): a prompt never ends in whitespace and an answer always starts with
 one space. ``vocabulary_words`` lists every word any rendering can produce, split like the word-level
@@ -69,6 +72,9 @@ QUERY = {("symbolic", "full"): "Answer:", ("text", "full"): "The answer is", "co
 #: The attribute queries of ``render_packed(..., extra_queries=True)``, in order (Angle is noise).
 ATTRIBUTES = ("type", "size", "color")
 MAX_ATTRIBUTE_QUERIES = len(ATTRIBUTES)
+#: The kinds of extra query a packed training row can ask (``data.extra_query_kinds``): ``attributes``
+#: (``attribute_queries``, the default) and ``candidates`` (``candidate_queries``).
+QUERY_KINDS = {"attributes": MAX_ATTRIBUTE_QUERIES, "candidates": NUM_CANDIDATES}
 
 
 def _check(style: str, form: str) -> None:
@@ -140,25 +146,67 @@ def render_problem(problem: dict, style: str, form: str = "full") -> Example:
 def attribute_queries(problem: dict, style: str) -> list[tuple[str, str, int]]:
     """(query, answer, code) per ``ATTRIBUTES`` entry of the answer panel's one entity: ``("type:", " t4",
     4)`` in symbolic, ``("type:", " circle", 4)`` in text. A panel of several entities is refused."""
-    ents = problem["candidates"][problem["target"]]["entities"]
-    if len(ents) != 1:
-        raise ValueError(f"data.extra_queries: a {problem['configuration']} answer panel holds {len(ents)} "
-                         "entities; attribute queries are defined for one-entity panels (center_single)")
+    ent = _answer_entity(problem, "attribute")
     words = {"type": TYPES, "size": SIZES, "color": COLORS}
     out = []
     for attr in ATTRIBUTES:
-        code = ents[0][attr]
+        code = ent[attr]
         word = f"{attr[0]}{code}" if style == "symbolic" else str(words[attr][code])
         out.append((f"{attr}:", f" {word}", code))
     return out
 
 
-def render_packed(problem: dict, style: str, form: str = "full", extra_queries: bool = False) -> PackedExample:
+def _answer_entity(problem: dict, what: str) -> dict:
+    ents = problem["candidates"][problem["target"]]["entities"]
+    if len(ents) != 1:
+        raise ValueError(f"data.extra_queries: a {problem['configuration']} answer panel holds {len(ents)} "
+                         f"entities; {what} queries are defined for one-entity panels (center_single)")
+    return ents[0]
+
+
+def candidate_queries(problem: dict) -> list[tuple[str, str, int]]:
+    """(query, answer, count) per candidate, in letter order: ``("C:", " 2", 2)`` when candidate C shares 2
+    of ``ATTRIBUTES`` with the answer panel's entity (the answer itself: 3). The same words in both styles
+    (the letters and digits every rendering holds). They supervise the comparison the letter question
+    needs: with I-RAVEN candidates each switched attribute splits the 8 in half, so the counts are one
+    3, three 2s, three 1s and one 0 in center_single."""
+    answer = _answer_entity(problem, "candidate")
+    out = []
+    for k, cand in enumerate(problem["candidates"]):
+        if len(cand["entities"]) != 1:
+            raise ValueError(f"data.extra_queries: candidate {LETTERS[k]} holds {len(cand['entities'])} entities")
+        n = sum(cand["entities"][0][a] == answer[a] for a in ATTRIBUTES)
+        out.append((f"{LETTERS[k]}:", f" {n}", n))
+    return out
+
+
+def query_kinds(extra_queries) -> tuple[str, ...]:
+    """``extra_queries`` as kinds: False/() -> none, True -> ("attributes",), a sequence of kind names ->
+    itself (each checked against ``QUERY_KINDS``)."""
+    if extra_queries is True:
+        return ("attributes",)
+    kinds = tuple(extra_queries or ())
+    bad = [k for k in kinds if k not in QUERY_KINDS]
+    if bad:
+        raise ValueError(f"data.extra_query_kinds: {bad[0]!r} is not one of {tuple(QUERY_KINDS)}")
+    return kinds
+
+
+def max_queries(extra_queries) -> int:
+    """The most queries a packed row asks: the letter plus each kind's."""
+    return 1 + sum(QUERY_KINDS[k] for k in query_kinds(extra_queries))
+
+
+def render_packed(problem: dict, style: str, form: str = "full", extra_queries=False) -> PackedExample:
     """The problem as a packed row: the prompt's lines before the question as the prefix, then the letter
-    question (``render_problem``'s, token for token) and, with ``extra_queries``, the attribute queries."""
+    question (``render_problem``'s, token for token) and the extra queries: ``True`` = the attribute
+    queries, or a sequence of ``QUERY_KINDS`` names, asked in that order."""
+    kinds = query_kinds(extra_queries)
     ex = render_problem(problem, style, form)
     head, query = ex.prompt.rsplit("\n", 1)
-    queries = [(query, ex.answer, ex.label)] + (attribute_queries(problem, style) if extra_queries else [])
+    queries = [(query, ex.answer, ex.label)]
+    for kind in kinds:
+        queries += attribute_queries(problem, style) if kind == "attributes" else candidate_queries(problem)
     return PackedExample(head + "\n", tuple((q, a) for q, a, _ in queries), ex.domain, (-1,) * len(queries),
                          tuple(code for _, _, code in queries))
 

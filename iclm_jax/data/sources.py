@@ -40,6 +40,7 @@ class DataConfig:
     task: str = "acre"            # tasks.TASKS
     form: str = "full"
     extra_queries: bool = False
+    extra_query_kinds: str = ""   # which extra queries, where the task offers several (tasks.Task.query_kinds)
     val_problems: int = 0
     stream: bool = False
     max_unk: float = 1.0          # runs from before the check accepted any file
@@ -150,7 +151,8 @@ def build(data: DataConfig, seed: int) -> RunData:
     d = data if isinstance(data, DataConfig) else typed(DataConfig, data)
     styles = tuple(csv(d.styles))
     packed, form = d.packed, d.form
-    extra = d.extra_queries   # training rows only; evaluation asks the 4 queries
+    # training rows only; evaluation asks the task's own queries. Kinds, where named, replace True.
+    extra = (tuple(csv(d.extra_query_kinds)) or True) if d.extra_queries else False
     tok = tok_lib.load_tokenizer(d.tokenizer)
     task = tasks.get(d.task)
     generate = task.generate

@@ -7,8 +7,9 @@ examples, its problem files and its reference predictors (its word tokenizer: ``
 * ``raven``: RAVEN-style matrices (``raven``); the splits are its configurations (train on
   ``center_single``, test o.o.d. on ``distribute_four`` and ``in_center_single_out_center_single``); one
   question per problem (answer letter " A".." H"); packed rows add, with ``extra_queries``, the missing
-  panel's attributes as training questions (``raven_render.render_packed``); references majority letter
-  and the best single attribute.
+  panel's attributes as training questions and, with ``data.extra_query_kinds=attributes,candidates``,
+  each candidate's number of attributes shared with the answer (``raven_render.render_packed``);
+  references majority letter and the best single attribute.
 """
 from __future__ import annotations
 
@@ -40,9 +41,10 @@ class Task:
     score_reference: Callable     # (predictor, problems) -> {"all": accuracy, ...}
     streams: bool                 # data.stream can generate it (AcreStream: ACRE only)
     max_queries: Callable         # extra_queries -> the most queries a packed row of the task holds
+    query_kinds: tuple[str, ...] = ()   # names data.extra_query_kinds may list (empty: not selectable)
 
 
-def _raven_examples(problems, styles, packed: bool = False, form: str = "full", extra_queries: bool = False):
+def _raven_examples(problems, styles, packed: bool = False, form: str = "full", extra_queries=False):
     if extra_queries and not packed:
         raise ValueError("data.extra_queries needs packed rows (data.packed=True)")
     if packed:
@@ -59,8 +61,8 @@ TASKS = {
                  lambda extra: acre.NUM_QUERIES + (render.MAX_EXTRA_QUERIES if extra else 0)),
     "raven": Task("raven", raven.CONFIGURATIONS, raven_generate.generate_problems, _raven_examples,
                   raven.load_problems, raven.load_problems, raven_reference.fit_reference,
-                  raven_reference.score_reference, False,
-                  lambda extra: 1 + (raven_render.MAX_ATTRIBUTE_QUERIES if extra else 0)),
+                  raven_reference.score_reference, False, raven_render.max_queries,
+                  tuple(raven_render.QUERY_KINDS)),
 }
 
 
