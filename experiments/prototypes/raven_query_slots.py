@@ -33,7 +33,7 @@ def main():
         print(f"{name}: {correct[:, j][present[:, j]].mean():.1%} of {int(present[:, j].sum())} queries")
     if "candidates" in kinds:
         first = names.index("candidate A")
-        counts = correct[:, first:first + 8]
+        counts = correct[:, first:first + 8][present[:, first]]      # rows that ask them (not batch padding)
         print(f"all 8 counts right: {counts.all(axis=1).mean():.1%} of {len(counts)} rows")
     print(f"(step {run.step}; chance: letter 12.5%, type 20%, size 16.7%, color 10%; a count: 3 of 8 are 2s)")
 
