@@ -132,13 +132,31 @@ def test_candidate_queries_count_each_candidates_attributes_shared_with_the_answ
         raven_render.render_packed(problems[0], "text", "compact", ("objects",))
 
 
-def test_build_with_match_asks_twelve_queries_in_training_rows_without_unknown_words():
-    c = _config("cpu,match")
-    c.data.update(max_unk=0.0)
-    data = sources.build(c.data, seed=2)
-    assert data.num_slots == 12 and {len(e.queries) for e in data.train_examples} == {12}
-    assert {len(e.queries) for es in data.eval_sets for e in es.examples} == {1}
-    assert data.max_len >= max(sources.row_length(e, data.tokenizer) for e in data.train_examples)
+@pytest.mark.parametrize("form", ["compact", "full"])
+def test_echo_queries_write_each_candidate_as_the_prompt_does_and_ask_its_count(form):
+    problems = raven_generate.generate_problems("center_single", "train", 10, 5)
+    for p in problems:
+        for style in DOMAINS:
+            row = raven_render.render_packed(p, style, form, ("attributes", "echo"))
+            echo = row.queries[4:]
+            assert len(echo) == 8
+            for k, (q, a) in enumerate(echo):
+                assert q.startswith("ABCDEFGH"[k]) and q in row.prefix     # the candidate line's own words
+                assert q.endswith(raven_render.render_panel(p["candidates"][k], "center_single", style, form)
+                                  + (" |" if form == "compact" else "." if style == "text" else ""))
+            counts = raven_render.candidate_queries(p)
+            assert [a for _, a in echo] == [a for _, a, _ in counts] and row.labels[4:] == tuple(n for *_, n in counts)
+
+
+def test_build_with_match_or_echo_asks_twelve_queries_in_training_rows_without_unknown_words():
+    for variant, kinds in (("match", "attributes,candidates"), ("echo", "attributes,echo")):
+        c = _config(f"cpu,{variant}")
+        assert c.data.extra_query_kinds == kinds
+        c.data.update(max_unk=0.0)
+        data = sources.build(c.data, seed=2)
+        assert data.num_slots == 12 and {len(e.queries) for e in data.train_examples} == {12}
+        assert {len(e.queries) for es in data.eval_sets for e in es.examples} == {1}
+        assert data.max_len >= max(sources.row_length(e, data.tokenizer) for e in data.train_examples)
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -146,7 +164,7 @@ def test_build_with_match_asks_twelve_queries_in_training_rows_without_unknown_w
     ("extra_query_kinds", "candidates", "data.extra_query_kinds='candidates': expected empty unless "
      "data.extra_queries=True"),
     ("extra_query_kinds", "panels", "data.extra_query_kinds='panels': expected a comma list from "
-     "('attributes', 'candidates') (data.task=raven)"),
+     "('attributes', 'candidates', 'echo') (data.task=raven)"),
     ("stream", True, "data.stream=True: expected False: streams generate ACRE only"),
     ("train_split", "IID", "data.train_split='IID': expected one of ('center_single'"),
     ("eval_splits", "center_single,Sys", "data.eval_splits='center_single,Sys': expected a comma list from"),

@@ -36,8 +36,9 @@ only (the packed rows' segment mask), so the letter query is exactly the unpacke
 queries supervise what the letter depends on, the rule applied to the third row (Angle is noise: not
 asked). With the ``candidates`` kind (``data.extra_query_kinds=attributes,candidates``) the row then asks,
 per candidate, ``A:`` .. ``H:``, how many of the three attributes it shares with the answer (`` 0`` ..
-`` 3``): the comparison the letter needs, one candidate at a time. Defined for one-entity panels
-(``center_single``, the training configuration).
+`` 3``): the comparison the letter needs, one candidate at a time. The ``echo`` kind asks the same
+counts after each candidate written out again as the candidate line has it (``C t4 s3 c2 a5 |``). Defined
+for one-entity panels (``center_single``, the training configuration).
 
 Whitespace rule (as ``render``): a prompt never ends in whitespace and an answer always starts with
 one space. ``vocabulary_words`` lists every word any rendering can produce, split like the word-level
@@ -73,8 +74,9 @@ QUERY = {("symbolic", "full"): "Answer:", ("text", "full"): "The answer is", "co
 ATTRIBUTES = ("type", "size", "color")
 MAX_ATTRIBUTE_QUERIES = len(ATTRIBUTES)
 #: The kinds of extra query a packed training row can ask (``data.extra_query_kinds``): ``attributes``
-#: (``attribute_queries``, the default) and ``candidates`` (``candidate_queries``).
-QUERY_KINDS = {"attributes": MAX_ATTRIBUTE_QUERIES, "candidates": NUM_CANDIDATES}
+#: (``attribute_queries``, the default), ``candidates`` (``candidate_queries``: by letter) and ``echo``
+#: (``echo_queries``: each candidate written out again), with the most queries each adds.
+QUERY_KINDS = {"attributes": MAX_ATTRIBUTE_QUERIES, "candidates": NUM_CANDIDATES, "echo": NUM_CANDIDATES}
 
 
 def _check(style: str, form: str) -> None:
@@ -180,6 +182,21 @@ def candidate_queries(problem: dict) -> list[tuple[str, str, int]]:
     return out
 
 
+def echo_queries(problem: dict, style: str, form: str = "full") -> list[tuple[str, str, int]]:
+    """``candidate_queries``' counts, each asked after the candidate written out again as the prompt's
+    candidate line writes it (compact: ``"C t4 s3 c2 a5 |"``; full: ``"C: (4, 3, 2, 5)"``) instead of by its
+    letter alone: no lookup of the candidate by letter is needed, and the tokens are the same as in the
+    prompt's candidate line, so whatever the model computes there to answer is computed on the prompt's
+    own candidates too, where the letter question can read it."""
+    ex = render_problem(problem, style, form)
+    lines = ex.prompt.split("\n")
+    if form == "compact":
+        parts = [f"{part.strip()} |" for part in lines[3].split("|")[:NUM_CANDIDATES]]
+    else:
+        parts = lines[-1 - NUM_CANDIDATES:-1]
+    return [(q, a, n) for q, (_, a, n) in zip(parts, candidate_queries(problem))]
+
+
 def query_kinds(extra_queries) -> tuple[str, ...]:
     """``extra_queries`` as kinds: False/() -> none, True -> ("attributes",), a sequence of kind names ->
     itself (each checked against ``QUERY_KINDS``)."""
@@ -205,8 +222,10 @@ def render_packed(problem: dict, style: str, form: str = "full", extra_queries=F
     ex = render_problem(problem, style, form)
     head, query = ex.prompt.rsplit("\n", 1)
     queries = [(query, ex.answer, ex.label)]
+    extra = {"attributes": lambda: attribute_queries(problem, style), "candidates": lambda: candidate_queries(problem),
+             "echo": lambda: echo_queries(problem, style, form)}
     for kind in kinds:
-        queries += attribute_queries(problem, style) if kind == "attributes" else candidate_queries(problem)
+        queries += extra[kind]()
     return PackedExample(head + "\n", tuple((q, a) for q, a, _ in queries), ex.domain, (-1,) * len(queries),
                          tuple(code for _, _, code in queries))
 
