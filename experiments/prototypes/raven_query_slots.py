@@ -1,6 +1,6 @@
-"""Per-query accuracy of a RAVEN run trained with extra queries (``raven.py:cpu,queries`` or ``cpu,match``): the
-letter, each of the missing panel's attributes and, with ``match``, each candidate's count of attributes shared
-with the answer, on generated center_single validation problems (teacher-forced).
+"""Per-query accuracy of a RAVEN run trained with extra queries (``raven.py:cpu,queries``, ``cpu,match`` or
+``cpu,echo``): the letter, each of the missing panel's attributes and, with ``match`` / ``echo``, each candidate's
+count of attributes shared with the answer, on generated center_single validation problems (teacher-forced).
 
     python experiments/prototypes/raven_query_slots.py RUN_DIR [--n 300]
 
@@ -27,14 +27,14 @@ def main():
     res = run.run_set(run.eval_step, examples)
     correct, present = res["correct"], res["present"]
     names = ["letter"]
-    for k in kinds:
-        names += raven_render.ATTRIBUTES if k == "attributes" else [f"candidate {x}" for x in raven_render.LETTERS]
+    for k in kinds:           # candidates: asked by letter ("C:"); echo: written out ("C t4 s3 c2 a5 |")
+        names += raven_render.ATTRIBUTES if k == "attributes" else [f"{k} {x}" for x in raven_render.LETTERS]
     for j, name in enumerate(names):
         print(f"{name}: {correct[:, j][present[:, j]].mean():.1%} of {int(present[:, j].sum())} queries")
-    if "candidates" in kinds:
-        first = names.index("candidate A")
+    for k in set(kinds) & {"candidates", "echo"}:
+        first = names.index(f"{k} A")
         counts = correct[:, first:first + 8][present[:, first]]      # rows that ask them (not batch padding)
-        print(f"all 8 counts right: {counts.all(axis=1).mean():.1%} of {len(counts)} rows")
+        print(f"{k}: all 8 counts right on {counts.all(axis=1).mean():.1%} of {len(counts)} rows")
     print(f"(step {run.step}; chance: letter 12.5%, type 20%, size 16.7%, color 10%; a count: 3 of 8 are 2s)")
 
 
