@@ -12,8 +12,8 @@ import importlib
 import sys
 import time
 
-SECTIONS = ("routed", "vs_torch", "mfu", "padding", "attention", "generation", "compile_depth", "data_speed",
-            "sweep_jobs")
+SECTIONS = ("routed", "vs_torch", "mfu", "matmul_rows", "padding", "attention", "generation", "compile_depth",
+            "data_speed", "sweep_jobs")
 
 
 def main(argv=None) -> int:

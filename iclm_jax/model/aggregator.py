@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from iclm_jax.model import rows
 from iclm_jax.model.transformer import Transformer
 
 AGGREGATORS = ("concat", "logits", "probs")
@@ -60,8 +61,7 @@ class Aggregator(nnx.Module):
         if self.kind == "concat":
             h = jnp.concatenate([_rms(x_inv, self.eps), _rms(x_spec, self.eps)], axis=-1)
             h = (h * self.scale[...]).astype(self.dtype)
-            return jnp.einsum("bld,dv->blv", h, self.kernel[...].astype(self.dtype),
-                              preferred_element_type=jnp.float32)
+            return rows.matmul(h, self.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32)
         l_inv, l_spec = base.logits(x_inv), base.logits(x_spec)
         if self.kind == "logits":
             return w * l_inv + (1.0 - w) * l_spec

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from iclm_jax.model import rows
+
 #: Projection names a LoraConfig may target (attention q/k/v/o, SwiGLU gate/up/down).
 LORA_TARGETS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -113,7 +115,7 @@ class LoRALinear(nnx.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"LoRALinear: x last dim {x.shape[-1]} != in_features {self.in_features}")
         x = x.astype(self.dtype)
-        y = x @ self.kernel[...].astype(self.dtype)
+        y = rows.matmul(x, self.kernel[...].astype(self.dtype))
         if adapter is None or self.lora is None:
             return y
         adapter = jnp.asarray(adapter)

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from iclm_jax import partitioning
+from iclm_jax.model import rows
 from iclm_jax.model.canon import canon_mix, canon_sum
 from iclm_jax.model.layer_stack import stack_blocks, unstack_blocks
 from iclm_jax.model.lora import BASE_INIT_STD, LoraConfig, LoRALinear
@@ -383,10 +384,10 @@ class Transformer(nnx.Module):
         h = h.astype(self.cfg.dtype)
         if self.lm_head is None:
             w = self.embedding[...].astype(self.cfg.dtype)
-            out = jnp.einsum("bld,vd->blv", h, w, preferred_element_type=jnp.float32)
+            out = rows.matmul(h, w.T, preferred_element_type=jnp.float32)
         else:
             w = self.lm_head[...].astype(self.cfg.dtype)
-            out = jnp.einsum("bld,dv->blv", h, w, preferred_element_type=jnp.float32)
+            out = rows.matmul(h, w, preferred_element_type=jnp.float32)
         return partitioning.constrain(out, ("batch", "length", "vocab"))
 
     def logits(self, x: jax.Array) -> jax.Array:
