@@ -27,9 +27,9 @@ def _project_imports(path: pathlib.Path) -> set[str]:
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names if a.name.split(".")[0] == "iclm_jax")
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "iclm_jax":
-            # "from iclm_jax import x" imports the submodule iclm_jax.x
-            out.update(f"{node.module}.{a.name}" if node.module == "iclm_jax" else node.module
-                       for a in node.names)
+            # "from iclm_jax import x" / "from iclm_jax.model import x" import the submodule (package.x)
+            package = (PKG.parent / node.module.replace(".", "/")).is_dir()
+            out.update(f"{node.module}.{a.name}" if package else node.module for a in node.names)
     return out
 
 
@@ -46,8 +46,10 @@ def test_partitioning_is_a_leaf():
 
 def test_the_checker_sees_imports_inside_functions(tmp_path):
     f = tmp_path / "m.py"
-    f.write_text("import jax\nfrom iclm_jax import sharding\ndef g():\n    from iclm_jax.train import loop\n")
-    assert _project_imports(f) == {"iclm_jax.sharding", "iclm_jax.train"}
+    f.write_text("import jax\nfrom iclm_jax import sharding\ndef g():\n    from iclm_jax.train import loop\n"
+                 "from iclm_jax.model import rows\nfrom iclm_jax.model.lora import LoraConfig\n")
+    assert _project_imports(f) == {"iclm_jax.sharding", "iclm_jax.train.loop", "iclm_jax.model.rows",
+                                   "iclm_jax.model.lora"}
 
 
 def _module_name(path: pathlib.Path) -> str:
