@@ -182,16 +182,16 @@ def candidate_queries(problem: dict) -> list[tuple[str, str, int]]:
     return out
 
 
-def echo_queries(problem: dict, style: str, form: str = "full") -> list[tuple[str, str, int]]:
+def echo_queries(problem: dict, prompt: str, form: str = "full") -> list[tuple[str, str, int]]:
     """``candidate_queries``' counts, each asked after the candidate written out again as the prompt's
     candidate line writes it (compact: ``"C t4 s3 c2 a5 |"``; full: ``"C: (4, 3, 2, 5)"``) instead of by its
     letter alone: no lookup of the candidate by letter is needed, and the tokens are the same as in the
     prompt's candidate line, so whatever the model computes there to answer is computed on the prompt's
-    own candidates too, where the letter question can read it."""
-    ex = render_problem(problem, style, form)
-    lines = ex.prompt.split("\n")
+    own candidates too, where the letter question can read it. ``prompt``: the problem's
+    ``render_problem`` prompt in ``form`` (the candidate line, or lines, come just before its question)."""
+    lines = prompt.split("\n")
     if form == "compact":
-        parts = [f"{part.strip()} |" for part in lines[3].split("|")[:NUM_CANDIDATES]]
+        parts = [f"{part.strip()} |" for part in lines[-2].split("|")[:NUM_CANDIDATES]]
     else:
         parts = lines[-1 - NUM_CANDIDATES:-1]
     return [(q, a, n) for q, (_, a, n) in zip(parts, candidate_queries(problem))]
@@ -223,7 +223,7 @@ def render_packed(problem: dict, style: str, form: str = "full", extra_queries=F
     head, query = ex.prompt.rsplit("\n", 1)
     queries = [(query, ex.answer, ex.label)]
     extra = {"attributes": lambda: attribute_queries(problem, style), "candidates": lambda: candidate_queries(problem),
-             "echo": lambda: echo_queries(problem, style, form)}
+             "echo": lambda: echo_queries(problem, ex.prompt, form)}
     for kind in kinds:
         queries += extra[kind]()
     return PackedExample(head + "\n", tuple((q, a) for q, a, _ in queries), ex.domain, (-1,) * len(queries),

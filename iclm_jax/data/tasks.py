@@ -7,8 +7,8 @@ examples, its problem files and its reference predictors (its word tokenizer: ``
 * ``raven``: RAVEN-style matrices (``raven``); the splits are its configurations (train on
   ``center_single``, test o.o.d. on ``distribute_four`` and ``in_center_single_out_center_single``); one
   question per problem (answer letter " A".." H"); packed rows add, with ``extra_queries``, the missing
-  panel's attributes as training questions and, with ``data.extra_query_kinds=attributes,candidates``,
-  each candidate's number of attributes shared with the answer (``raven_render.render_packed``);
+  panel's attributes as training questions and, with ``data.extra_query_kinds`` naming ``candidates``
+  or ``echo``, each candidate's number of attributes shared with the answer (``raven_render.render_packed``);
   references majority letter and the best single attribute.
 """
 from __future__ import annotations
