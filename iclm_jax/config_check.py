@@ -208,6 +208,10 @@ def _data(c, errs: _Errors) -> None:
          f"a comma list from {offered} (data.task={task})" if offered else f"empty (data.task={task} has one kind)")
     need(not kinds or bool(d.get("extra_queries", False)), "data.extra_query_kinds", d.get("extra_query_kinds"),
          "empty unless data.extra_queries=True")
+    worked_ok = tasks.TASKS[task].worked if task in tasks.TASKS else False
+    need(isinstance(d.get("worked_answer", False), bool) and (worked_ok or not d.get("worked_answer", False)),
+         "data.worked_answer", d.get("worked_answer"),
+         "True or False" if worked_ok else f"False (data.task={task}'s answers have no working to write out)")
     need(not (d.get("stream", False) and d.train_file), "data.stream", d.get("stream"),
          "False with data.train_file (a stream generates fresh problems; it reads no file)")
     need(d.max_len >= 0, "data.max_len", d.max_len, ">= 0 (0 = automatic)")

@@ -57,7 +57,7 @@ def evaluate_runs(workdirs: list[str], split: str = "IID", problems: int = 100) 
     task = tasks.get(d.get("task", "acre"))
     seed = int(before.config.seed) + 1000
     test = task.generate(split, "test", problems, seed)
-    examples = task.render(test, styles, d.packed, d.get("form", "full"), False)
+    examples = task.render(test, styles, d.packed, d.get("form", "full"), False, d.get("worked_answer", False))
     # what surface statistics alone score on these problems (the same in every rendering), fitted on before's
     # training problems: a run near them has not learned the rule
     refs = {k: task.score_reference(f, test)["all"] for k, f in task.fit_reference(before.train_problems()).items()}

@@ -223,7 +223,8 @@ def score_file(run, path: str, *, max_new_tokens: int | None = None, batch_size:
         raise ValueError(f"max_new_tokens={max_new_tokens}: expected an integer >= 1")
     d = typed(sources.DataConfig, run.config.data)
     tok = run.data.tokenizer
-    examples, _ = sources.file_examples(path, tuple(csv(d.styles)), d.packed, d.form, task=d.task)
+    examples, _ = sources.file_examples(path, tuple(csv(d.styles)), d.packed, d.form, task=d.task,
+                                        worked=d.worked_answer)
     sources.measure(run.data.num_slots, tok, path, examples, d.max_unk if max_unk is None else max_unk,
                     d.tokenizer)
     model = nnx.merge(run.graphdef, run.state).model

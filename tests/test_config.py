@@ -59,6 +59,7 @@ BAD = [
     ("loss.context_weight", 1e9), ("router.commitment", -1.0), ("mi.critic_lr", 3.0),
     ("data.max_len", 10_000_000),                    # memory: one layer's attention scores alone need PiB
     ("data.extra_query_kinds", "attributes"),        # ACRE offers one kind of extra query: none to name
+    ("data.worked_answer", True),                    # ACRE's answers have no working to write out
 ]
 
 

@@ -159,6 +159,63 @@ def test_build_with_match_or_echo_asks_twelve_queries_in_training_rows_without_u
         assert data.max_len >= max(sources.row_length(e, data.tokenizer) for e in data.train_examples)
 
 
+def _without_angle(candidate: str, style: str, form: str) -> str:
+    """A candidate as the prompt writes it, its angle words taken out by hand (the reference for the worked
+    answer's panel): compact symbolic drops each ``a<k>`` token, compact text each entity's last number,
+    full symbolic each tuple's last code, full text each ``rotated at N degrees``."""
+    import re
+    if form == "compact":
+        words = candidate.split()
+        if style == "symbolic":
+            return " ".join(w for w in words if not re.fullmatch(r"a\d", w))
+        return " ".join(w for w in words if not re.fullmatch(r"-?\d+", w))
+    if style == "symbolic":
+        return re.sub(r", \d+\)", ")", candidate)
+    return re.sub(r" rotated at -?\d+ degrees", "", candidate).rstrip(".")
+
+
+@pytest.mark.parametrize("form", ["compact", "full"])
+@pytest.mark.parametrize("configuration", raven.CONFIGURATIONS)
+def test_worked_answers_write_the_missing_panel_without_angles_then_its_letter(configuration, form):
+    """``worked``: the answer is the target candidate as the prompt's candidate line writes it, less its angles
+    (noise), then its letter; the prompt is the letter question's, token for token, in every configuration."""
+    for p in raven_generate.generate_problems(configuration, "test", 6, 7):
+        for style in DOMAINS:
+            plain = raven_render.render_problem(p, style, form)
+            worked = raven_render.render_problem(p, style, form, worked=True)
+            assert (worked.prompt, worked.label, worked.domain) == (plain.prompt, plain.label, plain.domain)
+            letter = "ABCDEFGH"[p["target"]]
+            lines = plain.prompt.split("\n")
+            if form == "compact":
+                cands = [c.strip() for c in lines[-2].split("|")[:8]]
+                shown = cands[p["target"]][2:]                      # "C t4 s3 c2 a5" -> "t4 s3 c2 a5"
+            else:
+                shown = lines[-9 + p["target"]].split(": ", 1)[1]
+            assert worked.answer == f" {_without_angle(shown, style, form)} {letter}", (configuration, style, form)
+            assert worked.answer.endswith(plain.answer)
+            packed = raven_render.render_packed(p, style, form, worked=True)
+            assert packed.queries[0][1] == worked.answer and packed.prefix + packed.queries[0][0] == worked.prompt
+    one = raven_generate.generate_problems("center_single", "test", 1, 0)[0]
+    ent = one["candidates"][one["target"]]["entities"][0]
+    assert raven_render.worked_answer_text(one, "symbolic", "compact") == (
+        f" t{ent['type']} s{ent['size']} c{ent['color']} {'ABCDEFGH'[one['target']]}")
+
+
+def test_build_with_worked_answers_trains_and_evaluates_them_without_unknown_words():
+    c = _config("cpu,worked")
+    assert c.data.worked_answer and not c.data.packed
+    c.data.update(max_unk=0.0, val_problems=3)
+    data = sources.build(c.data, seed=2)
+    assert data.num_slots == 1
+    for name, examples, problems in [("train", data.train_examples, data.train_problems)] + [
+            (es.name, es.examples, es.problems) for es in data.eval_sets]:
+        want = [raven_render.worked_answer_text(p, s, "compact") for p in problems for s in ("symbolic", "text")]
+        assert [e.answer for e in examples] == want, name
+    assert data.max_len >= max(sources.row_length(e, data.tokenizer) for es in data.eval_sets for e in es.examples)
+    with pytest.raises(ValueError, match="data.worked_answer: ACRE's answers have no working"):
+        tasks.examples("acre", [], ("text",), True, "full", worked=True)
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("extra_queries", True, "data.extra_queries=True: expected False unless data.packed=True"),
     ("extra_query_kinds", "candidates", "data.extra_query_kinds='candidates': expected empty unless "

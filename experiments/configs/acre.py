@@ -86,6 +86,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         form="full",               # full: the paper's renderings | compact: no preamble, one line per panel
         extra_queries=False,       # training rows also ask about every context object alone (packed only)
         extra_query_kinds="",      # which extra queries where a task offers several (raven: attributes,candidates,echo)
+        worked_answer=False,       # raven: the answer writes the missing panel out, then its letter (exact match)
         val_problems=0,            # generated validation problems (train split, "val" part); 0 = none
         train_problems=6000,       # generated problems per rendering
         stream=False,              # True: endless fresh train problems (train_problems: reference sample)

@@ -9,6 +9,7 @@ in_center_single_out_center_single, as in the paper.
     get_config("cpu,queries")   # + packed training rows that also ask the missing panel's type, size, color
     get_config("cpu,match")     # + and each candidate's count of attributes shared with the answer (A: 2)
     get_config("cpu,echo")      # + the same counts, each after its candidate written out again (C t4 s3 c2 a5 |)
+    get_config("cpu,worked")    # worked answers: the missing panel written out, then its letter (" t4 s3 c2 C")
 
 One question per problem (8 candidates, answer " A".." H"), so rows are not packed and the acre.py
 variants' ACRE-only data settings (packed rows, extra queries, streamed problems) are turned off, except
@@ -35,13 +36,14 @@ EVAL = "center_single,distribute_four,in_center_single_out_center_single"
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = [v.strip() for v in arg.split(",") if v.strip()]
     full = "full" in variants
-    c = _acre.get_config(",".join(v for v in variants if v not in ("full", "queries", "match", "echo")))
+    c = _acre.get_config(",".join(v for v in variants if v not in ("full", "queries", "match", "echo", "worked")))
     d = c.data
     d.task = "raven"
     d.train_split, d.eval_splits = TRAIN, EVAL
     d.packed = d.extra_queries = any(v in variants for v in ("queries", "match", "echo"))
     d.extra_query_kinds = ("attributes,candidates" if "match" in variants else
                            "attributes,echo" if "echo" in variants else "")
+    d.worked_answer = "worked" in variants
     d.stream = False
     d.form = "full" if full else "compact"
     d.tokenizer = "raven_word"

@@ -40,6 +40,12 @@ per candidate, ``A:`` .. ``H:``, how many of the three attributes it shares with
 counts after each candidate written out again as the candidate line has it (``C t4 s3 c2 a5 |``). Defined
 for one-entity panels (``center_single``, the training configuration).
 
+Worked answers (``data.worked_answer``; ``worked_answer_text``): the answer writes the missing panel out
+as the prompt writes a candidate, without its angles, before the letter: ``answer:`` -> `` t4 s3 c2 C``
+(the same prompt). The letter then needs only a lookup of the written panel among the candidate line's,
+and exact match under teacher forcing (how evaluation scores every answer) is greedy decoding's exact
+match: the panel and the letter must both be right.
+
 Whitespace rule (as ``render``): a prompt never ends in whitespace and an answer always starts with
 one space. ``vocabulary_words`` lists every word any rendering can produce, split like the word-level
 tokenizer's pre-tokenizer (whitespace, then each punctuation character on its own).
@@ -90,8 +96,8 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _entity(ent: dict, configuration: str, style: str, form: str) -> str:
-    codes = [ent["type"], ent["size"], ent["color"], ent["angle"]]
+def _entity(ent: dict, configuration: str, style: str, form: str, angle: bool = True) -> str:
+    codes = [ent["type"], ent["size"], ent["color"]] + ([ent["angle"]] if angle else [])
     cell = configuration == "distribute_four"
     if style == "symbolic":
         if form == "compact":
@@ -99,19 +105,21 @@ def _entity(ent: dict, configuration: str, style: str, form: str) -> str:
                             + [f"{k}{v}" for k, v in zip("tsca", codes)])
         return "(" + ", ".join(map(str, ([ent["position"]] if cell else []) + codes)) + ")"
     words = [SIZES[ent["size"]], COLORS[ent["color"]], TYPES[ent["type"]]]
-    angle = str(ANGLES[ent["angle"]])
+    degrees = [str(ANGLES[ent["angle"]])] if angle else []
     comp = [COMPONENTS[ent["component"]]] if configuration == CONFIGURATIONS[2] else []
     if form == "compact":
-        return " ".join(([POSITIONS[ent["position"]]] if cell else []) + comp + words + [angle])
+        return " ".join(([POSITIONS[ent["position"]]] if cell else []) + comp + words + degrees)
     where = f" at {POSITIONS[ent['position']]}" if cell else ""
     desc = comp + words
-    return f"{_article(desc[0])} {' '.join(desc)} rotated at {angle} degrees{where}"
+    rotated = f" rotated at {degrees[0]} degrees" if angle else ""
+    return f"{_article(desc[0])} {' '.join(desc)}{rotated}{where}"
 
 
-def render_panel(panel: dict, configuration: str, style: str, form: str = "full") -> str:
-    """One panel's entities (no label): ``", "``-joined in full form, space-joined in compact."""
+def render_panel(panel: dict, configuration: str, style: str, form: str = "full", angle: bool = True) -> str:
+    """One panel's entities (no label): ``", "``-joined in full form, space-joined in compact; without
+    their angles when ``angle`` is False (the worked answer's panel: angles are noise)."""
     _check(style, form)
-    parts = [_entity(e, configuration, style, form) for e in panel["entities"]]
+    parts = [_entity(e, configuration, style, form, angle) for e in panel["entities"]]
     return (" " if form == "compact" else ", ").join(parts)
 
 
@@ -121,8 +129,21 @@ def answer_text(target: int) -> str:
     return " " + LETTERS[target]
 
 
-def render_problem(problem: dict, style: str, form: str = "full") -> Example:
-    """A validated problem as one prompt/answer pair (``label`` = target index, 0..7)."""
+def worked_answer_text(problem: dict, style: str, form: str = "full") -> str:
+    """The worked answer (``data.worked_answer``): the missing panel written out as the prompt writes its
+    panels, without angles (noise: no rule fixes them), then its letter: `` t4 s3 c2 C`` (compact
+    symbolic), `` large orange circle C`` (compact text), `` (4, 3, 2) C`` / `` a large orange circle C``
+    (full). Scored by exact match under teacher forcing, which is greedy decoding's exact match: a row
+    counts as right only when the panel and the letter both are."""
+    _check(style, form)
+    panel = render_panel(problem["candidates"][problem["target"]], problem["configuration"], style, form,
+                         angle=False)
+    return f" {panel}{answer_text(problem['target'])}"
+
+
+def render_problem(problem: dict, style: str, form: str = "full", worked: bool = False) -> Example:
+    """A validated problem as one prompt/answer pair (``label`` = target index, 0..7); ``worked``: the
+    answer is ``worked_answer_text`` (the missing panel, then the letter) instead of the letter alone."""
     _check(style, form)
     config = problem["configuration"]
     if config not in CONFIGURATIONS:
@@ -142,7 +163,8 @@ def render_problem(problem: dict, style: str, form: str = "full") -> Example:
         lines += [f"Panel {j + 1}: {panel(p)}{end}" for j, p in enumerate(ctx)]
         lines += [f"{LETTERS[k]}: {panel(p)}{end}" for k, p in enumerate(cands)]
         prompt = "\n".join(lines + [QUERY[(style, form)]])
-    return Example(prompt, answer_text(problem["target"]), DOMAINS.index(style), -1, problem["target"])
+    answer = worked_answer_text(problem, style, form) if worked else answer_text(problem["target"])
+    return Example(prompt, answer, DOMAINS.index(style), -1, problem["target"])
 
 
 def attribute_queries(problem: dict, style: str) -> list[tuple[str, str, int]]:
@@ -214,12 +236,13 @@ def max_queries(extra_queries) -> int:
     return 1 + sum(QUERY_KINDS[k] for k in query_kinds(extra_queries))
 
 
-def render_packed(problem: dict, style: str, form: str = "full", extra_queries=False) -> PackedExample:
+def render_packed(problem: dict, style: str, form: str = "full", extra_queries=False,
+                  worked: bool = False) -> PackedExample:
     """The problem as a packed row: the prompt's lines before the question as the prefix, then the letter
-    question (``render_problem``'s, token for token) and the extra queries: ``True`` = the attribute
-    queries, or a sequence of ``QUERY_KINDS`` names, asked in that order."""
+    question (``render_problem``'s, token for token, its answer worked with ``worked``) and the extra
+    queries: ``True`` = the attribute queries, or a sequence of ``QUERY_KINDS`` names, asked in that order."""
     kinds = query_kinds(extra_queries)
-    ex = render_problem(problem, style, form)
+    ex = render_problem(problem, style, form, worked)
     head, query = ex.prompt.rsplit("\n", 1)
     queries = [(query, ex.answer, ex.label)]
     extra = {"attributes": lambda: attribute_queries(problem, style), "candidates": lambda: candidate_queries(problem),

@@ -45,6 +45,7 @@ class DataConfig:
     stream: bool = False
     max_unk: float = 1.0          # runs from before the check accepted any file
     length_bucket: int = 0        # training batches padded to a multiple of this (0: to max_len)
+    worked_answer: bool = False   # answers write their working first (tasks.Task.worked: RAVEN's panel)
 
 
 @dataclasses.dataclass
@@ -68,7 +69,7 @@ class RunData:
 
 
 def file_examples(path: str, styles, packed: bool, form: str = "full", extra_queries: bool = False,
-                  lazy: bool = False, task: str = "acre"):
+                  lazy: bool = False, task: str = "acre", worked: bool = False):
     """(examples, problems or None) of a JSONL or problem file (ACRE release format, or ``task``'s own);
     ``lazy``: read on demand (a training file of any size: one validating pass keeps byte ranges, not
     records; see ``indexed``; ACRE files only)."""
@@ -78,7 +79,7 @@ def file_examples(path: str, styles, packed: bool, form: str = "full", extra_que
         problems = acre.index_problems(path)
         return RenderedProblems(problems, styles, packed, form, extra_queries, name=path), problems
     problems = tasks.get(task).load(path)
-    return tasks.examples(task, problems, styles, packed, form, extra_queries), problems
+    return tasks.examples(task, problems, styles, packed, form, extra_queries, worked), problems
 
 
 def measure(num_slots: int, tok: tok_lib.Tokenizer, name: str, examples, max_unk: float = 1.0,
@@ -134,14 +135,16 @@ def eval_sets(data: DataConfig, seed: int, only=None) -> list[EvalSet]:
     evals = []
     if d.val_problems and wanted(VAL_SET):   # generated validation problems of the training split: select on these
         problems = task.generate(d.train_split, "val", d.val_problems, seed + 999)
-        evals.append(EvalSet(VAL_SET, task.render(problems, styles, d.packed, d.form, False), problems))
+        evals.append(EvalSet(VAL_SET, task.render(problems, styles, d.packed, d.form, False, d.worked_answer),
+                             problems))
     for i, split in enumerate(csv(d.eval_splits)):
         if wanted(split):
             problems = task.generate(split, "test", d.eval_problems, seed + 1000 + i)
-            evals.append(EvalSet(split, task.render(problems, styles, d.packed, d.form, False), problems))
+            evals.append(EvalSet(split, task.render(problems, styles, d.packed, d.form, False, d.worked_answer),
+                                 problems))
     for path in csv(d.eval_files):
         if wanted(os.path.basename(path)):
-            ex, problems = file_examples(path, styles, d.packed, d.form, task=d.task)
+            ex, problems = file_examples(path, styles, d.packed, d.form, task=d.task, worked=d.worked_answer)
             evals.append(EvalSet(os.path.basename(path), ex, problems))
     return evals
 
@@ -158,11 +161,11 @@ def build(data: DataConfig, seed: int) -> RunData:
     generate = task.generate
 
     def render_all(problems, extra_queries=False):
-        return task.render(problems, styles, packed, form, extra_queries)
+        return task.render(problems, styles, packed, form, extra_queries, d.worked_answer)
 
     if d.train_file:
         train_examples, train_problems = file_examples(d.train_file, styles, packed, form, extra, lazy=True,
-                                                       task=d.task)
+                                                       task=d.task, worked=d.worked_answer)
     elif d.stream:   # endless fresh problems; a finite head for references and lengths
         train_examples = AcreStream(d.train_split, "train", seed, styles, packed, form=form,
                                     extra_queries=extra)

@@ -185,7 +185,8 @@ class LoadedRun(Run):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--data {path}: no such file")
         d = typed(sources.DataConfig, self.config.data)
-        examples, problems = sources.file_examples(path, tuple(csv(d.styles)), d.packed, d.form, task=d.task)
+        examples, problems = sources.file_examples(path, tuple(csv(d.styles)), d.packed, d.form, task=d.task,
+                                                   worked=d.worked_answer)
         self._fit(path, examples, d.max_unk if max_unk is None else max_unk)
         if batch_size:
             self.config.eval.batch_size = round_up(batch_size, sharding.data_ways(self.mesh, self.rules))
