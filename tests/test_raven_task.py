@@ -201,6 +201,25 @@ def test_worked_answers_write_the_missing_panel_without_angles_then_its_letter(c
         f" t{ent['type']} s{ent['size']} c{ent['color']} {'ABCDEFGH'[one['target']]}")
 
 
+@pytest.mark.parametrize("form", ["compact", "full"])
+def test_lookup_queries_ask_each_candidates_letter_after_its_panel_as_a_worked_answer_writes_it(form):
+    """``lookup``: per candidate, the letter question then the candidate's angle-free panel, answered by its
+    letter; the target's query is the worked answer's letter step token for token (its prompt + panel)."""
+    for configuration in raven.CONFIGURATIONS:
+        for p in raven_generate.generate_problems(configuration, "test", 4, 11):
+            for style in DOMAINS:
+                row = raven_render.render_packed(p, style, form, ("lookup",), worked=True)
+                question, answer = row.queries[0]
+                look = row.queries[1:]
+                assert [a for _, a in look] == [f" {x}" for x in "ABCDEFGH"] and row.labels[1:] == tuple(range(8))
+                for k, (q, _) in enumerate(look):
+                    panel = raven_render.render_panel(p["candidates"][k], configuration, style, form, angle=False)
+                    assert q == f"{question} {panel}"
+                t = p["target"]
+                assert look[t][0] + look[t][1] == question + answer        # the worked answer's last step
+                assert len({q for q, _ in look}) == 8                     # every candidate's panel differs
+
+
 def test_build_with_worked_answers_trains_and_evaluates_them_without_unknown_words():
     c = _config("cpu,worked")
     assert c.data.worked_answer and not c.data.packed
@@ -212,6 +231,13 @@ def test_build_with_worked_answers_trains_and_evaluates_them_without_unknown_wor
         want = [raven_render.worked_answer_text(p, s, "compact") for p in problems for s in ("symbolic", "text")]
         assert [e.answer for e in examples] == want, name
     assert data.max_len >= max(sources.row_length(e, data.tokenizer) for es in data.eval_sets for e in es.examples)
+    c = _config("cpu,worked,lookup")
+    assert (c.data.packed, c.data.extra_queries, c.data.extra_query_kinds) == (True, True, "lookup")
+    c.data.update(max_unk=0.0)
+    looked = sources.build(c.data, seed=2)
+    assert looked.num_slots == 9 and {len(e.queries) for e in looked.train_examples} == {9}
+    assert {len(e.queries) for es in looked.eval_sets for e in es.examples} == {1}
+    assert [e.queries[0][1] for e in looked.eval_sets[-1].examples] == [e.answer for e in data.eval_sets[-1].examples]
     with pytest.raises(ValueError, match="data.worked_answer: ACRE's answers have no working"):
         tasks.examples("acre", [], ("text",), True, "full", worked=True)
 
@@ -221,7 +247,7 @@ def test_build_with_worked_answers_trains_and_evaluates_them_without_unknown_wor
     ("extra_query_kinds", "candidates", "data.extra_query_kinds='candidates': expected empty unless "
      "data.extra_queries=True"),
     ("extra_query_kinds", "panels", "data.extra_query_kinds='panels': expected a comma list from "
-     "('attributes', 'candidates', 'echo') (data.task=raven)"),
+     "('attributes', 'candidates', 'echo', 'lookup') (data.task=raven)"),
     ("stream", True, "data.stream=True: expected False: streams generate ACRE only"),
     ("train_split", "IID", "data.train_split='IID': expected one of ('center_single'"),
     ("eval_splits", "center_single,Sys", "data.eval_splits='center_single,Sys': expected a comma list from"),

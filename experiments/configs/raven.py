@@ -10,6 +10,7 @@ in_center_single_out_center_single, as in the paper.
     get_config("cpu,match")     # + and each candidate's count of attributes shared with the answer (A: 2)
     get_config("cpu,echo")      # + the same counts, each after its candidate written out again (C t4 s3 c2 a5 |)
     get_config("cpu,worked")    # worked answers: the missing panel written out, then its letter (" t4 s3 c2 C")
+    get_config("cpu,worked,lookup")  # + per candidate, its letter given its panel ("answer: t3 s2 c2" -> " C")
 
 One question per problem (8 candidates, answer " A".." H"), so rows are not packed and the acre.py
 variants' ACRE-only data settings (packed rows, extra queries, streamed problems) are turned off, except
@@ -36,13 +37,14 @@ EVAL = "center_single,distribute_four,in_center_single_out_center_single"
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = [v.strip() for v in arg.split(",") if v.strip()]
     full = "full" in variants
-    c = _acre.get_config(",".join(v for v in variants if v not in ("full", "queries", "match", "echo", "worked")))
+    ours = ("full", "queries", "match", "echo", "worked", "lookup")
+    c = _acre.get_config(",".join(v for v in variants if v not in ours))
     d = c.data
     d.task = "raven"
     d.train_split, d.eval_splits = TRAIN, EVAL
-    d.packed = d.extra_queries = any(v in variants for v in ("queries", "match", "echo"))
+    d.packed = d.extra_queries = any(v in variants for v in ("queries", "match", "echo", "lookup"))
     d.extra_query_kinds = ("attributes,candidates" if "match" in variants else
-                           "attributes,echo" if "echo" in variants else "")
+                           "attributes,echo" if "echo" in variants else "lookup" if "lookup" in variants else "")
     d.worked_answer = "worked" in variants
     d.stream = False
     d.form = "full" if full else "compact"

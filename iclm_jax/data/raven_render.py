@@ -37,8 +37,10 @@ queries supervise what the letter depends on, the rule applied to the third row 
 asked). With the ``candidates`` kind (``data.extra_query_kinds=attributes,candidates``) the row then asks,
 per candidate, ``A:`` .. ``H:``, how many of the three attributes it shares with the answer (`` 0`` ..
 `` 3``): the comparison the letter needs, one candidate at a time. The ``echo`` kind asks the same
-counts after each candidate written out again as the candidate line has it (``C t4 s3 c2 a5 |``). Defined
-for one-entity panels (``center_single``, the training configuration).
+counts after each candidate written out again as the candidate line has it (``C t4 s3 c2 a5 |``). The
+``lookup`` kind asks, per candidate, the letter question followed by that candidate's panel as a worked answer
+writes it (``answer: t3 s2 c2`` -> `` C``): the lookup a worked answer's letter needs, on all 8 candidates.
+Defined for one-entity panels (``center_single``, the training configuration; ``lookup`` for any).
 
 Worked answers (``data.worked_answer``; ``worked_answer_text``): the answer writes the missing panel out
 as the prompt writes a candidate, without its angles, before the letter: ``answer:`` -> `` t4 s3 c2 C``
@@ -82,7 +84,8 @@ MAX_ATTRIBUTE_QUERIES = len(ATTRIBUTES)
 #: The kinds of extra query a packed training row can ask (``data.extra_query_kinds``): ``attributes``
 #: (``attribute_queries``, the default), ``candidates`` (``candidate_queries``: by letter) and ``echo``
 #: (``echo_queries``: each candidate written out again), with the most queries each adds.
-QUERY_KINDS = {"attributes": MAX_ATTRIBUTE_QUERIES, "candidates": NUM_CANDIDATES, "echo": NUM_CANDIDATES}
+QUERY_KINDS = {"attributes": MAX_ATTRIBUTE_QUERIES, "candidates": NUM_CANDIDATES, "echo": NUM_CANDIDATES,
+               "lookup": NUM_CANDIDATES}
 
 
 def _check(style: str, form: str) -> None:
@@ -219,6 +222,17 @@ def echo_queries(problem: dict, prompt: str, form: str = "full") -> list[tuple[s
     return [(q, a, n) for q, (_, a, n) in zip(parts, candidate_queries(problem))]
 
 
+def lookup_queries(problem: dict, style: str, form: str = "full") -> list[tuple[str, str, int]]:
+    """(query, answer, index) per candidate, in letter order: the letter question followed by the candidate's
+    panel written as a worked answer writes it (no angles), answered by that candidate's letter:
+    ``("answer: t3 s2 c2", " C", 2)``. The worked answer's last step (``worked_answer_text``: its letter given
+    its panel) is one of these eight; the others train the same lookup on every candidate of the row."""
+    _check(style, form)
+    query = QUERY["compact"] if form == "compact" else QUERY[(style, form)]
+    return [(f"{query} {render_panel(cand, problem['configuration'], style, form, angle=False)}",
+             answer_text(k), k) for k, cand in enumerate(problem["candidates"])]
+
+
 def query_kinds(extra_queries) -> tuple[str, ...]:
     """``extra_queries`` as kinds: False/() -> none, True -> ("attributes",), a sequence of kind names ->
     itself (each checked against ``QUERY_KINDS``)."""
@@ -246,7 +260,8 @@ def render_packed(problem: dict, style: str, form: str = "full", extra_queries=F
     head, query = ex.prompt.rsplit("\n", 1)
     queries = [(query, ex.answer, ex.label)]
     extra = {"attributes": lambda: attribute_queries(problem, style), "candidates": lambda: candidate_queries(problem),
-             "echo": lambda: echo_queries(problem, ex.prompt, form)}
+             "echo": lambda: echo_queries(problem, ex.prompt, form),
+             "lookup": lambda: lookup_queries(problem, style, form)}
     for kind in kinds:
         queries += extra[kind]()
     return PackedExample(head + "\n", tuple((q, a) for q, a, _ in queries), ex.domain, (-1,) * len(queries),

@@ -8,7 +8,8 @@ examples, its problem files and its reference predictors (its word tokenizer: ``
   ``center_single``, test o.o.d. on ``distribute_four`` and ``in_center_single_out_center_single``); one
   question per problem (answer letter " A".." H"); packed rows add, with ``extra_queries``, the missing
   panel's attributes as training questions and, with ``data.extra_query_kinds`` naming ``candidates``
-  or ``echo``, each candidate's number of attributes shared with the answer (``raven_render.render_packed``);
+  or ``echo``, each candidate's number of attributes shared with the answer, or with ``lookup`` each
+  candidate's letter given its panel (``raven_render.render_packed``);
   with ``data.worked_answer`` the answer writes the missing panel out before its letter
   (``raven_render.worked_answer_text``); references majority letter and the best single attribute.
 """
