@@ -47,8 +47,8 @@ COVERAGE = [
     (r"^iclm-train --workdir=runs/[me] --config\.mesh", ("run", SMALL, EIGHT_DEVICES)),
     (r"^python -m iclm_jax\.data\.raven (generate|check|stats|render) ", ("run", (), {})),
     (r"raven\.py --workdir=runs/raven$", ("run", SMALL, {})),
-    (r"raven\.py:cpu,echo,baseline,symbolic --workdir=runs/raven_echo$", ("run", SMALL_VAL, {})),
-    (r"^python experiments/prototypes/raven_query_slots\.py runs/raven_echo$", ("run", (), {})),
+    (r"raven\.py:cpu,worked,lookup,baseline,symbolic --workdir=runs/raven_lookup$", ("run", SMALL_VAL, {})),
+    (r"^python experiments/prototypes/raven_query_slots\.py runs/raven_lookup$", ("run", (), {})),
     (r"^python -m iclm_jax\.sharding_report ", ("run", (), {})),
     (r"^launch/local\.sh 2 ", ("elsewhere", "tests/test_launch.py runs launch/local.sh 2 with training arguments "
                                           "(and its failure and usage paths)")),
@@ -154,7 +154,7 @@ def test_config_docstring_variants_build():
 
 # The commands run in three independent groups, each in a fresh directory in the README's order, so that
 # pytest-xdist (--dist loadfile) runs them on different workers: in one test they were ~48 of the suite's
-# 113 min on a slow day. A group holds every command that reads another's output (runs/x, runs/raven_echo,
+# 113 min on a slow day. A group holds every command that reads another's output (runs/x, runs/raven_lookup,
 # runs/sym, runs/sweep). The first group runs in this file, the others in test_readme_run_*.py.
 GROUPS = (("raven_continual", r"raven|runs/sym|continual_report"),
           ("scale_sweep", r"config\.mesh\.|sharding_report|smollm2|iclm_jax\.sweep"),

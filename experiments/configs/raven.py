@@ -17,8 +17,9 @@ variants' ACRE-only data settings (packed rows, extra queries, streamed problems
 with "queries": packed rows whose training rows also ask the missing panel's attributes
 (raven_render.render_packed; evaluation asks the letter only, the same tokens as an unpacked row). The
 problems, rules and balanced candidates: iclm_jax/data/raven.py; the data command line:
-`python -m iclm_jax.data.raven generate|check|stats|render`. Not found yet: a CPU recipe on which a
-model learns the rules (`cpu` is ACRE's recipe on RAVEN data, a starting point; see the README's RAVEN section).
+`python -m iclm_jax.data.raven generate|check|stats|render`. The CPU recipe on which a model learns the task
+is "cpu,worked,lookup" (worked answers + the lookup queries; "cpu" alone is ACRE's recipe on RAVEN data, at
+chance): the README's RAVEN section has what each variant measured.
 """
 import importlib.util
 import os
