@@ -82,8 +82,9 @@ QUERY = {("symbolic", "full"): "Answer:", ("text", "full"): "The answer is", "co
 ATTRIBUTES = ("type", "size", "color")
 MAX_ATTRIBUTE_QUERIES = len(ATTRIBUTES)
 #: The kinds of extra query a packed training row can ask (``data.extra_query_kinds``): ``attributes``
-#: (``attribute_queries``, the default), ``candidates`` (``candidate_queries``: by letter) and ``echo``
-#: (``echo_queries``: each candidate written out again), with the most queries each adds.
+#: (``attribute_queries``, the default), ``candidates`` (``candidate_queries``: by letter), ``echo``
+#: (``echo_queries``: each candidate written out again) and ``lookup`` (``lookup_queries``: each candidate's
+#: letter given its panel), with the most queries each adds.
 QUERY_KINDS = {"attributes": MAX_ATTRIBUTE_QUERIES, "candidates": NUM_CANDIDATES, "echo": NUM_CANDIDATES,
                "lookup": NUM_CANDIDATES}
 
