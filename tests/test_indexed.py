@@ -100,6 +100,20 @@ def test_indexed_jsonl_equals_load_jsonl_and_names_lines(tmp_path, problems):
         jsonl.index_jsonl(str(bad))
 
 
+def test_indexed_records_read_from_many_threads_at_once_equal_the_whole_file_load(tmp_path, problems):
+    """grain reads a source from several threads (ReadOptions.num_threads): records read concurrently from
+    one IndexedRecords are the ones a whole-file load gives (a shared seek + read mixed their byte ranges:
+    "my.jsonl:2: malformed JSON" in the README's JSONL run)."""
+    from concurrent.futures import ThreadPoolExecutor
+    path = tmp_path / "train.jsonl"
+    jsonl.write_jsonl(pipeline.acre_examples(problems, packed=False), path)
+    whole, lazy = jsonl.load_jsonl(str(path)), jsonl.index_jsonl(str(path))
+    order = [i % len(whole) for i in range(40 * len(whole))]
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(lazy.__getitem__, order))
+    assert got == [whole[i] for i in order]
+
+
 def test_a_file_changed_after_indexing_is_refused_by_name(tmp_path, problems):
     path = tmp_path / "train.json"
     acre.save_problems(problems, path)

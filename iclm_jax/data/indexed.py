@@ -51,9 +51,10 @@ class IndexedRecords(LazySequence):
         return len(self.starts)
 
     def item(self, i: int):
-        f = self._open()
-        f.seek(int(self.starts[i]))
-        return self.parse(f.read(int(self.ends[i] - self.starts[i])), int(self.labels[i]))
+        # pread: no shared file position, so grain's reader threads can read records at once
+        start = int(self.starts[i])
+        raw = os.pread(self._open().fileno(), int(self.ends[i]) - start, start)
+        return self.parse(raw, int(self.labels[i]))
 
     def _open(self):
         if self._file is None or self._pid != os.getpid():
