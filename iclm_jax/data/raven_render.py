@@ -96,6 +96,11 @@ def _check(style: str, form: str) -> None:
         raise ValueError(f"unknown rendering form {form!r}; expected one of {FORMS}")
 
 
+def _question(style: str, form: str) -> str:
+    """The letter question, the prompt's last line (``answer:`` in compact form)."""
+    return QUERY["compact"] if form == "compact" else QUERY[(style, form)]
+
+
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
@@ -160,13 +165,13 @@ def render_problem(problem: dict, style: str, form: str = "full", worked: bool =
     if form == "compact":
         rows = [" ".join(f"{panel(p)} |" for p in ctx[r:r + 3]) for r in (0, 3, 6)]
         cand_line = " ".join(f"{LETTERS[k]} {panel(p)} |" for k, p in enumerate(cands))
-        prompt = "\n".join(rows + [cand_line, QUERY["compact"]])
+        prompt = "\n".join(rows + [cand_line, _question(style, form)])
     else:
         end = "." if style == "text" else ""
         lines = [INSTRUCTIONS[style]]
         lines += [f"Panel {j + 1}: {panel(p)}{end}" for j, p in enumerate(ctx)]
         lines += [f"{LETTERS[k]}: {panel(p)}{end}" for k, p in enumerate(cands)]
-        prompt = "\n".join(lines + [QUERY[(style, form)]])
+        prompt = "\n".join(lines + [_question(style, form)])
     answer = worked_answer_text(problem, style, form) if worked else answer_text(problem["target"])
     return Example(prompt, answer, DOMAINS.index(style), -1, problem["target"])
 
@@ -229,7 +234,7 @@ def lookup_queries(problem: dict, style: str, form: str = "full") -> list[tuple[
     ``("answer: t3 s2 c2", " C", 2)``. The worked answer's last step (``worked_answer_text``: its letter given
     its panel) is one of these eight; the others train the same lookup on every candidate of the row."""
     _check(style, form)
-    query = QUERY["compact"] if form == "compact" else QUERY[(style, form)]
+    query = _question(style, form)
     return [(f"{query} {render_panel(cand, problem['configuration'], style, form, angle=False)}",
              answer_text(k), k) for k, cand in enumerate(problem["candidates"])]
 
