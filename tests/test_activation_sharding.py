@@ -46,12 +46,14 @@ def _flat(tree) -> dict:
     return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _eager_loss_and_grads(config):
+def _eager_loss_and_grads(config, compiled=False):
     """Op by op (no jit), so both sides run the very same XLA kernels: remat may then not change a bit.
+    ``compiled``: the same pass as one jitted program instead.
     Returns loss, gradients and the model state after the pass (router EMA, dropout RNG counts)."""
     ts, loss = _loss_fn(config)
     batch = {k: jnp.asarray(v) for k, v in random_batch(b=4, seed=3).items()}
-    value, grads = nnx.value_and_grad(loss)(ts.model, batch)
+    value_and_grad = nnx.value_and_grad(loss)
+    value, grads = (nnx.jit(value_and_grad) if compiled else value_and_grad)(ts.model, batch)
     return float(value), nnx.to_pure_dict(grads), to_storable(nnx.state(ts.model))
 
 
@@ -127,10 +129,12 @@ def _scan_config(remat="none", dropout=0.0):
 @pytest.mark.parametrize("remat,dropout", [("none", 0.5), ("block", 0.5), ("dots", 0.0)])
 def test_scanned_layers_give_the_same_loss_gradients_and_state(remat, dropout):
     """model.scan_layers runs the blocks as one lax.scan over their stacked states: the unrolled loop
-    is the reference. The scanned body is compiled as one program (the eager loop runs op by op), so
-    values agree to float32 rounding; dropout draws and RNG counts must agree exactly."""
-    want_loss, want_grads, want_state = _eager_loss_and_grads(_config(remat, dropout))
-    loss, grads, state = _eager_loss_and_grads(_scan_config(remat, dropout))
+    is the reference. A scan's body is always compiled, so the reference is the unrolled pass compiled
+    too (nnx.jit): against the op-by-op pass both differ by XLA's fusion rounding (up to 2e-5 of an
+    element on an AVX2 EPYC), against the compiled one the scanned values agree to a few ulps of the
+    tensor's scale; dropout draws and RNG counts must agree exactly."""
+    want_loss, want_grads, want_state = _eager_loss_and_grads(_config(remat, dropout), compiled=True)
+    loss, grads, state = _eager_loss_and_grads(_scan_config(remat, dropout), compiled=True)
     # the scanned model stores its blocks stacked: compare in the unrolled layout
     grads, state = layer_stack.convert(grads, want_grads), layer_stack.convert(state, want_state)
     want_grads, want_state, grads, state = map(_flat, (want_grads, want_state, grads, state))
@@ -138,12 +142,12 @@ def test_scanned_layers_give_the_same_loss_gradients_and_state(remat, dropout):
     assert grads.keys() == want_grads.keys()
     assert any(np.any(g != 0) for k, g in grads.items() if "lora_a" in k)
     for k, g in want_grads.items():
-        np.testing.assert_allclose(grads[k], g, rtol=1e-5, atol=1e-6 * float(np.abs(g).max()),
+        np.testing.assert_allclose(grads[k], g, rtol=1e-6, atol=1e-6 * float(np.abs(g).max()),
                                    err_msg=f"gradient {k}")
     assert state.keys() == want_state.keys()
     for k, v in want_state.items():
         if np.issubdtype(v.dtype, np.floating):
-            np.testing.assert_allclose(state[k], v, rtol=1e-5, atol=1e-6 * float(np.abs(v).max()),
+            np.testing.assert_allclose(state[k], v, rtol=1e-6, atol=1e-6 * float(np.abs(v).max()),
                                        err_msg=f"state {k}")
         else:    # RNG keys and counts: the same draws, advanced the same way
             np.testing.assert_array_equal(state[k], v, err_msg=f"state {k}")
