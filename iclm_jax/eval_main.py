@@ -68,7 +68,8 @@ def generation_table(scores: dict[str, dict], teacher: dict[str, dict] | None = 
     """One row per (eval set, group): overall, per query type, per domain (groups without queries left
     out); exact / partial match and F1 of the greedy generations, and with ``teacher`` (``summarise``
     results) the teacher-forced exact match of the same queries beside them."""
-    header = ["eval set / group", "queries", "exact", "partial", "F1", "F1 of"] + (["teacher exact"] if teacher else [])
+    header = (["eval set / group", "queries", "exact", "partial", "last word", "F1", "F1 of"]
+              + (["teacher exact"] if teacher else []))
     kinds = {"binary": "on vs off", "token": "tokens"}
     rows = []
     for name, s in scores.items():
@@ -77,13 +78,14 @@ def generation_table(scores: dict[str, dict], teacher: dict[str, dict] | None = 
             if g is None:
                 continue
             row = [f"{name}: {group.replace('_', ' ') if group.startswith('domain_') else group}", g["queries"],
-                   g["exact"], g["partial"], g["f1"], kinds[g["f1_kind"]]]
+                   g["exact"], g["partial"], g["last_word"], g["f1"], kinds[g["f1_kind"]]]
             if teacher:
                 row.append(teacher.get(name, {}).get(group, float("nan")))
             rows.append(row)
     n = sorted({s["max_new_tokens"] for s in scores.values()})
     return format_table(header, rows, "Generated answers (greedy, up to EOS or "
-                        f"{'/'.join(map(str, n))} new tokens): exact / partial match, F1")
+                        f"{'/'.join(map(str, n))} new tokens): exact / partial match, last word (RAVEN worked "
+                        "answers: the letter after the model's own panel), F1")
 
 
 def run_eval(argv=None) -> int:

@@ -17,6 +17,10 @@ Metrics of one generation ``g`` against its ideal ``y`` (``run.py``'s ``METRICS`
   the generation is matched literally (the official code uses it as a regular expression unescaped),
   and an empty generation never matches (officially ``\\b()\\b`` matches any ideal with a word
   character). On one-word ideals (ACRE) it equals ``exact_match``; it differs on longer ideals.
+* ``last_word``: the generation's last word is the ideal's last word (normalised; an empty generation never
+  matches). On one-word ideals (ACRE) it equals ``exact_match``; on RAVEN's worked answers (``data.worked_answer``:
+  the missing panel written out, then its letter) it is the letter the model chose after *its own* panel, so a
+  right letter after a wrong panel counts, which ``exact_match`` (and the teacher-forced score) cannot credit.
 * F1 (the official code has none): on ACRE labels, ``binary_f1`` of the positive class "on" (label 2)
   over the queries whose label is off or on (label 0 or 2; "undetermined" queries are left out): a query
   is predicted positive when its normalised generation is the "on" answer of its rendering
@@ -69,6 +73,13 @@ def partial_match(generation: str, ideal: str) -> bool:
     ``partial_accuracy``, matched literally; an empty generation never matches)."""
     g, y = normalise(generation), normalise(ideal)
     return bool(g) and re.search(rf"(?<!\w){re.escape(g)}(?!\w)", y) is not None
+
+
+def last_word_match(generation: str, ideal: str) -> bool:
+    """The normalised generation's last word is the normalised ideal's last word (an empty generation, or an
+    empty ideal, never matches)."""
+    g, y = normalise(generation).split(), normalise(ideal).split()
+    return bool(g) and bool(y) and g[-1] == y[-1]
 
 
 def _squad_tokens(text: str) -> list[str]:
@@ -135,8 +146,9 @@ def query_prompts(examples, tok: Tokenizer) -> list[QueryPrompt]:
 def score_records(records: Sequence[dict]) -> dict[str, dict]:
     """Metrics per group of query records (dicts with ``generation``, ``ideal``, ``domain``,
     ``query_type``, ``label``): ``"all"``, each ACRE query type, ``"domain_<name>"``; a group without
-    queries is left out. Each group: ``queries``, ``exact``, ``partial``, ``f1`` and ``f1_kind``
-    (``"binary"`` when any query has an ACRE label, else ``"token"``), ``f1_binary``, ``f1_token``."""
+    queries is left out. Each group: ``queries``, ``exact``, ``partial``, ``last_word``, ``f1`` and ``f1_kind``
+    (``"binary"`` when any query has an ACRE label, i.e. a query type and a label, else ``"token"``: RAVEN's
+    label is its target letter's index), ``f1_binary``, ``f1_token``."""
     groups = {"all": list(records)}
     for t, name in enumerate(QUERY_TYPES):
         groups[name] = [r for r in records if r["query_type"] == t]
@@ -146,14 +158,16 @@ def score_records(records: Sequence[dict]) -> dict[str, dict]:
 
 
 def _score_group(rs: list[dict]) -> dict:
-    binary = [r for r in rs if r["label"] in (POSITIVE_LABEL, NEGATIVE_LABEL)]
+    # ACRE labels only: an ACRE query has a query type (RAVEN's label is the target letter's index, no type)
+    binary = [r for r in rs if r["query_type"] >= 0 and r["label"] in (POSITIVE_LABEL, NEGATIVE_LABEL)]
     f1_binary = binary_f1([normalise(r["generation"]) in positive_answers(r["domain"]) for r in binary],
                           [r["label"] == POSITIVE_LABEL for r in binary])
     f1_token = float(np.mean([token_f1(r["generation"], r["ideal"]) for r in rs]))
-    labelled = any(r["label"] >= 0 for r in rs)
+    labelled = any(r["query_type"] >= 0 and r["label"] >= 0 for r in rs)
     return {"queries": len(rs),
             "exact": float(np.mean([exact_match(r["generation"], r["ideal"]) for r in rs])),
             "partial": float(np.mean([partial_match(r["generation"], r["ideal"]) for r in rs])),
+            "last_word": float(np.mean([last_word_match(r["generation"], r["ideal"]) for r in rs])),
             "f1": f1_binary if labelled else f1_token, "f1_kind": "binary" if labelled else "token",
             "f1_binary": f1_binary, "f1_token": f1_token}
 

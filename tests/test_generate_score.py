@@ -34,6 +34,14 @@ def test_partial_match_is_the_generation_as_whole_words_inside_the_ideal():
     assert not gs.partial_match("o.", "on") and gs.partial_match("[1]", "x [1] y")   # literal, not a regex
 
 
+def test_last_word_match_compares_the_last_words_only():
+    # RAVEN worked answers: the letter after the model's own panel counts, right panel or not.
+    assert gs.last_word_match(" t4 s3 c2 C", "t4 s3 c2 c") and gs.last_word_match("t1 s1 c1 C\n", " t4 s3 c2 C")
+    assert not gs.last_word_match(" t4 s3 c2 B", " t4 s3 c2 C") and not gs.last_word_match("t4 s3 c2", " t4 s3 c2 C")
+    assert gs.last_word_match("off", " off") and not gs.last_word_match("on", " off")   # one word: exact match
+    assert not gs.last_word_match("", " C") and not gs.last_word_match("  ", " C") and not gs.last_word_match("C", "")
+
+
 def test_token_f1_is_squads():
     assert gs.token_f1("the cat sat", "cat sat down") == pytest.approx(0.8)   # P = 2/2, R = 2/3
     assert gs.token_f1("The Cat.", "cat") == 1.0            # case, punctuation, articles dropped
@@ -66,6 +74,15 @@ def test_score_records_groups_and_f1_kinds():
     assert set(g) == {"all", "direct", "indirect", "screen_off", "potential", "domain_symbolic", "domain_text"}
     assert g["all"]["queries"] == 5 and g["all"]["exact"] == pytest.approx(3 / 5)
     assert g["all"]["partial"] == pytest.approx(3 / 5) and g["all"]["f1_kind"] == "binary"
+    assert g["all"]["last_word"] == g["all"]["exact"]         # one-word ideals: the same
+    worked = gs.score_records([rec(g, " t4 s3 c2 B", 0, -1, -1)
+                               for g in (" t1 s2 c3 B", " t4 s3 c2 A", " t4 s3 c2 B", "")])
+    assert worked["all"]["exact"] == pytest.approx(1 / 4) and worked["all"]["last_word"] == pytest.approx(2 / 4)
+    # RAVEN: the label is the target letter's index (B = 1; A = 0 and C = 2 look like ACRE's off / on), no query
+    # type: token F1, never ACRE's on-vs-off F1
+    for letter in (0, 2):
+        raven = gs.score_records([rec(" t4 s3 c2 A", " t4 s3 c2 A", 0, -1, letter)])
+        assert raven["all"]["f1_kind"] == "token" and raven["all"]["f1"] == 1.0
     assert g["all"]["f1"] == pytest.approx(2 * 2 / (2 * 2 + 1))          # TP 2, FP 1, FN 0
     assert g["direct"]["f1"] == pytest.approx(2 / 3) and g["indirect"]["f1"] == 1.0
     assert math.isnan(g["screen_off"]["f1"]) and math.isnan(g["potential"]["f1"])   # no positives / no binary
@@ -149,6 +166,7 @@ def test_generated_exact_match_equals_teacher_forced_on_single_token_answers(tin
     teacher = evaluate.summarise(res, run.num_modules)
     for group, g in gen["groups"].items():
         assert g["exact"] == pytest.approx(teacher[group]), group
+        assert g["last_word"] == g["exact"], group          # one-word answers: the last word is the answer
 
 
 def test_cli_generate_prints_the_table_and_bad_flags_exit_2(tiny_run, tmp_path, capsys):
@@ -161,7 +179,7 @@ def test_cli_generate_prints_the_table_and_bad_flags_exit_2(tiny_run, tmp_path, 
                    "--score=generate"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "Generated answers (greedy, up to EOS or 5 new tokens): exact / partial match, F1" in out
+    assert "Generated answers (greedy, up to EOS or 5 new tokens): exact / partial match, last word" in out
     for row in ("test.json: all", "test.json: direct", "test.json: domain symbolic", "test.json: domain text",
                 "test.jsonl: all", "test.jsonl: domain text"):
         assert row in out, out

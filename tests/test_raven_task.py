@@ -301,3 +301,9 @@ def test_training_on_raven_writes_references_and_every_split(tmp_path):
     out = json.loads((tmp_path / "eval.json").read_text())
     assert set(out["reference"]["inc.json"]) == {"majority", "best_attribute"}
     assert out["teacher"]["inc.json"]["all"] >= 0 and "inc.json" in out["generate"]
+    gen = out["generate"]["inc.json"]
+    assert gen["groups"]["all"]["f1_kind"] == "token"       # a letter's index is not an ACRE on/off label
+    # the letter after the model's own panel: the last whitespace-separated word, case-insensitive
+    letters = [bool(r["generation"].split()) and r["generation"].split()[-1].lower() == r["ideal"].split()[-1].lower()
+               for r in gen["records"]]
+    assert len(letters) == 2 * 6 and gen["groups"]["all"]["last_word"] == pytest.approx(sum(letters) / 12)  # 2 styles
