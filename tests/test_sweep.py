@@ -119,6 +119,26 @@ def test_bad_sweep_command_lines_are_one_line_and_exit_2(tmp_path):
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+def test_collect_lists_the_reference_predictors_its_points_measured(tmp_path):
+    """RAVEN points report the majority letter and the best single attribute (no object count): the table and
+    results.csv carry those two."""
+    from iclm_jax.sweep.collect import collect
+    work = tmp_path / "sw"
+    (work / "p0").mkdir(parents=True)
+    (work / "sweep.json").write_text(json.dumps({"config": "raven.py", "command": "x", "points": [
+        {"name": "variant=iclm,seed=0", "dirname": "p0", "group": "variant=iclm", "seed": 0}]}))
+    (work / "p0" / "summary.json").write_text(json.dumps({"steps": 6, "train_s": 1.0, "eval": {
+        "center_single": {"all": 0.9}, "distribute_four": {"all": 0.0}}, "reference": {
+        "center_single": {"majority": {"all": 0.107}, "best_attribute": {"all": 0.25}},
+        "distribute_four": {"majority": {"all": 0.13}, "best_attribute": {"all": 0.23}}}}))
+    collect(str(work))
+    md = (work / "results.md").read_text()
+    assert "| *best_attribute predictor* | 25.0 (n=1) | 23.0 (n=1) |" in md and "object_count" not in md
+    assert "| *majority predictor* | 10.7 (n=1) | 13.0 (n=1) |" in md and "single-attribute" in md
+    header = (work / "results.csv").read_text().splitlines()[0].split(",")
+    assert "best_attribute" in header and "object_count" not in header
+
+
 def test_collect_means_and_stds_equal_numpy_and_unfinished_points_are_listed(tmp_path):
     """collect against numpy on summaries with known numbers (one point unfinished, one module: no purity)."""
     from iclm_jax.sweep.collect import collect
@@ -146,6 +166,7 @@ def test_collect_means_and_stds_equal_numpy_and_unfinished_points_are_listed(tmp
     assert "| variant=iclm | 62.5 ± 17.7 (n=2) | 31.2 ± 8.8 (n=2) |" in md
     assert "| variant=baseline | 25.0 (n=1) | 12.5 (n=1) |" in md
     assert "| *majority predictor* | 40.0 ± 0.0 (n=3) | - |" in md and "Not finished: variant=baseline,seed=1" in md
+    assert "| *object_count predictor* | 45.0 ± 0.0 (n=3) | - |" in md and "best_attribute" not in md   # ACRE's two
     assert "| variant=iclm | IID | 0.156 ± 0.044 (n=2) |" in md and "| variant=baseline | IID | - |" in md
     assert "| variant=iclm | IID | 62.5 ± 17.7 (n=2) | 31.2 ± 8.8 (n=2) |" in md      # per rendering
     assert "| variant=iclm | IID | 62.5 ± 17.7 (n=2) | 15.6 ± 4.4 (n=2) |" in md      # per module view

@@ -21,6 +21,11 @@ from iclm_jax.report import save_with_outside_legend
 from iclm_jax.sweep import intervention_table
 
 SWEEP_FILE = "sweep.json"
+# The reference predictors a point's summary may hold (``summary["reference"][split]``): ACRE has the majority
+# label and the label per query object count, RAVEN the majority letter and the best single attribute
+# (data/reference.py, data/raven_reference.py); a table lists those its points measured.
+REFERENCES = {"majority": "the majority label", "object_count": "the most frequent label per query object count",
+              "best_attribute": "the best single-attribute heuristic (RAVEN)"}
 INDEPENDENCE = ("router_nmi", "cka_inv_spec", "cka_inv_spec_delta", "cka_spec0_spec1_delta", "mi_mine",
                 "mi_plugin")   # see independence.py
 
@@ -37,8 +42,7 @@ def _point_rows(workdir: str, point: dict) -> list[dict] | None:
         rows.append({"point": point["name"], "group": point["group"], "seed": point.get("seed"), "split": split,
                      "answer_acc": r.get("all"), "answer_ce": r.get("answer_ce"),
                      "purity": r.get("purity") if "module_1_rows" in r else None,   # one module: none
-                     "majority": ref.get("majority", {}).get("all"),
-                     "object_count": ref.get("object_count", {}).get("all"), "steps": s.get("steps"),
+                     **{k: ref.get(k, {}).get("all") for k in REFERENCES}, "steps": s.get("steps"),
                      "train_s": s.get("train_s"), "wall_s": (s.get("train_wall_s") or 0) + (s.get("setup_s") or 0),
                      **{f"domain_{d}": r.get(f"domain_{d}") for d in DOMAINS},
                      **{f"view: {v}": x.get("all") for v, x in r.get("views", {}).items()},
@@ -123,10 +127,11 @@ def collect(workdir: str) -> dict:
         else:
             rows.extend(r)
     views = list(dict.fromkeys(k for r in rows for k in r if k.startswith("view: ")))
-    fields = ["point", "group", "seed", "split", "answer_acc", "answer_ce", "purity", "majority", "object_count",
+    references = [k for k in REFERENCES if k == "majority" or any(r[k] is not None for r in rows)]
+    fields = ["point", "group", "seed", "split", "answer_acc", "answer_ce", "purity", *references,
               "steps", "train_s", "wall_s", *(f"domain_{d}" for d in DOMAINS), *views, *INDEPENDENCE]
     with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, restval="")
+        w = csv.DictWriter(f, fieldnames=fields, restval="", extrasaction="ignore")  # unmeasured references
         w.writeheader()
         w.writerows(rows)
     groups = list(dict.fromkeys(p["group"] for p in sweep["points"]))
@@ -138,15 +143,15 @@ def collect(workdir: str) -> dict:
             sel = [r for r in rows if r["group"] == g and r["split"] == sp]
             table[g][sp] = _mean_std([r["answer_acc"] for r in sel])
     for sp in splits:
-        refs[sp] = {k: _mean_std([r[k] for r in rows if r["split"] == sp]) for k in ("majority", "object_count")}
+        refs[sp] = {k: _mean_std([r[k] for r in rows if r["split"] == sp]) for k in references}
     lines = [f"# Sweep results: {sweep['config']}", "",
              f"Answer accuracy (%, query exact match), mean ± std over seeds; {len(sweep['points']) - len(missing)} "
-             f"of {len(sweep['points'])} points finished. Reference predictors: the majority label and the "
-             "most frequent label per query object count, fitted on each point's training data.", "",
+             f"of {len(sweep['points'])} points finished. Reference predictors: "
+             f"{' and '.join(REFERENCES[k] for k in references)}, fitted on each point's training data.", "",
              "| group | " + " | ".join(splits) + " |", "|---|" + "---|" * len(splits)]
     for g in groups:
         lines.append(f"| {g} | " + " | ".join(_cell(*table[g][sp]) for sp in splits) + " |")
-    for k in ("majority", "object_count"):
+    for k in references:
         lines.append(f"| *{k} predictor* | " + " | ".join(_cell(*refs[sp][k]) for sp in splits) + " |")
     lines += _breakdown(rows, groups, splits, [f"domain_{d}" for d in DOMAINS],
                         "Per rendering (answer accuracy %, mean ± std over seeds):", "rendering")
